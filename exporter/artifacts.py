@@ -1,0 +1,163 @@
+"""The working-directory layout, stage manifests and atomic writes.
+
+Layout under `--workdir` (default `build/`)::
+
+    models/<preset>/                    generated preset checkpoints
+    <model>/tokenizer/                  tokenizer files copied from the checkpoint
+    <model>/onnx/fp32/                  export stage: model.onnx (+ model.onnx.data), export_report.json
+    <model>/onnx/<variant>/             quantize stage: fp16, int4-awq-b128-qdq, ...
+    <model>/engines/<deployment profile>/  engine stage: model.plan + engine.json
+    <model>/timing-cache/               TensorRT timing caches, keyed by runtime, version and GPU
+
+Every stage directory carries `manifest.json`: sha256 of its inputs and outputs, its config and the tool
+versions. A stage whose fingerprint (inputs + config + tools) is unchanged is skipped. Stages write into a
+temporary sibling directory and rename it into place only when complete, so an interrupted run never leaves a
+half-written model where the next stage reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .errors import BadInput
+
+MANIFEST = "manifest.json"
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    workdir: Path
+    model: str
+
+    @property
+    def root(self) -> Path:
+        return self.workdir / self.model
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.root / "tokenizer"
+
+    def onnx_dir(self, variant: str = "fp32") -> Path:
+        return self.root / "onnx" / variant
+
+    def onnx_path(self, variant: str = "fp32") -> Path:
+        return self.onnx_dir(variant) / "model.onnx"
+
+    def engine_dir(self, deployment_profile: str) -> Path:
+        return self.root / "engines" / deployment_profile
+
+    @property
+    def timing_cache_dir(self) -> Path:
+        return self.root / "timing-cache"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_files(paths: list[Path] | tuple[Path, ...], root: Path | None = None) -> dict[str, str]:
+    out = {}
+    for p in sorted(paths):
+        key = str(p.relative_to(root)) if root else str(p)
+        out[key] = sha256_file(p)
+    return out
+
+
+def tool_versions(*names: str) -> dict[str, str]:
+    names = names or ("r1deploy", "torch", "transformers", "onnx", "onnxruntime", "onnxscript")
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "absent"
+    return out
+
+
+def fingerprint(inputs: dict[str, str], config: dict[str, Any], tools: dict[str, str]) -> str:
+    payload = json.dumps({"inputs": inputs, "config": config, "tools": tools}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Deterministic JSON (sorted keys are NOT used: field order is meaningful to readers)."""
+    path.write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+
+def read_manifest(stage_dir: Path) -> dict | None:
+    try:
+        return json.loads((stage_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def is_up_to_date(stage_dir: Path, fp: str) -> bool:
+    """True when the stage directory is complete and was produced from the same fingerprint."""
+    manifest = read_manifest(stage_dir)
+    if not manifest or manifest.get("fingerprint") != fp:
+        return False
+    for rel, meta in manifest.get("outputs", {}).items():
+        f = stage_dir / rel
+        if not f.is_file() or f.stat().st_size != meta["bytes"]:
+            return False
+    return True
+
+
+def write_manifest(stage_dir: Path, *, stage: str, fp: str, inputs: dict[str, str], config: dict, tools: dict) -> dict:
+    outputs = {}
+    for f in sorted(stage_dir.rglob("*")):
+        if f.is_file() and f.name != MANIFEST:
+            outputs[str(f.relative_to(stage_dir))] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+    manifest = {
+        "stage": stage,
+        "fingerprint": fp,
+        "inputs": inputs,
+        "outputs": outputs,
+        "config": config,
+        "tools": tools,
+    }
+    write_json(stage_dir / MANIFEST, manifest)
+    return manifest
+
+
+def ensure_writable_dir(path: Path) -> None:
+    """Create `path` (and parents) or raise one clear BadInput line."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(f"cannot create output directory {path}: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise BadInput(f"output directory is not writable: {path}")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling of `final`; on success it replaces `final` in one rename."""
+    ensure_writable_dir(final.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        yield tmp
+        old = None
+        if final.exists():
+            old = final.parent / f".{final.name}.old-{os.getpid()}"
+            final.rename(old)
+        tmp.rename(final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

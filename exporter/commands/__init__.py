@@ -1,0 +1,1 @@
+"""The Click commands, one module per stage; each is a thin layer over the stage's library function."""

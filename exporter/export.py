@@ -1,0 +1,272 @@
+"""Export stage: checkpoint → ONNX (decoders with KV cache, encoders), verified against PyTorch."""
+
+from __future__ import annotations
+
+import enum
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import artifacts
+from .errors import BadInput, StageFailed
+from .graphs import (
+    CacheLayout,
+    DecoderWithPast,
+    EncoderWithPooling,
+    ShapeCase,
+    cache_layout,
+    encoder_input_names,
+    make_inputs,
+)
+from .sources import ModelKind, ModelSource, load_model, resolve_source
+from .typed import to_data
+from .ui import status
+from .verify import CaseCheck, verify_onnx
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "chat_template.jinja",
+    "generation_config.json",
+    "config.json",
+)
+
+
+class Exporter(str, enum.Enum):
+    DYNAMO = "dynamo"
+    LEGACY = "legacy"  # TorchScript-based torch.onnx exporter
+
+
+@dataclass
+class ExportConfig:
+    model: str = "r1-distill-tiny"
+    workdir: Path = Path("build")
+    opset: int = 21  # INT4 blocked DequantizeLinear needs 21
+    exporter: Exporter = Exporter.DYNAMO
+    external_data_threshold_mib: float = 2048.0  # above this the weights go to model.onnx.data
+    verify: bool = True
+    tolerance: float = 1e-4
+    force: bool = False
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        self.workdir = Path(self.workdir)
+        self.exporter = Exporter(self.exporter)
+        if not 17 <= self.opset <= 23:
+            raise BadInput(f"opset {self.opset} is outside the supported range 17..23")
+
+    def fingerprint_config(self) -> dict:
+        return {
+            "opset": self.opset,
+            "exporter": self.exporter.value,
+            "external_data_threshold_mib": self.external_data_threshold_mib,
+            "verify": self.verify,
+            "tolerance": self.tolerance,
+        }
+
+
+@dataclass
+class ExportResult:
+    model: str
+    kind: ModelKind
+    architecture: str
+    onnx_path: Path
+    report_path: Path
+    skipped: bool
+    external_data: bool
+    input_names: list[str]
+    output_names: list[str]
+    parameters: int = 0
+    onnx_bytes: int = 0
+    seconds: float = 0.0
+    max_abs_diff: dict[str, float] = field(default_factory=dict)
+    cases: list[CaseCheck] = field(default_factory=list)
+
+
+def _dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.name.startswith("model.onnx"))
+
+
+def _export_decoder(model, out: Path, cfg: ExportConfig, external: bool):
+    import torch
+
+    layout = cache_layout(model)
+    wrapper = DecoderWithPast(model).eval()
+    input_names = ["input_ids", "attention_mask", "position_ids", *layout.names("past_key_values")]
+    output_names = ["logits", *layout.names("present")]
+    example_case = ShapeCase("export-example", batch=2, seq=3, past=4)
+    feeds = make_inputs(ModelKind.DECODER, example_case, model.config.vocab_size, layout, input_names)
+    args = tuple(feeds[n] for n in input_names)
+    if cfg.exporter is Exporter.DYNAMO:
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        seq = torch.export.Dim("sequence", min=1, max=1 << 17)
+        past = torch.export.Dim("past_sequence", min=0, max=1 << 17)
+        total = torch.export.Dim("total_sequence", min=1, max=1 << 18)
+        past_axes = tuple({0: batch, 2: past} for _ in range(2 * layout.num_layers))
+        dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, past_axes)
+        torch.onnx.export(
+            wrapper,
+            args,
+            str(out),
+            dynamo=True,
+            dynamic_shapes=dynamic_shapes,
+            input_names=input_names,
+            output_names=output_names,
+            opset_version=cfg.opset,
+            external_data=external,
+            optimize=True,
+            verbose=False,
+        )
+    else:
+        axes = {
+            "input_ids": {0: "batch", 1: "sequence"},
+            "attention_mask": {0: "batch", 1: "total_sequence"},
+            "position_ids": {0: "batch", 1: "sequence"},
+            "logits": {0: "batch", 1: "sequence"},
+        }
+        for n in layout.names("past_key_values"):
+            axes[n] = {0: "batch", 2: "past_sequence"}
+        for n in layout.names("present"):
+            axes[n] = {0: "batch", 2: "total_sequence"}
+        torch.onnx.export(
+            wrapper,
+            args,
+            str(out),
+            dynamo=False,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_axes=axes,
+            opset_version=cfg.opset,
+        )
+    return wrapper, input_names, output_names, layout
+
+
+def _export_encoder(model, out: Path, cfg: ExportConfig, external: bool):
+    import torch
+
+    wrapper = EncoderWithPooling(model).eval()
+    input_names = encoder_input_names(model)
+    output_names = ["last_hidden_state", "embeddings"]
+    feeds = make_inputs(ModelKind.ENCODER, ShapeCase("export-example", batch=2, seq=8), model.config.vocab_size, None, input_names)
+    args = tuple(feeds[n] for n in input_names)
+    if cfg.exporter is Exporter.DYNAMO:
+        batch = torch.export.Dim("batch", min=1, max=1024)
+        seq = torch.export.Dim("sequence", min=1, max=model.config.max_position_embeddings)
+        dynamic_shapes = tuple({0: batch, 1: seq} for _ in input_names)
+        torch.onnx.export(
+            wrapper, args, str(out), dynamo=True, dynamic_shapes=dynamic_shapes, input_names=input_names,
+            output_names=output_names, opset_version=cfg.opset, external_data=external, optimize=True, verbose=False,
+        )
+    else:
+        axes = {n: {0: "batch", 1: "sequence"} for n in input_names}
+        axes.update({"last_hidden_state": {0: "batch", 1: "sequence"}, "embeddings": {0: "batch"}})
+        torch.onnx.export(
+            wrapper, args, str(out), dynamo=False, input_names=input_names, output_names=output_names,
+            dynamic_axes=axes, opset_version=cfg.opset,
+        )
+    return wrapper, input_names, output_names, None
+
+
+def _copy_tokenizer(source: ModelSource, dest: Path) -> None:
+    with artifacts.atomic_dir(dest) as tmp:
+        for name in TOKENIZER_FILES:
+            if (source.path / name).is_file():
+                shutil.copy2(source.path / name, tmp / name)
+
+
+def export_model(cfg: ExportConfig, source: ModelSource | None = None) -> ExportResult:
+    """Export `cfg.model` to `<workdir>/<model>/onnx/fp32/model.onnx` and verify it; skip if up to date."""
+    import torch
+
+    started = time.perf_counter()
+    artifacts.ensure_writable_dir(cfg.workdir)
+    source = source or resolve_source(
+        cfg.model, cfg.workdir, allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code
+    )
+    layout_dirs = artifacts.ModelLayout(cfg.workdir, source.name)
+    final = layout_dirs.onnx_dir("fp32")
+    inputs = artifacts.sha256_files(
+        [p for p in source.path.iterdir() if p.is_file() and not p.name.startswith("r1deploy-")], root=source.path
+    )
+    tools = artifacts.tool_versions()
+    fp = artifacts.fingerprint(inputs, {"export": cfg.fingerprint_config(), "architecture": source.architecture}, tools)
+    report_path = final / "export_report.json"
+    if not cfg.force and artifacts.is_up_to_date(final, fp) and layout_dirs.tokenizer_dir.is_dir():
+        import json
+
+        report = json.loads(report_path.read_text())
+        return ExportResult(
+            model=source.name, kind=source.kind, architecture=source.architecture, onnx_path=final / "model.onnx",
+            report_path=report_path, skipped=True, external_data=report["external_data"],
+            input_names=report["input_names"], output_names=report["output_names"], parameters=report["parameters"],
+            onnx_bytes=_dir_bytes(final), seconds=time.perf_counter() - started,
+            max_abs_diff=report.get("max_abs_diff", {}),
+        )
+
+    with status(f"loading {source.name} ({source.architecture})"):
+        model, _tokenizer = load_model(source)
+    n_params = sum(p.numel() for p in model.parameters())
+    external = n_params * 4 > cfg.external_data_threshold_mib * (1 << 20)
+    layout: CacheLayout | None
+    with artifacts.atomic_dir(final) as tmp:
+        out = tmp / "model.onnx"
+        with status(f"exporting {source.name} to ONNX (opset {cfg.opset}, {cfg.exporter.value})"), torch.no_grad():
+            try:
+                if source.kind is ModelKind.DECODER:
+                    wrapper, input_names, output_names, layout = _export_decoder(model, out, cfg, external)
+                else:
+                    wrapper, input_names, output_names, layout = _export_encoder(model, out, cfg, external)
+            except (RuntimeError, ValueError, TypeError, AssertionError) as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise StageFailed(f"ONNX export of {source.name} failed: {first}") from exc
+        if external and not (tmp / "model.onnx.data").exists():
+            # The exporter names the data file after the model; normalise to the documented name.
+            datas = [p for p in tmp.iterdir() if p.name != "model.onnx"]
+            if len(datas) == 1:
+                import onnx
+
+                m = onnx.load(str(out), load_external_data=True)
+                datas[0].unlink()
+                onnx.save(m, str(out), save_as_external_data=True, location="model.onnx.data")
+        cases: list[CaseCheck] = []
+        if cfg.verify:
+            with status("verifying ONNX Runtime against PyTorch"):
+                cases = verify_onnx(
+                    out, wrapper, source.kind, input_names, output_names, model.config.vocab_size, layout,
+                    tolerances=dict.fromkeys(output_names, cfg.tolerance),
+                )
+        max_diff: dict[str, float] = {}
+        for case in cases:
+            for o in case.outputs:
+                max_diff[o.output] = max(max_diff.get(o.output, 0.0), o.max_abs_diff)
+        report = {
+            "model": source.name,
+            "source": str(source.path),
+            "architecture": source.architecture,
+            "kind": source.kind.value,
+            "parameters": n_params,
+            "opset": cfg.opset,
+            "exporter": cfg.exporter.value,
+            "external_data": external,
+            "input_names": input_names,
+            "output_names": output_names,
+            "cache": to_data(layout) if layout else None,
+            "vocab_size": model.config.vocab_size,
+            "max_abs_diff": max_diff,
+            "cases": to_data(cases),
+        }
+        artifacts.write_json(tmp / "export_report.json", report)
+        artifacts.write_manifest(
+            tmp, stage="export", fp=fp, inputs=inputs, config=cfg.fingerprint_config(), tools=tools
+        )
+    _copy_tokenizer(source, layout_dirs.tokenizer_dir)
+    return ExportResult(
+        model=source.name, kind=source.kind, architecture=source.architecture, onnx_path=final / "model.onnx",
+        report_path=report_path, skipped=False, external_data=external, input_names=input_names,
+        output_names=output_names, parameters=n_params, onnx_bytes=_dir_bytes(final),
+        seconds=time.perf_counter() - started, max_abs_diff=max_diff, cases=cases,
+    )

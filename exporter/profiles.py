@@ -1,0 +1,171 @@
+"""Deployment profiles — production, research, edge — declared once as data (`data/profiles.yaml`) and read by
+every stage. A *deployment profile* says where and how a model is served; it is not a TensorRT *shape profile*
+(min/opt/max dimensions), which `exporter.engine` derives from it."""
+
+from __future__ import annotations
+
+import copy
+import enum
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from .errors import BadInput
+from .typed import from_data
+
+
+class Precision(str, enum.Enum):
+    FP32 = "fp32"
+    FP16 = "fp16"
+    INT4 = "int4"
+
+
+class Runtime(str, enum.Enum):
+    TENSORRT = "tensorrt"
+    TENSORRT_RTX = "tensorrt-rtx"
+
+
+class ServingVariant(str, enum.Enum):
+    """Which engine model the Triton repository serves (the generate/ensemble models call it by name)."""
+
+    TENSORRT_PLAN = "tensorrt_plan"  # Triton's TensorRT backend (GPU)
+    ONNXRUNTIME = "onnxruntime_onnx"  # Triton's ONNX Runtime backend (GPU with the TensorRT EP, or CPU)
+    PYTHON_ORT = "python_ort"  # python backend running ONNX Runtime (servers without the ORT backend)
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    product: str  # the `nvidia.com/gpu.product` label that NVIDIA GPU feature discovery sets
+    compute_capability: str  # "8.0", "8.9"
+    memory_gib: int
+    interconnect: str = "pcie"  # "nvlink" | "pcie"
+
+    @property
+    def sm(self) -> str:
+        """"8.9" → "SM89", the name TensorRT-RTX's ComputeCapability enum uses."""
+        major, minor = self.compute_capability.split(".")
+        return f"SM{major}{minor}"
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    method: str = "awq"  # rtn | awq
+    block_size: int = 128
+    format: str = "qdq"  # qdq (standard ONNX, TensorRT) | ort (com.microsoft.MatMulNBits)
+    symmetric: bool = True
+
+
+@dataclass(frozen=True)
+class SloTargets:
+    tokens_per_s: Optional[float] = None
+    p99_latency_s: Optional[float] = None
+    qps: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class AccuracyGate:
+    """Minimum accuracy of a quantized model against FP32 (logits / embedding cosine, top-1 agreement)."""
+
+    min_cosine: float = 0.99
+    min_top1: float = 0.0
+
+
+@dataclass(frozen=True)
+class BuilderSpec:
+    optimization_level: int = 3
+    workspace_gib: float = 8
+    hardware_compatible: bool = False
+
+
+@dataclass(frozen=True)
+class DeploymentProfile:
+    name: str
+    description: str
+    gpu: GpuSpec
+    gpus_per_pod: int
+    runtime: Runtime
+    serving_variant: ServingVariant
+    precision: Precision
+    max_batch_size: int
+    preferred_batch_sizes: list[int]
+    max_queue_delay_us: int
+    max_input_len: int
+    max_output_len: int
+    replicas: int
+    max_replicas: int
+    slo: SloTargets
+    accuracy: AccuracyGate
+    quantization: QuantSpec = field(default_factory=QuantSpec)
+    builder: BuilderSpec = field(default_factory=BuilderSpec)
+
+    def __post_init__(self) -> None:
+        where = f"profile {self.name!r}"
+        if self.gpus_per_pod < 1:
+            raise ValueError(f"{where}: gpus_per_pod must be ≥ 1")
+        if self.max_batch_size < 1:
+            raise ValueError(f"{where}: max_batch_size must be ≥ 1")
+        if any(b < 1 or b > self.max_batch_size for b in self.preferred_batch_sizes):
+            raise ValueError(
+                f"{where}: preferred_batch_sizes {self.preferred_batch_sizes} must lie in 1..{self.max_batch_size}"
+            )
+        if self.max_input_len < 1 or self.max_output_len < 1:
+            raise ValueError(f"{where}: max_input_len and max_output_len must be ≥ 1")
+        if not 1 <= self.replicas <= self.max_replicas:
+            raise ValueError(f"{where}: need 1 ≤ replicas ≤ max_replicas")
+        if self.quantization.block_size not in (32, 64, 128):
+            raise ValueError(f"{where}: quantization.block_size must be 32, 64 or 128")
+
+    @property
+    def max_sequence_len(self) -> int:
+        """Longest past + current length the KV cache must hold."""
+        return self.max_input_len + self.max_output_len
+
+
+def _deep_merge(base: dict, override: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise BadInput(f"profiles file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise BadInput(f"invalid YAML in {path}{at}") from None
+    if not isinstance(data, dict):
+        raise BadInput(f"{path}: expected a mapping of profile name → settings")
+    return data
+
+
+def builtin_profile_data() -> dict:
+    text = resources.files("exporter").joinpath("data/profiles.yaml").read_text()
+    return yaml.safe_load(text)
+
+
+def load_profiles(extra: Optional[Path] = None, overrides: Optional[dict] = None) -> dict[str, DeploymentProfile]:
+    """The built-in profiles, merged with a user YAML file and/or a mapping (from pipeline.yaml `profiles:`)."""
+    raw = builtin_profile_data()
+    for layer in ([_read_yaml(extra)] if extra else []) + ([overrides] if overrides else []):
+        for name, settings in layer.items():
+            if not isinstance(settings, dict):
+                raise BadInput(f"profile {name!r}: expected a mapping of settings")
+            raw[name] = _deep_merge(raw.get(name, {}), settings)
+    return {name: from_data(DeploymentProfile, {"name": name, **data}, f"profile {name!r}") for name, data in raw.items()}
+
+
+def get_profile(name: str, profiles: Optional[dict[str, DeploymentProfile]] = None) -> DeploymentProfile:
+    profiles = profiles if profiles is not None else load_profiles()
+    if name not in profiles:
+        raise BadInput(f"unknown deployment profile {name!r} (known: {', '.join(sorted(profiles))})")
+    return profiles[name]
