@@ -161,3 +161,29 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def onnx_variant(precision: str, method: str | None = None, block_size: int | None = None, fmt: str | None = None) -> str:
+    """Directory name of an ONNX variant under `<model>/onnx/`: fp32, fp16, int4-awq-b128-qdq, ..."""
+    precision = getattr(precision, "value", precision)
+    if precision in ("fp32", "fp16"):
+        return precision
+    if precision == "int4":
+        return f"int4-{method}-b{block_size}-{fmt}"
+    raise ValueError(f"unknown precision {precision!r}")
+
+
+def profile_onnx_variant(profile) -> str:
+    """The ONNX variant a deployment profile deploys (its precision and quantization settings)."""
+    q = profile.quantization
+    return onnx_variant(profile.precision, q.method, q.block_size, q.format)
+
+
+def read_export_report(layout: ModelLayout) -> dict:
+    """The export stage's report (kind, input/output names, cache layout); BadInput if not exported yet."""
+    import json
+
+    path = layout.onnx_dir("fp32") / "export_report.json"
+    if not path.is_file():
+        raise BadInput(f"{layout.model} has not been exported yet (no {path}); run `r1deploy export --model {layout.model}` first")
+    return json.loads(path.read_text())
