@@ -1,0 +1,226 @@
+"""A real Triton Inference Server process on 127.0.0.1: start, wait for readiness, stop without leftovers.
+
+The binary is `tritonserver` from PATH where it exists (a Triton container or install), else the CPU build
+bundled in the `nvidia-pytriton` wheel (python backend only). The bundled layout is prepared once into a cache
+directory (binary, backends, caches, and the python-backend stub for this interpreter), and the server is given
+the library paths it needs: this interpreter's libpython first (a mismatch breaks the stub), then the wheel's
+bundled libraries. The server runs in its own process group so that stopping it also ends the python-backend
+stub processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Optional
+
+from .errors import BadInput, MissingDependency, StageFailed
+
+
+@dataclass
+class ServerConfig:
+    model_repository: Path
+    host: str = "127.0.0.1"
+    http_port: int = 0  # 0: pick a free port
+    grpc_port: int = 0
+    metrics_port: int = 0
+    model_control_mode: str = "none"  # none | explicit | poll
+    load_models: list[str] = field(default_factory=list)  # with explicit mode; empty = none loaded
+    startup_timeout_s: float = 120.0
+    exit_timeout_s: int = 10
+    log_verbose: int = 0
+    log_file: Optional[Path] = None
+    extra_args: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    http: str
+    grpc: str
+    metrics: str
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "r1deploy"
+
+
+def _bundled_triton() -> tuple[Path, Path, list[str]]:
+    """(tritonserver binary, backend dir, extra library dirs) from the nvidia-pytriton wheel."""
+    try:
+        import pytriton  # noqa: F401
+    except ImportError:
+        raise MissingDependency(
+            "no tritonserver on PATH and nvidia-pytriton is not installed: pip install 'r1deploy[serve]'"
+        ) from None
+    site = Path(pytriton.__file__).resolve().parents[1]
+    bundle = site / "pytriton" / "tritonserver"
+    pyver = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = bundle / "python_backend_stubs" / pyver / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise MissingDependency(f"nvidia-pytriton has no python-backend stub for Python {pyver}")
+    version = metadata.version("nvidia-pytriton")
+    root = _cache_root() / f"tritonserver-pytriton{version}-py{pyver}"
+    if not (root / ".complete").is_file():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", dir=root.parent))
+        try:
+            for sub in ("bin", "backends", "caches"):
+                if (bundle / sub).is_dir():
+                    shutil.copytree(bundle / sub, tmp / sub, ignore=shutil.ignore_patterns("__pycache__"))
+            shutil.copy2(stub, tmp / "backends" / "python" / "triton_python_backend_stub")
+            (tmp / ".complete").write_text(version + "\n")
+            if root.exists():
+                shutil.rmtree(root)
+            tmp.rename(root)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    libdirs = [sysconfig.get_config_var("LIBDIR") or "", str(site / "nvidia_pytriton.libs")]
+    return root / "bin" / "tritonserver", root / "backends", [d for d in libdirs if d]
+
+
+def locate_tritonserver() -> tuple[Path, Optional[Path], list[str]]:
+    found = shutil.which("tritonserver")
+    if found:
+        return Path(found), None, []
+    return _bundled_triton()
+
+
+class TritonServer:
+    """`with TritonServer(ServerConfig(repo)) as server: server.endpoints.http` — a started, ready server."""
+
+    def __init__(self, cfg: ServerConfig):
+        if not Path(cfg.model_repository).is_dir():
+            raise BadInput(f"model repository not found: {cfg.model_repository}")
+        self.cfg = cfg
+        self.process: Optional[subprocess.Popen] = None
+        host = cfg.host
+        self.ports = {
+            "http": cfg.http_port or free_port(host),
+            "grpc": cfg.grpc_port or free_port(host),
+            "metrics": cfg.metrics_port or free_port(host),
+        }
+        self.endpoints = Endpoints(
+            http=f"{host}:{self.ports['http']}", grpc=f"{host}:{self.ports['grpc']}", metrics=f"{host}:{self.ports['metrics']}"
+        )
+        self.log_path = Path(cfg.log_file) if cfg.log_file else Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
+        self._log = None
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self.process.pid if self.process else None
+
+    def command(self) -> tuple[list[str], dict[str, str]]:
+        binary, backend_dir, libdirs = locate_tritonserver()
+        cfg = self.cfg
+        args = [
+            str(binary),
+            f"--model-repository={Path(cfg.model_repository).resolve()}",
+            f"--http-address={cfg.host}",
+            f"--http-port={self.ports['http']}",
+            f"--grpc-address={cfg.host}",
+            f"--grpc-port={self.ports['grpc']}",
+            f"--metrics-address={cfg.host}",
+            f"--metrics-port={self.ports['metrics']}",
+            "--allow-gpu-metrics=false",
+            "--strict-readiness=true",
+            f"--exit-timeout-secs={cfg.exit_timeout_s}",
+            f"--model-control-mode={cfg.model_control_mode}",
+            f"--log-verbose={cfg.log_verbose}",
+        ]
+        args += [f"--load-model={m}" for m in cfg.load_models]
+        if backend_dir is not None:
+            args += [f"--backend-directory={backend_dir}", f"--cache-directory={backend_dir.parent / 'caches'}"]
+        args += cfg.extra_args
+        env = dict(os.environ)
+        if libdirs:
+            env["LD_LIBRARY_PATH"] = ":".join(libdirs + [p for p in env.get("LD_LIBRARY_PATH", "").split(":") if p])
+        # The python-backend stub embeds the interpreter in isolated mode (PYTHONPATH is ignored) and finds its
+        # prefix by looking up `python3` on PATH. This environment's bin first makes it read this
+        # environment's pyvenv.cfg and packages — the base interpreter's numpy 2 would otherwise be imported,
+        # and with it every output tensor of a stub built for numpy 1 arrives empty.
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        return args, env
+
+    def start(self) -> TritonServer:
+        args, env = self.command()
+        self._log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+        )
+        try:
+            self.wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.endpoints.http}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def log_tail(self, lines: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return ""
+
+    def wait_ready(self) -> None:
+        deadline = time.monotonic() + self.cfg.startup_timeout_s
+        while time.monotonic() < deadline:
+            if self.process is not None and self.process.poll() is not None:
+                last = [ln for ln in self.log_tail(40).splitlines() if "E" in ln[:2] or "error" in ln.lower()]
+                why = last[-1].strip() if last else f"exit code {self.process.returncode}"
+                raise StageFailed(f"tritonserver exited during start-up: {why} (log: {self.log_path})")
+            if self.is_ready():
+                return
+            time.sleep(0.25)
+        raise StageFailed(f"tritonserver not ready after {self.cfg.startup_timeout_s:.0f} s (log: {self.log_path})")
+
+    def stop(self) -> None:
+        """SIGTERM, wait for Triton's own exit timeout, then SIGKILL the whole process group."""
+        proc = self.process
+        if proc is None:
+            return
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=self.cfg.exit_timeout_s + 10)
+            except subprocess.TimeoutExpired:
+                pass
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=5)
+        if self._log:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
