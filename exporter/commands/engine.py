@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import click
+
+from ..engine import EngineConfig, EngineResult, build_engine, plan_build, trtexec_command
+from ..engine.trtexec import shell_line
+from ..profiles import Precision, Runtime
+from ..ui import out as console
+from .common import App, emit, force_option, model_options, pass_app, profile_option
+
+
+@dataclass
+class TrtexecCommand:
+    model: str
+    deployment_profile: str
+    argv: list[str]
+    shell: str
+
+
+def _human(r: EngineResult) -> None:
+    verb = "up to date" if r.skipped else f"built in {r.build_seconds:.1f} s"
+    ccs = ", ".join(r.compute_capabilities)
+    console.print(
+        f"[bold]{r.model}[/bold] {r.runtime.value} {r.runtime_version} engine for deployment profile "
+        f"{r.deployment_profile} ({r.onnx_variant}, compute capability {ccs}) {verb}: {r.engine_path} "
+        f"({r.engine_bytes / 1e6:.1f} MB)"
+    )
+    console.print(f"  shape profiles: {', '.join(r.shape_profiles)}; max batch {r.max_batch_size}")
+    tc = r.timing_cache
+    console.print(f"  timing cache: {tc.path + f' ({tc.loaded_bytes} B loaded)' if tc.supported else tc.note}")
+    for w in r.warnings:
+        console.print(f"  [yellow]warning:[/yellow] {w}")
+    console.print(f"  metadata: {r.metadata_path}")
+
+
+@click.command("build-engine")
+@model_options
+@profile_option(default="edge")
+@click.option("--runtime", type=click.Choice([r.value for r in Runtime]), default=None,
+              help="Engine runtime [default: the deployment profile's].")
+@click.option("--precision", type=click.Choice([p.value for p in Precision]), default=None,
+              help="Which ONNX variant to build (fp32 = the exported model) [default: the deployment profile's].")
+@click.option("--optimization-level", type=click.IntRange(0, 5), default=None,
+              help="Builder optimization level [default: the deployment profile's].")
+@click.option("--workspace-gib", type=float, default=None, help="Workspace memory-pool limit [default: the deployment profile's].")
+@click.option("--hardware-compatible/--no-hardware-compatible", default=None,
+              help="Build for every Ampere-or-later GPU instead of only the profile's [default: the deployment profile's].")
+@click.option("--no-timing-cache", is_flag=True, help="Neither load nor save the timing cache.")
+@click.option("--print-trtexec", is_flag=True,
+              help="Print the equivalent trtexec (TensorRT) / tensorrt_rtx (TensorRT-RTX) command and exit without building.")
+@force_option
+@pass_app
+def command(app: App, model, allow_pickle, trust_remote_code, profile_name, runtime, precision, optimization_level,
+            workspace_gib, hardware_compatible, no_timing_cache, print_trtexec, force):
+    """Build a TensorRT / TensorRT-RTX engine for a deployment profile from the quantized ONNX.
+
+    The engine's TensorRT shape profiles (min/opt/max) come from the deployment profile's batch and length limits.
+    Writes <workdir>/<model>/engines/<profile>/model.plan and engine.json."""
+    cfg = EngineConfig(
+        model=model, profile=app.profile(profile_name), workdir=app.workdir, runtime=runtime, precision=precision,
+        optimization_level=optimization_level, workspace_gib=workspace_gib, hardware_compatible=hardware_compatible,
+        timing_cache=not no_timing_cache, force=force, verbose=app.verbose,
+    )
+    if print_trtexec:
+        plan = plan_build(cfg)
+        argv = trtexec_command(plan)
+        emit(app, TrtexecCommand(plan.model, plan.deployment_profile, argv, shell_line(argv)),
+             lambda c: click.echo(c.shell))
+        return
+    emit(app, build_engine(cfg), _human)
