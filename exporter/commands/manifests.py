@@ -1,0 +1,67 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..errors import StageFailed
+from ..manifests import ManifestsConfig, ManifestsResult, Storage, render_manifests
+from ..manifests.config import DEFAULT_R1DEPLOY_IMAGE, DEFAULT_TENSORRT_VERSION, TRITON_RELEASE_FOR_TENSORRT
+from ..ui import out as console
+from .common import App, emit, pass_app
+
+
+def _human(r: ManifestsResult) -> None:
+    console.print(f"[bold]{r.model}[/bold]: {len(r.files)} files in {r.out} (overlays: {', '.join(r.overlays)})")
+    console.print(f"  Triton image: {r.triton_image}")
+    for overlay in r.overlays:
+        console.print(f"  kubectl apply -k {r.out}/overlays/{overlay}")
+    if r.check:
+        c = r.check
+        console.print(
+            f"  checks passed: {len(c.overlays_built)} overlays built, {c.objects_checked} objects, "
+            f"{c.kubernetes_validated} kubernetes-validate --strict, {c.crd_validated} CRD schema"
+        )
+        for note in c.skipped:
+            console.print(f"  [yellow]skipped:[/yellow] {note}")
+
+
+@click.command("manifests")
+@click.option("--model", default="r1-distill-tiny", show_default=True, help="Model the Triton repository serves.")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("k8s"), show_default=True,
+              help="Directory for base/ and overlays/ (replaced atomically).")
+@click.option("--tensorrt-version", default=DEFAULT_TENSORRT_VERSION, show_default=True,
+              help=f"TensorRT the engines use; picks the Triton tag ({', '.join(TRITON_RELEASE_FOR_TENSORRT)}).")
+@click.option("--image", default=None, help="Full Triton image reference (overrides --tensorrt-version).")
+@click.option("--r1deploy-image", default=DEFAULT_R1DEPLOY_IMAGE, show_default=True,
+              help="Image of the engine-build init container (r1deploy with TensorRT).")
+@click.option("--storage", type=click.Choice([s.value for s in Storage]), default="pvc", show_default=True,
+              help="Where the model repository comes from; s3/gcs sync onto the claim in an init container.")
+@click.option("--storage-uri", default=None, help="s3://BUCKET/PREFIX or gs://BUCKET/PREFIX (with --storage s3|gcs).")
+@click.option("--storage-secret", default="r1deploy-storage-credentials", show_default=True,
+              help="Secret (created outside the manifests) holding the bucket credentials as env variables.")
+@click.option("--storage-size", default="200Gi", show_default=True, help="Size of the model-repository claim.")
+@click.option("--kind", "model_kind", type=click.Choice(["auto", "decoder", "encoder"]), default="auto", show_default=True,
+              help="Model family (decides which Triton models research loads); auto: from the preset name.")
+@click.option("--load-model", "load_models", multiple=True,
+              help="Extra model research loads side by side (explicit model control); repeatable.")
+@click.option("--check", is_flag=True, help="Build every overlay with kustomize and run all checks; exit 1 on a violation.")
+@pass_app
+def command(app: App, model, out, tensorrt_version, image, r1deploy_image, storage, storage_uri, storage_secret,
+            storage_size, model_kind, load_models, check):
+    """Render Kubernetes manifests: kustomize base + one overlay per deployment profile."""
+    cfg = ManifestsConfig(
+        model=model, out=out, profiles=app.profiles, tensorrt_version=tensorrt_version, image=image,
+        r1deploy_image=r1deploy_image, storage=Storage(storage), storage_uri=storage_uri,
+        storage_secret=storage_secret, storage_size=storage_size,
+        model_kind=None if model_kind == "auto" else model_kind, load_models=tuple(load_models),
+    )
+    result = render_manifests(cfg)
+    if check:
+        from ..manifests.checks import check_tree
+
+        result.check = check_tree(result.out)
+        if result.check.violations:
+            n = len(result.check.violations)
+            raise StageFailed(f"{n} manifest check(s) failed; first: {result.check.violations[0]}")
+    emit(app, result, _human)

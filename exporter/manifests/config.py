@@ -1,0 +1,144 @@
+"""Typed inputs and outputs of the manifests stage, and the few tables of facts it needs (image tags, sizing)."""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from ..errors import BadInput
+from ..profiles import DeploymentProfile
+
+# Triton release whose container ships each TensorRT major.minor (NVIDIA's Frameworks Support Matrix). An engine
+# only loads in the TensorRT it was built with, so the server tag follows the engine's TensorRT version.
+TRITON_RELEASE_FOR_TENSORRT: dict[str, str] = {
+    "10.0": "24.05",
+    "10.3": "24.08",
+    "10.7": "24.12",
+    "10.8": "25.01",
+    "10.9": "25.03",
+    "10.10": "25.05",
+    "10.11": "25.06",
+    "10.13": "25.08",
+}
+DEFAULT_TENSORRT_VERSION = "10.11"
+TRITON_IMAGE_REPOSITORY = "nvcr.io/nvidia/tritonserver"
+DEFAULT_R1DEPLOY_IMAGE = "r1deploy:0.1.0"
+STORAGE_IMAGES = {"s3": "amazon/aws-cli:2.17.0", "gcs": "google/cloud-sdk:489.0.0-slim"}
+
+# Worst-case model load time per profile (Triton loading every model, 8 GPUs for production); the startupProbe
+# allows at least this long before liveness takes over. Profiles not listed get the production figure.
+STARTUP_BUDGET_MIN: dict[str, int] = {"production": 30, "research": 30, "edge": 15}
+# Extra node taints a profile's pods tolerate, beyond the GPU operator's `nvidia.com/gpu` taint.
+EXTRA_TAINTS: dict[str, tuple[str, ...]] = {"edge": ("r1deploy.io/edge",)}
+# Profiles whose model repository sits on node-local disks (a `local-storage` StorageClass and local PVs).
+LOCAL_STORAGE_PROFILES = frozenset({"edge"})
+# Profiles that load models explicitly (--model-control-mode=explicit, variants side by side); others load all
+# models at start-up and never change them (--model-control-mode=none).
+EXPLICIT_MODEL_CONTROL_PROFILES = frozenset({"research"})
+
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+
+
+class Storage(str, enum.Enum):
+    PVC = "pvc"  # the model repository lives on a PersistentVolumeClaim (edge: a local PV)
+    S3 = "s3"  # an init container syncs s3://… onto the claim before Triton starts
+    GCS = "gcs"  # same, from gs://…
+
+
+def triton_image_for(tensorrt_version: str) -> str:
+    major_minor = ".".join(tensorrt_version.split(".")[:2])
+    if major_minor not in TRITON_RELEASE_FOR_TENSORRT:
+        known = ", ".join(TRITON_RELEASE_FOR_TENSORRT)
+        raise BadInput(f"no Triton release known for TensorRT {tensorrt_version} (known: {known}); pass --image")
+    return f"{TRITON_IMAGE_REPOSITORY}:{TRITON_RELEASE_FOR_TENSORRT[major_minor]}-py3"
+
+
+def k8s_name(text: str) -> str:
+    """A model name or checkpoint path → a DNS-1123 label usable in object names."""
+    slug = re.sub(r"[^a-z0-9-]+", "-", Path(text).name.lower()).strip("-")
+    return slug[:40].strip("-") or "model"
+
+
+@dataclass(frozen=True)
+class ManifestsConfig:
+    model: str = "r1-distill-tiny"
+    out: Path = Path("k8s")
+    profiles: dict[str, DeploymentProfile] = field(default_factory=dict)  # empty → built-in profiles
+    tensorrt_version: str = DEFAULT_TENSORRT_VERSION
+    image: Optional[str] = None  # full Triton image reference; default from tensorrt_version
+    r1deploy_image: str = DEFAULT_R1DEPLOY_IMAGE
+    storage: Storage = Storage.PVC
+    storage_uri: Optional[str] = None  # s3://bucket/prefix or gs://bucket/prefix (holds model_repository/ and build/)
+    storage_secret: str = "r1deploy-storage-credentials"
+    storage_image: Optional[str] = None
+    storage_size: str = "200Gi"
+    model_kind: Optional[str] = None  # decoder | encoder; None → from the preset name
+    load_models: tuple[str, ...] = ()  # extra models research loads side by side (explicit model control)
+
+    def __post_init__(self) -> None:
+        storage = Storage(self.storage)
+        object.__setattr__(self, "storage", storage)
+        if storage is not Storage.PVC:
+            scheme = "s3://" if storage is Storage.S3 else "gs://"
+            if not (self.storage_uri or "").startswith(scheme):
+                raise BadInput(f"--storage {storage.value} needs --storage-uri {scheme}BUCKET/PREFIX")
+        elif self.storage_uri:
+            raise BadInput("--storage-uri needs --storage s3 or --storage gcs")
+        if self.model_kind not in (None, "decoder", "encoder"):
+            raise BadInput(f"model kind {self.model_kind!r} is not one of decoder, encoder")
+        if not _DNS_LABEL.fullmatch(self.storage_secret):
+            raise BadInput(f"--storage-secret {self.storage_secret!r} is not a valid Secret name")
+        for name in self.profiles:
+            if not _DNS_LABEL.fullmatch(name) or len(name) > 40:
+                raise BadInput(f"profile {name!r} cannot name a Kubernetes overlay (lowercase letters, digits, '-')")
+        if self.image is None:
+            triton_image_for(self.tensorrt_version)  # BadInput early for an unknown version
+
+    @property
+    def triton_image(self) -> str:
+        return self.image or triton_image_for(self.tensorrt_version)
+
+    @property
+    def kind(self) -> str:
+        if self.model_kind:
+            return self.model_kind
+        return "encoder" if Path(self.model).name.lower() in ("minilm", "all-minilm-l6-v2") else "decoder"
+
+    @property
+    def app(self) -> str:
+        return k8s_name(self.model)
+
+    @property
+    def served_models(self) -> tuple[str, ...]:
+        """The Triton models of the repository stage's layout, in load order (dependencies first)."""
+        name = Path(self.model).name
+        core = ("tokenizer", name, "ensemble") if self.kind == "encoder" else (name, "generate")
+        return core + tuple(m for m in self.load_models if m not in core)
+
+
+@dataclass
+class CheckReport:
+    overlays_built: list[str] = field(default_factory=list)
+    objects_checked: int = 0
+    kubernetes_validated: int = 0
+    crd_validated: int = 0
+    crd_schema_dir: Optional[str] = None
+    violations: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+
+@dataclass
+class ManifestsResult:
+    out: Path
+    model: str
+    triton_image: str
+    overlays: list[str]
+    files: list[str]
+    check: Optional[CheckReport] = None

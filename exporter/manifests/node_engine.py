@@ -1,0 +1,149 @@
+"""The engine-build init container: `python3 -m exporter.manifests.node_engine` in the r1deploy image.
+
+A TensorRT engine only runs on the GPU compute capability and the TensorRT version it was built with. Before
+Triton starts, this compares the cached engine's `engine.json` with the node (compute capability from
+`nvidia-smi`, the TensorRT version installed in the image) and, on a mismatch, rebuilds it on this node with
+`r1deploy build-engine`, then copies it into the Triton model repository. Both live on the model-repository
+volume, so the next pod on the same kind of node finds the engine cached.
+
+Never run on a real cluster in this project (no GPU node here); the decision logic is unit-tested."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Optional
+
+RUNTIME_DISTRIBUTIONS = {
+    "tensorrt": ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt_cu13_libs", "tensorrt_cu12_libs"),
+    "tensorrt-rtx": ("tensorrt_rtx_cu13_bindings", "tensorrt_rtx_cu13_libs", "tensorrt-rtx"),
+}
+
+
+def _get(meta: dict, *paths: str) -> Optional[str]:
+    for path in paths:
+        node = meta
+        for key in path.split("."):
+            node = node.get(key) if isinstance(node, dict) else None
+        if node not in (None, ""):
+            return str(node)
+    return None
+
+
+def normalize_cc(value: str) -> str:
+    """"8.0", "80", "SM80", "sm_80" → "8.0"."""
+    digits = "".join(ch for ch in str(value) if ch.isdigit() or ch == ".")
+    if "." in digits:
+        return digits
+    return f"{digits[:-1]}.{digits[-1]}" if len(digits) >= 2 else digits
+
+
+def node_compute_capability() -> str:
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"], capture_output=True, text=True, check=True
+    ).stdout
+    return normalize_cc(out.strip().splitlines()[0])
+
+
+def installed_runtime_version(runtime: str) -> Optional[str]:
+    if os.environ.get("R1DEPLOY_RUNTIME_VERSION"):
+        return os.environ["R1DEPLOY_RUNTIME_VERSION"]
+    for dist in RUNTIME_DISTRIBUTIONS.get(runtime, (runtime,)):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            return metadata.version(dist)
+    return None
+
+
+def decide(meta: Optional[dict], node_cc: str, runtime_version: Optional[str]) -> tuple[bool, str]:
+    """(rebuild?, why) for a cached engine's metadata against this node."""
+    if meta is None:
+        return True, "no cached engine"
+    built_cc = _get(meta, "compute_capability", "gpu.compute_capability", "device.compute_capability")
+    built_version = _get(meta, "runtime_version", "tensorrt_version", "runtime.version", "version")
+    if built_cc is None or normalize_cc(built_cc) != normalize_cc(node_cc):
+        return True, f"engine built for compute capability {built_cc}, node has {node_cc}"
+    if runtime_version and built_version != runtime_version:
+        return True, f"engine built with runtime {built_version}, image has {runtime_version}"
+    return False, f"cached engine matches compute capability {node_cc} and runtime {built_version}"
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
+def install_plan(engine_dir: Path, target_dir: Path) -> bool:
+    """Copy model.plan + engine.json into Triton's model version directory (atomic per file); True if copied."""
+    source = engine_dir / "model.plan"
+    target = target_dir / "model.plan"
+    if target.is_file() and _sha256(target) == _sha256(source):
+        return False
+    target_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("model.plan", "engine.json"):
+        if (engine_dir / name).is_file():
+            tmp = target_dir / f".{name}.tmp-{os.getpid()}"
+            shutil.copyfile(engine_dir / name, tmp)
+            os.replace(tmp, target_dir / name)
+    return True
+
+
+@contextlib.contextmanager
+def _lock(path: Path):
+    """Two replicas starting together on a shared (RWX) volume must not build into the same directory at once."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        try:
+            import fcntl
+
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        except (ImportError, OSError):
+            pass  # best effort: some network filesystems have no flock
+        yield
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="node_engine", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--profile", required=True)
+    ap.add_argument("--profiles", help="profiles YAML the engine is rebuilt with")
+    ap.add_argument("--workdir", type=Path, required=True)
+    ap.add_argument("--model-repository", type=Path, required=True)
+    ap.add_argument("--runtime", default=None, help="tensorrt | tensorrt-rtx (default: from the profile)")
+    ap.add_argument("--version-dir", default="1", help="Triton model version directory that holds model.plan")
+    args = ap.parse_args(argv)
+
+    engine_dir = args.workdir / args.model / "engines" / args.profile
+    runtime = args.runtime
+    if runtime is None:
+        from ..profiles import get_profile, load_profiles
+
+        runtime = get_profile(args.profile, load_profiles(Path(args.profiles) if args.profiles else None)).runtime.value
+    with _lock(engine_dir.parent / f".{args.profile}.lock"):
+        meta_path = engine_dir / "engine.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() and (engine_dir / "model.plan").is_file() else None
+        node_cc = node_compute_capability()
+        rebuild, why = decide(meta, node_cc, installed_runtime_version(runtime))
+        if rebuild:
+            cmd = ["r1deploy", "--workdir", str(args.workdir)]
+            cmd += ["--profiles", args.profiles] if args.profiles else []
+            cmd += ["build-engine", "--model", args.model, "--profile", args.profile, "--force"]
+            print(json.dumps({"action": "rebuild", "why": why, "command": cmd}), flush=True)
+            subprocess.run(cmd, check=True)
+        copied = install_plan(engine_dir, args.model_repository / args.model / args.version_dir)
+        print(json.dumps({"action": "rebuilt" if rebuild else "cached", "why": why, "installed": copied}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

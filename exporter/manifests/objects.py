@@ -1,0 +1,410 @@
+"""One function per Kubernetes kind, each returning a plain dict. The base objects are profile-neutral; the
+`*_patch` functions return the strategic-merge patches an overlay applies for one deployment profile."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from ..profiles import DeploymentProfile
+from ..typed import to_data
+from .config import (
+    EXPLICIT_MODEL_CONTROL_PROFILES,
+    EXTRA_TAINTS,
+    STARTUP_BUDGET_MIN,
+    STORAGE_IMAGES,
+    ManifestsConfig,
+    Storage,
+)
+from .monitoring import QUEUE_TIME_METRIC, queue_time_target_us
+
+UID = 1000  # the non-root user of NVIDIA's Triton image (triton-server); the r1deploy image uses the same
+MODELS_MOUNT = "/models"  # the claim: model_repository/ (what Triton serves) and build/ (r1deploy's workdir)
+PROFILE_MOUNT = "/etc/r1deploy"
+HTTP, GRPC, METRICS = 8000, 8001, 8002
+PROBE_PERIOD_S = 10
+
+
+def selector_labels(cfg: ManifestsConfig) -> dict:
+    return {"app.kubernetes.io/name": "triton", "app.kubernetes.io/instance": cfg.app}
+
+
+def names(cfg: ManifestsConfig) -> dict[str, str]:
+    app = cfg.app
+    return {
+        "deployment": f"{app}-triton",
+        "service": f"{app}-triton",
+        "serviceaccount": f"{app}-triton",
+        "pvc": f"{app}-model-repository",
+        "networkpolicy": f"{app}-triton",
+        "servicemonitor": f"{app}-triton",
+        "dashboard": f"{app}-triton-dashboard",
+        "prometheusrule": f"{app}-triton",
+        "hpa": f"{app}-triton",
+        "pdb": f"{app}-triton",
+        "profile": f"{app}-r1deploy-profile",
+    }
+
+
+def _container_security() -> dict:
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "privileged": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "runAsUser": UID,
+        "runAsGroup": UID,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _resources(cpu: str, cpu_limit: str, memory: str, memory_limit: str, gpus: int = 0) -> dict:
+    requests, limits = {"cpu": cpu, "memory": memory}, {"cpu": cpu_limit, "memory": memory_limit}
+    if gpus:
+        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(gpus)
+    return {"requests": requests, "limits": limits}
+
+
+def _http_probe(path: str, period: int, failures: int, initial: int = 0) -> dict:
+    probe = {
+        "httpGet": {"path": path, "port": "http"},
+        "periodSeconds": period,
+        "failureThreshold": failures,
+        "timeoutSeconds": 5,
+    }
+    if initial:
+        probe["initialDelaySeconds"] = initial
+    return probe
+
+
+def namespace(name: str) -> dict:
+    # The namespace enforces Pod Security Standards "restricted": the API server itself rejects a pod that slips.
+    pss = {f"pod-security.kubernetes.io/{mode}": "restricted" for mode in ("enforce", "audit", "warn")}
+    return {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": pss}}
+
+
+def service_account(cfg: ManifestsConfig) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": {"name": names(cfg)["serviceaccount"]},
+        "automountServiceAccountToken": False,
+    }
+
+
+def service(cfg: ManifestsConfig) -> dict:
+    ports = [("http", HTTP), ("grpc", GRPC), ("metrics", METRICS)]
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": names(cfg)["service"]},
+        "spec": {
+            "type": "ClusterIP",
+            "selector": selector_labels(cfg),
+            "ports": [{"name": n, "port": p, "targetPort": n, "protocol": "TCP"} for n, p in ports],
+        },
+    }
+
+
+def persistent_volume_claim(cfg: ManifestsConfig) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "PersistentVolumeClaim",
+        "metadata": {"name": names(cfg)["pvc"]},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": cfg.storage_size}}},
+    }
+
+
+def pvc_patch(cfg: ManifestsConfig, *, access_mode: str, storage_class: Optional[str] = None) -> dict:
+    spec: dict = {"accessModes": [access_mode]}
+    if storage_class:
+        spec["storageClassName"] = storage_class
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": names(cfg)["pvc"]}, "spec": spec}
+
+
+def local_storage_class() -> dict:
+    # Local PVs are created by the cluster admin on each edge node (docs/deploy.md); binding waits for the pod so
+    # the claim lands on the node the scheduler picked for the GPUs.
+    return {
+        "apiVersion": "storage.k8s.io/v1",
+        "kind": "StorageClass",
+        "metadata": {"name": "local-storage"},
+        "provisioner": "kubernetes.io/no-provisioner",
+        "volumeBindingMode": "WaitForFirstConsumer",
+        "reclaimPolicy": "Retain",
+    }
+
+
+def network_policy(cfg: ManifestsConfig) -> dict:
+    """Inference ports from any pod in the cluster, metrics only from the `monitoring` namespace."""
+    monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": names(cfg)["networkpolicy"]},
+        "spec": {
+            "podSelector": {"matchLabels": selector_labels(cfg)},
+            "policyTypes": ["Ingress"],
+            "ingress": [
+                {
+                    "from": [{"namespaceSelector": {}}],
+                    "ports": [{"port": HTTP, "protocol": "TCP"}, {"port": GRPC, "protocol": "TCP"}],
+                },
+                {"from": [monitoring], "ports": [{"port": METRICS, "protocol": "TCP"}]},
+            ],
+        },
+    }
+
+
+def _storage_init_container(cfg: ManifestsConfig) -> dict:
+    """Copies the bucket's model_repository/ and build/ onto the claim; credentials only from a Secret."""
+    if cfg.storage is Storage.S3:
+        argv = ["aws", "s3", "sync", "--no-progress", "$(STORAGE_URI)", MODELS_MOUNT]
+        home = {"name": "HOME", "value": "/tmp"}
+    else:
+        argv = ["gcloud", "storage", "rsync", "--recursive", "$(STORAGE_URI)", MODELS_MOUNT]
+        home = {"name": "CLOUDSDK_CONFIG", "value": "/tmp/gcloud"}
+    return {
+        "name": "storage-sync",
+        "image": cfg.storage_image or STORAGE_IMAGES[cfg.storage.value],
+        "command": argv,
+        "env": [{"name": "STORAGE_URI", "value": cfg.storage_uri}, home],
+        "envFrom": [{"secretRef": {"name": cfg.storage_secret}}],
+        "resources": _resources("500m", "2", "1Gi", "4Gi"),
+        "securityContext": _container_security(),
+        "volumeMounts": [
+            {"name": "model-repository", "mountPath": MODELS_MOUNT},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+
+
+def _engine_init_container(cfg: ManifestsConfig) -> dict:
+    """Rebuilds the engine on this node when the cached one was built for another GPU or TensorRT version."""
+    model = cfg.model.rstrip("/").split("/")[-1]
+    return {
+        "name": "engine-build",
+        "image": cfg.r1deploy_image,
+        "command": ["python3", "-m", "exporter.manifests.node_engine"],
+        "args": [
+            f"--model={model}",
+            "--profile=$(R1DEPLOY_PROFILE)",
+            f"--profiles={PROFILE_MOUNT}/profiles.yaml",
+            f"--workdir={MODELS_MOUNT}/build",
+            f"--model-repository={MODELS_MOUNT}/model_repository",
+        ],
+        "env": [
+            {"name": "R1DEPLOY_PROFILE", "value": "unset"},
+            {"name": "HOME", "value": "/tmp"},
+            {"name": "NVIDIA_DRIVER_CAPABILITIES", "value": "compute,utility"},
+        ],
+        "resources": _resources("4", "8", "16Gi", "32Gi", gpus=1),
+        "securityContext": _container_security(),
+        "volumeMounts": [
+            {"name": "model-repository", "mountPath": MODELS_MOUNT},
+            {"name": "r1deploy-profile", "mountPath": PROFILE_MOUNT, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+
+
+def deployment(cfg: ManifestsConfig) -> dict:
+    n = names(cfg)
+    init = ([_storage_init_container(cfg)] if cfg.storage is not Storage.PVC else []) + [_engine_init_container(cfg)]
+    triton = {
+        "name": "triton",
+        "image": cfg.triton_image,
+        "command": ["tritonserver"],
+        "args": ["--model-repository=/models/model_repository"],  # the overlay's patch sets the full list
+        "env": [{"name": "HOME", "value": "/home/triton-server"}],
+        "ports": [
+            {"name": "http", "containerPort": HTTP, "protocol": "TCP"},
+            {"name": "grpc", "containerPort": GRPC, "protocol": "TCP"},
+            {"name": "metrics", "containerPort": METRICS, "protocol": "TCP"},
+        ],
+        "readinessProbe": _http_probe("/v2/health/ready", 5, 3),
+        "livenessProbe": _http_probe("/v2/health/live", PROBE_PERIOD_S, 6),
+        "startupProbe": _http_probe("/v2/health/ready", PROBE_PERIOD_S, 180),
+        "resources": _resources("4", "8", "16Gi", "32Gi"),
+        "securityContext": _container_security(),
+        "volumeMounts": [
+            {"name": "model-repository", "mountPath": MODELS_MOUNT, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+            {"name": "cache", "mountPath": "/home/triton-server/.cache"},
+            {"name": "shm", "mountPath": "/dev/shm"},
+        ],
+    }
+    volumes = [
+        {"name": "model-repository", "persistentVolumeClaim": {"claimName": n["pvc"]}},
+        {"name": "r1deploy-profile", "configMap": {"name": n["profile"]}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": "4Gi"}},
+        {"name": "cache", "emptyDir": {"sizeLimit": "4Gi"}},
+        # The python backend (generate, tokenizer) exchanges tensors through shared memory.
+        {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}},
+    ]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": n["deployment"]},
+        "spec": {
+            "replicas": 1,
+            "revisionHistoryLimit": 3,
+            "selector": {"matchLabels": selector_labels(cfg)},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": 0, "maxUnavailable": 1}},
+            "template": {
+                "metadata": {"labels": selector_labels(cfg)},
+                "spec": {
+                    "serviceAccountName": n["serviceaccount"],
+                    "automountServiceAccountToken": False,
+                    "enableServiceLinks": False,
+                    "securityContext": {
+                        "runAsNonRoot": True,
+                        "runAsUser": UID,
+                        "runAsGroup": UID,
+                        "fsGroup": UID,
+                        "fsGroupChangePolicy": "OnRootMismatch",
+                        "seccompProfile": {"type": "RuntimeDefault"},
+                    },
+                    "initContainers": init,
+                    "containers": [triton],
+                    "volumes": volumes,
+                },
+            },
+        },
+    }
+
+
+def triton_args(cfg: ManifestsConfig, profile: DeploymentProfile, exit_timeout_s: int) -> list[str]:
+    explicit = profile.name in EXPLICIT_MODEL_CONTROL_PROFILES
+    args = [
+        "--model-repository=/models/model_repository",
+        f"--model-control-mode={'explicit' if explicit else 'none'}",
+    ]
+    if explicit:
+        args += [f"--load-model={m}" for m in cfg.served_models]
+    args += [
+        "--strict-readiness=true",
+        f"--http-port={HTTP}",
+        f"--grpc-port={GRPC}",
+        "--allow-metrics=true",
+        "--allow-gpu-metrics=true",
+        "--allow-cpu-metrics=true",
+        f"--metrics-port={METRICS}",
+        "--metrics-interval-ms=2000",
+        f"--exit-timeout-secs={exit_timeout_s}",
+        "--log-verbose=0",
+    ]
+    return args
+
+
+def deployment_patch(cfg: ManifestsConfig, profile: DeploymentProfile) -> dict:
+    """What a profile changes in the base Deployment: GPUs, node placement, Triton's flags, probe budget."""
+    n = names(cfg)
+    gpus = profile.gpus_per_pod
+    startup_min = STARTUP_BUDGET_MIN.get(profile.name, max(STARTUP_BUDGET_MIN.values()))
+    exit_timeout_s = 60 if profile.name == "edge" else 120
+    tolerations = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    tolerations += [{"key": k, "operator": "Exists", "effect": "NoSchedule"} for k in EXTRA_TAINTS.get(profile.name, ())]
+    pod: dict = {
+        "nodeSelector": {"nvidia.com/gpu.product": profile.gpu.product},
+        "tolerations": tolerations,
+        "terminationGracePeriodSeconds": exit_timeout_s + 30,
+        "containers": [
+            {
+                "name": "triton",
+                "args": triton_args(cfg, profile, exit_timeout_s),
+                "resources": _resources(
+                    str(2 * gpus), str(4 * gpus), f"{16 * gpus}Gi", f"{32 * gpus}Gi", gpus=gpus
+                ),
+                "startupProbe": _http_probe(
+                    "/v2/health/ready", PROBE_PERIOD_S, math.ceil(startup_min * 60 / PROBE_PERIOD_S)
+                ),
+            }
+        ],
+        "initContainers": [
+            {
+                "name": "engine-build",
+                "env": [{"name": "R1DEPLOY_PROFILE", "value": profile.name}],
+                "resources": _resources(
+                    "4", "8", f"{int(profile.builder.workspace_gib) + 8}Gi",
+                    f"{2 * int(profile.builder.workspace_gib) + 16}Gi", gpus=1,
+                ),
+            }
+        ],
+    }
+    if profile.replicas > 1 or profile.max_replicas > 1:
+        # One replica per node: a node failure takes out at most one, and 8-GPU pods could not share one anyway.
+        pod["affinity"] = {
+            "podAntiAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": [
+                    {"labelSelector": {"matchLabels": selector_labels(cfg)}, "topologyKey": "kubernetes.io/hostname"}
+                ]
+            }
+        }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": n["deployment"]},
+        "spec": {"replicas": profile.replicas, "template": {"spec": pod}},
+    }
+
+
+def horizontal_pod_autoscaler(cfg: ManifestsConfig, profile: DeploymentProfile) -> dict:
+    n = names(cfg)
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {"name": n["hpa"]},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": n["deployment"]},
+            "minReplicas": profile.replicas,
+            "maxReplicas": profile.max_replicas,
+            "metrics": [
+                {
+                    "type": "Pods",
+                    "pods": {
+                        "metric": {"name": QUEUE_TIME_METRIC},
+                        "target": {"type": "AverageValue", "averageValue": str(queue_time_target_us(profile))},
+                    },
+                }
+            ],
+            # New replicas take minutes to load the model: scale up one pod at a time, scale down slowly.
+            "behavior": {
+                "scaleUp": {
+                    "stabilizationWindowSeconds": 60,
+                    "policies": [{"type": "Pods", "value": 1, "periodSeconds": 300}],
+                },
+                "scaleDown": {
+                    "stabilizationWindowSeconds": 900,
+                    "policies": [{"type": "Pods", "value": 1, "periodSeconds": 600}],
+                },
+            },
+        },
+    }
+
+
+def pod_disruption_budget(cfg: ManifestsConfig, profile: DeploymentProfile) -> dict:
+    return {
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": {"name": names(cfg)["pdb"]},
+        "spec": {
+            "minAvailable": max(1, profile.replicas - 1),
+            "selector": {"matchLabels": selector_labels(cfg)},
+        },
+    }
+
+
+def profile_configmap(cfg: ManifestsConfig, profile: DeploymentProfile) -> dict:
+    """The deployment profile the engine-build init container rebuilds with (user profiles included)."""
+    import yaml
+
+    data = {k: v for k, v in to_data(profile).items() if k != "name"}
+    text = yaml.safe_dump({profile.name: data}, sort_keys=True, default_flow_style=False)
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": names(cfg)["profile"]},
+        "data": {"profiles.yaml": text},
+    }
