@@ -1,0 +1,290 @@
+"""Engine stage: real TensorRT-RTX 1.7 engines built on this CPU-only machine (AOT for SM89/SM80), engine.json,
+the portability guard, the stage cache, the CLI and `make build-engine`.
+
+Nothing here loads an engine on a GPU (there is none); full TensorRT cannot be installed here, so its paths are
+covered only where they need no library (command line, metadata rules) and are NOT verified against real
+TensorRT.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from exporter import artifacts
+from exporter.engine import (
+    EngineConfig,
+    EngineMetadata,
+    build_engine,
+    ensure_compatible,
+    plan_build,
+    trtexec_command,
+)
+from exporter.engine.shapes import axis_ranges, shape_profiles
+from exporter.errors import BadInput
+from exporter.profiles import GpuSpec, Runtime, get_profile
+
+REPO = Path(__file__).resolve().parents[1]
+
+pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX (r1deploy[rtx]) is needed for real engine builds")
+
+
+def _onnx_variants_for_test(workdir: Path, model: str, variants: tuple[str, ...]) -> None:
+    """Write the fp16 / int4-awq-b128-qdq ONNX variants the quantize stage would write.
+
+    Uses `quantize.quantize_model` when that stage is importable; until it lands this falls back to the same
+    recipe the platform notes verified (ORT fp16 conversion with fp32 I/O; ORT MatMulNBits quantizer in QDQ form,
+    block 128, symmetric) — a test fixture, not the product's quantizer."""
+    layout = artifacts.ModelLayout(workdir, model)
+    todo = [v for v in variants if not layout.onnx_path(v).is_file()]
+    if not todo:
+        return
+    try:
+        from quantize import QuantizeConfig, quantize_model  # noqa: F401  (the real stage, once it exists)
+    except ImportError:
+        quantize_model = None
+    if quantize_model is not None:
+        for v in todo:
+            method = None if v == "fp16" else "awq"
+            precision = "fp16" if v == "fp16" else "int4"
+            quantize_model(QuantizeConfig(model=model, workdir=workdir, precision=precision, method=method))
+        return
+    import onnx
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        MatMulNBitsQuantizer,
+    )
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    src = layout.onnx_path("fp32")
+    for v in todo:
+        layout.onnx_dir(v).mkdir(parents=True, exist_ok=True)
+        if v == "fp16":
+            onnx.save(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True), str(layout.onnx_path(v)))
+        else:
+            cfg = DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=True, quant_format=QuantFormat.QDQ)
+            q = MatMulNBitsQuantizer(onnx.load(str(src)), algo_config=cfg)
+            q.process()
+            q.model.save_model_to_file(str(layout.onnx_path(v)), False)
+
+
+@pytest.fixture(scope="module")
+def tiny(exported, session_workdir):
+    exported("r1-distill-tiny")
+    _onnx_variants_for_test(session_workdir, "r1-distill-tiny", ("fp16", "int4-awq-b128-qdq"))
+    return session_workdir
+
+
+@pytest.fixture(scope="module")
+def edge_build(tiny):
+    """The edge (RTX 4090, SM89, int4 QDQ) engine of r1-distill-tiny, built once for the module."""
+    return build_engine(EngineConfig(model="r1-distill-tiny", profile=get_profile("edge"), workdir=tiny))
+
+
+def _run(args: list[str], env: dict | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    r1 = Path(sys.executable).parent / "r1deploy"
+    return subprocess.run([str(r1), *args], capture_output=True, text=True, cwd=REPO, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+# -- shape profiles (no TensorRT needed) ----------------------------------------------------------------------
+
+def test_decoder_shape_profiles_follow_the_deployment_profile():
+    edge = get_profile("edge")  # max_batch 4, preferred [1, 2], input 2048, output 512
+    dims = {
+        "input_ids": ("batch", "sequence"),
+        "attention_mask": ("batch", "total_sequence"),
+        "past_key_values.0.key": ("batch", 2, "past_sequence", 32),
+    }
+    ctx, gen = shape_profiles("decoder", dims, edge)
+    assert (ctx.name, gen.name) == ("context", "generation")
+    assert ctx.inputs["input_ids"].max == [4, 2048] and ctx.inputs["input_ids"].opt == [2, 1024]
+    assert ctx.inputs["past_key_values.0.key"].max == [4, 2, 0, 32]
+    assert (gen.inputs["input_ids"].min, gen.inputs["input_ids"].max) == ([1, 1], [4, 1])
+    assert gen.inputs["past_key_values.0.key"].min == [1, 2, 1, 32]
+    assert gen.inputs["past_key_values.0.key"].max == [4, 2, edge.max_sequence_len - 1, 32]
+    # attention_mask covers past + current tokens in every corner of both shape profiles
+    for sp in (ctx, gen):
+        for which in ("min", "opt", "max"):
+            past = getattr(sp.inputs["past_key_values.0.key"], which)[2]
+            seq = getattr(sp.inputs["input_ids"], which)[1]
+            assert getattr(sp.inputs["attention_mask"], which)[1] == past + seq
+    assert gen.inputs["attention_mask"].max[1] == edge.max_sequence_len
+
+
+def test_encoder_sequence_capped_at_max_position_embeddings():
+    ranges = axis_ranges("encoder", get_profile("research"), max_position_embeddings=512)
+    assert list(ranges) == ["encode"]
+    assert (ranges["encode"]["sequence"].max, ranges["encode"]["batch"].max) == (512, 16)
+    with pytest.raises(BadInput, match="not one of"):
+        shape_profiles("encoder", {"pixel_values": ("batch", "channels")}, get_profile("edge"))
+
+
+# -- real TensorRT-RTX builds -----------------------------------------------------------------------------------
+
+def test_edge_int4_engine_and_metadata(edge_build, tiny):
+    r = edge_build
+    assert not r.skipped and r.engine_path.is_file()
+    meta = EngineMetadata.load(r.metadata_path)
+    report = artifacts.read_export_report(artifacts.ModelLayout(tiny, "r1-distill-tiny"))
+    onnx_path = artifacts.ModelLayout(tiny, "r1-distill-tiny").onnx_path("int4-awq-b128-qdq")
+    assert meta.runtime is Runtime.TENSORRT_RTX and meta.runtime_version.startswith("1.7.")
+    assert (meta.gpu_product, meta.compute_capabilities) == ("NVIDIA-GeForce-RTX-4090", ["8.9"])
+    assert (meta.precision, meta.onnx_variant, meta.strongly_typed) == ("int4", "int4-awq-b128-qdq", True)
+    assert meta.onnx_sha256 == artifacts.sha256_file(onnx_path)
+    assert meta.engine_sha256 == artifacts.sha256_file(r.engine_path) and meta.engine_bytes == r.engine_path.stat().st_size
+    assert [p.name for p in meta.shape_profiles] == ["context", "generation"]
+    assert meta.max_batch_size == 4
+    assert [t.name for t in meta.inputs] == report["input_names"]
+    assert [t.name for t in meta.outputs] == report["output_names"]
+    dtypes = {t.name: t.dtype for t in meta.inputs + meta.outputs}
+    assert dtypes["input_ids"] == "int64" and dtypes["logits"] == "float32"
+    assert meta.timing_cache.supported is False and "no-op" in meta.timing_cache.note
+    assert meta.reproduce[0] == "tensorrt_rtx" and "--computeCapabilities=89" in meta.reproduce
+    assert sum(a.startswith("--minShapes=") for a in meta.reproduce) == 2  # one triple per shape profile
+    assert meta.build_seconds < 30
+    assert (r.engine_path.parent / "manifest.json").is_file()
+
+
+def test_unchanged_rebuild_skipped_and_force_rebuilds(edge_build, tiny):
+    cfg = dict(model="r1-distill-tiny", profile=get_profile("edge"), workdir=tiny)
+    again = build_engine(EngineConfig(**cfg))
+    assert again.skipped and again.seconds < 2
+    assert again.engine_path.stat().st_mtime == edge_build.engine_path.stat().st_mtime
+    forced = build_engine(EngineConfig(**cfg, force=True))
+    assert not forced.skipped
+    # TensorRT-RTX has no timing cache: the forced build records that truthfully and writes no cache file
+    assert forced.timing_cache.supported is False and forced.timing_cache.loaded_bytes == 0
+    assert not any(artifacts.ModelLayout(tiny, "r1-distill-tiny").timing_cache_dir.glob("tensorrt-rtx-*"))
+
+
+def test_fp16_engine_via_cli_json(tiny, r1):
+    res = r1("--workdir", str(tiny), "--json", "build-engine", "--model", "r1-distill-tiny", "--profile", "edge",
+             "--precision", "fp16", "--runtime", "tensorrt-rtx")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert (out["onnx_variant"], out["precision"], out["compute_capabilities"]) == ("fp16", "fp16", ["8.9"])
+    meta = EngineMetadata.load(Path(out["metadata_path"]))
+    assert meta.onnx_variant == "fp16" and meta.engine_bytes > 0
+    # put the profile's own variant back for the tests that follow
+    build_engine(EngineConfig(model="r1-distill-tiny", profile=get_profile("edge"), workdir=tiny))
+
+
+def test_minilm_encoder_engine(exported, session_workdir):
+    exported("minilm")
+    _onnx_variants_for_test(session_workdir, "minilm", ("fp16",))
+    r = build_engine(EngineConfig(model="minilm", profile=get_profile("edge"), workdir=session_workdir, precision="fp16"))
+    meta = EngineMetadata.load(r.metadata_path)
+    assert meta.model_kind == "encoder" and [p.name for p in meta.shape_profiles] == ["encode"]
+    assert meta.shape_profile("encode").inputs["input_ids"].max == [4, 512]  # capped at max_position_embeddings
+    assert {t.name for t in meta.outputs} == {"last_hidden_state", "embeddings"}
+    assert any("max_position_embeddings" in w for w in meta.warnings)
+
+
+# -- portability guard ---------------------------------------------------------------------------------------
+
+def test_metadata_mismatch_refused(edge_build):
+    meta = EngineMetadata.load(edge_build.metadata_path)
+    edge, production = get_profile("edge"), get_profile("production")
+    ensure_compatible(meta, edge)
+    ensure_compatible(meta, edge, runtime_version=meta.runtime_version)
+    with pytest.raises(BadInput, match="tensorrt-rtx engine but deployment profile 'production'"):
+        ensure_compatible(meta, production)
+    rtx_a100 = dataclasses.replace(production, runtime=Runtime.TENSORRT_RTX)
+    with pytest.raises(BadInput, match=r"compute capability 8\.9 .*compute capability 8\.0"):
+        ensure_compatible(meta, rtx_a100)
+    with pytest.raises(BadInput, match="built with tensorrt-rtx 1.7.1.116 but the server runs 1.8.0"):
+        ensure_compatible(meta, edge, runtime_version="1.8.0")
+
+
+def test_hardware_compatible_rtx_engine_accepted_on_other_gpu(tiny):
+    rtx3090 = dataclasses.replace(get_profile("edge"), name="edge-3090",
+                                  gpu=GpuSpec("NVIDIA-GeForce-RTX-3090", "8.6", 24))
+    hwc = build_engine(EngineConfig(model="r1-distill-tiny", profile=get_profile("edge"), workdir=tiny,
+                                    hardware_compatible=True, precision="fp16"))
+    meta = EngineMetadata.load(hwc.metadata_path)
+    assert meta.hardware_compatibility == "ampere_plus" and {"8.0", "8.6", "8.9"} <= set(meta.compute_capabilities)
+    ensure_compatible(meta, rtx3090)
+    plain = dataclasses.replace(meta, compute_capabilities=["8.9"], hardware_compatible=False, hardware_compatibility="none")
+    with pytest.raises(BadInput, match="not hardware-compatible"):
+        ensure_compatible(plain, rtx3090)
+    build_engine(EngineConfig(model="r1-distill-tiny", profile=get_profile("edge"), workdir=tiny))  # restore
+
+
+def test_full_tensorrt_command_line_and_ampere_plus_rule(tiny):
+    """Full TensorRT is not installable here: this checks only r1deploy's own logic for it (the trtexec line and
+    the Ampere+ rule of the guard) — NOT verified against real TensorRT."""
+    plan = plan_build(EngineConfig(model="r1-distill-tiny", profile=get_profile("production"), workdir=tiny,
+                                   hardware_compatible=True))
+    argv = trtexec_command(plan)
+    assert argv[0] == "trtexec" and "--stronglyTyped" in argv
+    assert "--memPoolSize=workspace:16384M" in argv and "--builderOptimizationLevel=3" in argv
+    assert "--hardwareCompatibilityLevel=ampere+" in argv
+    assert any(a.startswith("--timingCacheFile=") and "timing-cache/tensorrt-" in a for a in argv)
+    assert plan.onnx_variant == "fp16" and plan.engine_dir.name == "production"
+    gen = plan.shape_profiles[1]
+    assert gen.inputs["attention_mask"].max == [64, get_profile("production").max_sequence_len]
+
+
+# -- errors -------------------------------------------------------------------------------------------------
+
+def test_parser_error_is_one_line_with_node_and_op(tmp_path, r1):
+    import onnx
+    from onnx import TensorProto, helper
+
+    layout = artifacts.ModelLayout(tmp_path, "broken")
+    layout.onnx_dir("fp32").mkdir(parents=True)
+    node = helper.make_node("FancyOp", ["input_ids"], ["y"], name="my_fancy_node", domain="com.example")
+    graph = helper.make_graph(
+        [node], "g", [helper.make_tensor_value_info("input_ids", TensorProto.FLOAT, ["batch", "sequence"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.example", 1)])
+    onnx.save(model, str(layout.onnx_path("fp32")))
+    (layout.onnx_dir("fp32") / "export_report.json").write_text(json.dumps({"kind": "encoder"}))
+    res = r1("--workdir", str(tmp_path), "build-engine", "--model", "broken", "--profile", "edge", "--precision", "fp32")
+    assert res.returncode == 1
+    lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in res.stderr
+    assert "node 'my_fancy_node' (op FancyOp)" in lines[0]
+
+
+def test_missing_variant_is_bad_input(tiny):
+    edge = get_profile("edge")
+    b32 = dataclasses.replace(edge, quantization=dataclasses.replace(edge.quantization, block_size=32))
+    with pytest.raises(BadInput, match="no int4-awq-b32-qdq ONNX .* run `r1deploy quantize"):
+        plan_build(EngineConfig(model="r1-distill-tiny", profile=b32, workdir=tiny))
+
+
+@pytest.mark.parametrize("runtime,extra", [("tensorrt-rtx", "rtx"), ("tensorrt", "gpu")])
+def test_missing_runtime_exits_2_with_one_line(tmp_path, runtime, extra):
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    for mod in ("tensorrt_rtx_bindings", "tensorrt_rtx", "tensorrt"):
+        (stubs / f"{mod}.py").write_text(f"raise ImportError('{mod} hidden by the test')\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(stubs), os.environ.get("PYTHONPATH", "")])}
+    res = _run(["--workdir", str(tmp_path / "w"), "build-engine", "--model", "r1-distill-tiny", "--profile", "edge",
+                "--runtime", runtime], env=env)
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+    assert f"pip install 'r1deploy[{extra}]'" in res.stderr
+
+
+def test_make_build_engine(tiny):
+    """What users run in CI. `-o <stamp>`: never reinstall the venv from inside a test."""
+    res = subprocess.run(
+        ["make", "-o", ".venv/.r1deploy-installed", "build-engine", f"WORKDIR={tiny}", "MODEL=r1-distill-tiny",
+         "PROFILE=edge", "RUNTIME=tensorrt-rtx"],
+        capture_output=True, text=True, cwd=REPO, timeout=300,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "r1-distill-tiny tensorrt-rtx" in res.stdout
+    meta = EngineMetadata.load(artifacts.ModelLayout(tiny, "r1-distill-tiny").engine_dir("edge"))
+    assert meta.onnx_variant == "int4-awq-b128-qdq"
