@@ -23,7 +23,7 @@ from typing import Optional
 import yaml
 
 from ..errors import MissingDependency, StageFailed
-from .config import CheckReport
+from .config import QUANTITY, CheckReport
 from .monitoring import hpa_metric_sources, is_triton_metric, promql_metrics
 
 KUBERNETES_VERSION = "1.37.0"
@@ -42,8 +42,6 @@ POD_TEMPLATE_KINDS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "J
 RESTRICTED_VOLUME_TYPES = {
     "configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim", "projected", "secret",
 }
-# Kubernetes resource.Quantity: a signed decimal with an optional binary-SI, decimal-SI or exponent suffix.
-QUANTITY = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?\d+)?")
 SECRET_ENV_NAME = re.compile(r"(PASSWORD|PASSWD|SECRET|TOKEN|API_?KEY|ACCESS_?KEY|CREDENTIAL|PRIVATE_?KEY)", re.I)
 
 
@@ -316,8 +314,8 @@ def validate_builtin(objects: list[dict]) -> tuple[int, list[Violation]]:
             kubernetes_validate.validate(obj, KUBERNETES_VERSION, strict=True)
             count += 1
         except kubernetes_validate.ValidationError as exc:
-            path = ".".join(str(p) for p in exc.caught.path)
-            out.append(Violation("kubernetes-validate", _ref(obj), f"{path}: {exc.caught.message}"))
+            path = ".".join(str(p) for p in exc.path)
+            out.append(Violation("kubernetes-validate", _ref(obj), f"{path}: {exc.message}"))
         except kubernetes_validate.SchemaNotFoundError:
             out.append(Violation("kubernetes-validate", _ref(obj), f"no Kubernetes {KUBERNETES_VERSION} schema for {obj.get('apiVersion')}"))
     return count, out

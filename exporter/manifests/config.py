@@ -40,6 +40,8 @@ LOCAL_STORAGE_PROFILES = frozenset({"edge"})
 EXPLICIT_MODEL_CONTROL_PROFILES = frozenset({"research"})
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+# Kubernetes resource.Quantity: a signed decimal with an optional binary-SI, decimal-SI or exponent suffix.
+QUANTITY = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?\d+)?")
 
 
 class Storage(str, enum.Enum):
@@ -87,6 +89,8 @@ class ManifestsConfig:
                 raise BadInput(f"--storage {storage.value} needs --storage-uri {scheme}BUCKET/PREFIX")
         elif self.storage_uri:
             raise BadInput("--storage-uri needs --storage s3 or --storage gcs")
+        if not QUANTITY.fullmatch(self.storage_size):
+            raise BadInput(f"--storage-size {self.storage_size!r} is not a Kubernetes quantity (e.g. 200Gi)")
         if self.model_kind not in (None, "decoder", "encoder"):
             raise BadInput(f"model kind {self.model_kind!r} is not one of decoder, encoder")
         if not _DNS_LABEL.fullmatch(self.storage_secret):

@@ -18,24 +18,12 @@ import os
 import shutil
 import subprocess
 import sys
-from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
-RUNTIME_DISTRIBUTIONS = {
-    "tensorrt": ("tensorrt", "tensorrt-cu13", "tensorrt-cu12", "tensorrt_cu13_libs", "tensorrt_cu12_libs"),
-    "tensorrt-rtx": ("tensorrt_rtx_cu13_bindings", "tensorrt_rtx_cu13_libs", "tensorrt-rtx"),
-}
-
-
-def _get(meta: dict, *paths: str) -> Optional[str]:
-    for path in paths:
-        node = meta
-        for key in path.split("."):
-            node = node.get(key) if isinstance(node, dict) else None
-        if node not in (None, ""):
-            return str(node)
-    return None
+from ..engine.metadata import ENGINE_FILE, METADATA_FILE, EngineMetadata, ensure_compatible
+from ..errors import BadInput, StageFailed
+from ..profiles import DeploymentProfile, Runtime, get_profile, load_profiles
 
 
 def normalize_cc(value: str) -> str:
@@ -53,26 +41,30 @@ def node_compute_capability() -> str:
     return normalize_cc(out.strip().splitlines()[0])
 
 
-def installed_runtime_version(runtime: str) -> Optional[str]:
+def installed_runtime_version(runtime: Runtime) -> str:
+    """The TensorRT / TensorRT-RTX version in this image (R1DEPLOY_RUNTIME_VERSION overrides)."""
     if os.environ.get("R1DEPLOY_RUNTIME_VERSION"):
         return os.environ["R1DEPLOY_RUNTIME_VERSION"]
-    for dist in RUNTIME_DISTRIBUTIONS.get(runtime, (runtime,)):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            return metadata.version(dist)
-    return None
+    from ..engine.runtimes import load_runtime
+
+    return load_runtime(runtime).version
 
 
-def decide(meta: Optional[dict], node_cc: str, runtime_version: Optional[str]) -> tuple[bool, str]:
-    """(rebuild?, why) for a cached engine's metadata against this node."""
+def decide(meta: Optional[EngineMetadata], profile: DeploymentProfile, node_cc: str, runtime_version: str) -> tuple[bool, str]:
+    """(rebuild?, why) for a cached engine against this node: the engine stage's own portability guard, with the
+    node's compute capability in place of the profile's and the image's runtime version pinned."""
+    if normalize_cc(node_cc) != profile.gpu.compute_capability:
+        raise StageFailed(
+            f"node GPU has compute capability {node_cc} but profile {profile.name!r} targets "
+            f"{profile.gpu.product} ({profile.gpu.compute_capability}); fix the nodeSelector or the profile"
+        )
     if meta is None:
         return True, "no cached engine"
-    built_cc = _get(meta, "compute_capability", "gpu.compute_capability", "device.compute_capability")
-    built_version = _get(meta, "runtime_version", "tensorrt_version", "runtime.version", "version")
-    if built_cc is None or normalize_cc(built_cc) != normalize_cc(node_cc):
-        return True, f"engine built for compute capability {built_cc}, node has {node_cc}"
-    if runtime_version and built_version != runtime_version:
-        return True, f"engine built with runtime {built_version}, image has {runtime_version}"
-    return False, f"cached engine matches compute capability {node_cc} and runtime {built_version}"
+    try:
+        ensure_compatible(meta, profile, runtime_version=runtime_version)
+    except BadInput as exc:
+        return True, exc.message
+    return False, f"cached engine matches compute capability {node_cc} and {meta.runtime.value} {meta.runtime_version}"
 
 
 def _sha256(path: Path) -> str:
@@ -85,12 +77,12 @@ def _sha256(path: Path) -> str:
 
 def install_plan(engine_dir: Path, target_dir: Path) -> bool:
     """Copy model.plan + engine.json into Triton's model version directory (atomic per file); True if copied."""
-    source = engine_dir / "model.plan"
-    target = target_dir / "model.plan"
+    source = engine_dir / ENGINE_FILE
+    target = target_dir / ENGINE_FILE
     if target.is_file() and _sha256(target) == _sha256(source):
         return False
     target_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("model.plan", "engine.json"):
+    for name in (ENGINE_FILE, METADATA_FILE):
         if (engine_dir / name).is_file():
             tmp = target_dir / f".{name}.tmp-{os.getpid()}"
             shutil.copyfile(engine_dir / name, tmp)
@@ -119,21 +111,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--profiles", help="profiles YAML the engine is rebuilt with")
     ap.add_argument("--workdir", type=Path, required=True)
     ap.add_argument("--model-repository", type=Path, required=True)
-    ap.add_argument("--runtime", default=None, help="tensorrt | tensorrt-rtx (default: from the profile)")
     ap.add_argument("--version-dir", default="1", help="Triton model version directory that holds model.plan")
     args = ap.parse_args(argv)
 
     engine_dir = args.workdir / args.model / "engines" / args.profile
-    runtime = args.runtime
-    if runtime is None:
-        from ..profiles import get_profile, load_profiles
-
-        runtime = get_profile(args.profile, load_profiles(Path(args.profiles) if args.profiles else None)).runtime.value
+    profile = get_profile(args.profile, load_profiles(Path(args.profiles) if args.profiles else None))
     with _lock(engine_dir.parent / f".{args.profile}.lock"):
-        meta_path = engine_dir / "engine.json"
-        meta = json.loads(meta_path.read_text()) if meta_path.is_file() and (engine_dir / "model.plan").is_file() else None
-        node_cc = node_compute_capability()
-        rebuild, why = decide(meta, node_cc, installed_runtime_version(runtime))
+        cached = (engine_dir / ENGINE_FILE).is_file() and (engine_dir / METADATA_FILE).is_file()
+        meta = EngineMetadata.load(engine_dir / METADATA_FILE) if cached else None
+        rebuild, why = decide(meta, profile, node_compute_capability(), installed_runtime_version(profile.runtime))
         if rebuild:
             cmd = ["r1deploy", "--workdir", str(args.workdir)]
             cmd += ["--profiles", args.profiles] if args.profiles else []
@@ -146,4 +132,10 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ..errors import R1DeployError
+
+    try:
+        sys.exit(main())
+    except (R1DeployError, subprocess.CalledProcessError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(getattr(exc, "exit_code", 1))

@@ -333,6 +333,10 @@ def deployment_patch(cfg: ManifestsConfig, profile: DeploymentProfile) -> dict:
             }
         ],
     }
+    if cfg.storage is not Storage.PVC:
+        # A strategic-merge patch moves the containers it names to the front: name the sync too, so it still
+        # runs before the engine check.
+        pod["initContainers"].insert(0, {"name": "storage-sync"})
     if profile.replicas > 1 or profile.max_replicas > 1:
         # One replica per node: a node failure takes out at most one, and 8-GPU pods could not share one anyway.
         pod["affinity"] = {
