@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -450,4 +449,3 @@ def test_env_var_overrides_schema_dir(monkeypatch, tmp_path):
     (tmp_path / "monitoring.coreos.com").mkdir()
     monkeypatch.setenv("R1DEPLOY_CRD_SCHEMAS", str(tmp_path))
     assert checks.crd_schema_dir() == tmp_path
-    assert os.environ["R1DEPLOY_CRD_SCHEMAS"] == str(tmp_path)

@@ -100,8 +100,8 @@ def check_pod_security(obj: dict) -> list[Violation]:
     def bad(message: str, rule: str = "pss-restricted") -> None:
         out.append(Violation(rule, ref, message))
 
-    for key in ("hostNetwork", "hostPID", "hostIPC", "hostUsers"):
-        if key != "hostUsers" and pod.get(key):
+    for key in ("hostNetwork", "hostPID", "hostIPC"):
+        if pod.get(key):
             bad(f"{key}: true is not allowed (PSS restricted)")
     for vol in pod.get("volumes") or []:
         kinds = [k for k in vol if k != "name"]

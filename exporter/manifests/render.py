@@ -3,6 +3,7 @@ as deterministic YAML and written atomically."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import yaml
@@ -130,7 +131,7 @@ def _check_replaceable(out: Path) -> None:
 def render_manifests(cfg: ManifestsConfig) -> ManifestsResult:
     profiles = cfg.profiles or load_profiles()
     if not cfg.profiles:
-        cfg = ManifestsConfig(**{**cfg.__dict__, "profiles": profiles})
+        cfg = dataclasses.replace(cfg, profiles=profiles)
     tree = render_tree(cfg)
     out = Path(cfg.out)
     _check_replaceable(out)
