@@ -171,6 +171,46 @@ def _export_encoder(model, out: Path, cfg: ExportConfig, external: bool):
     return wrapper, input_names, output_names, None
 
 
+def _to_external_data(out: Path) -> None:
+    """Leave every weight in one `model.onnx.data` beside the graph. The dynamo exporter already writes
+    external data (named after the model): only the file is renamed and the graph's references updated, so a
+    large model is never loaded whole. The legacy exporter writes external data only above 2 GiB: below that
+    the (then small) model is rewritten."""
+    import onnx
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    data_files = [p for p in out.parent.iterdir() if p != out and p.name.startswith("model")]
+    target = out.parent / "model.onnx.data"
+    if len(data_files) == 1:
+        graph = onnx.load(str(out), load_external_data=False)
+        for tensor in _all_initializers(graph):
+            if uses_external_data(tensor):
+                info = ExternalDataInfo(tensor)
+                del tensor.external_data[:]
+                for key, value in (("location", target.name), ("offset", info.offset), ("length", info.length)):
+                    if value is not None:
+                        tensor.external_data.add(key=key, value=str(value))
+        data_files[0].rename(target)
+        onnx.save(graph, str(out))
+        return
+    model = onnx.load(str(out), load_external_data=True)
+    onnx.save(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=target.name, size_threshold=1024)
+
+
+def _all_initializers(model):
+    def walk(graph):
+        yield from graph.initializer
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.g and attr.g.node:
+                    yield from walk(attr.g)
+                for g in attr.graphs:
+                    yield from walk(g)
+
+    yield from walk(model.graph)
+
+
 def _copy_tokenizer(source: ModelSource, dest: Path) -> None:
     with artifacts.atomic_dir(dest) as tmp:
         for name in TOKENIZER_FILES:
@@ -223,15 +263,8 @@ def export_model(cfg: ExportConfig, source: ModelSource | None = None) -> Export
             except (RuntimeError, ValueError, TypeError, AssertionError) as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise StageFailed(f"ONNX export of {source.name} failed: {first}") from exc
-        if external and not (tmp / "model.onnx.data").exists():
-            # The exporter names the data file after the model; normalise to the documented name.
-            datas = [p for p in tmp.iterdir() if p.name != "model.onnx"]
-            if len(datas) == 1:
-                import onnx
-
-                m = onnx.load(str(out), load_external_data=True)
-                datas[0].unlink()
-                onnx.save(m, str(out), save_as_external_data=True, location="model.onnx.data")
+        if external:
+            _to_external_data(out)
         cases: list[CaseCheck] = []
         if cfg.verify:
             with status("verifying ONNX Runtime against PyTorch"):

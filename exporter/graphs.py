@@ -56,7 +56,7 @@ class DecoderWithPast(torch.nn.Module):
     def forward(self, input_ids, attention_mask, position_ids, *past):
         from transformers import DynamicCache
 
-        cache = DynamicCache(list(zip(past[0::2], past[1::2])), config=self.model.config)
+        cache = DynamicCache(list(zip(past[0::2], past[1::2], strict=True)), config=self.model.config)
         out = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -123,7 +123,7 @@ def make_inputs(kind: ModelKind, case: ShapeCase, vocab: int, layout: CacheLayou
     assert layout is not None
     past = [torch.randn(t.shape, generator=g) for t in layout.empty(case.batch, case.past)]
     feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions_from_mask(mask, case.seq)}
-    feeds.update(dict(zip(layout.names("past_key_values"), past)))
+    feeds.update(dict(zip(layout.names("past_key_values"), past, strict=True)))
     return feeds
 
 

@@ -156,7 +156,7 @@ def write_tiny_checkpoint(preset: str, dest: Path) -> Path:
         # logits, so top-1 agreement and quantization error are meaningful measures on it.
         with torch.no_grad():
             g = torch.Generator().manual_seed(SEED)
-            for name, p in sorted(model.named_parameters()):
+            for _name, p in sorted(model.named_parameters()):
                 if p.dim() >= 2:
                     p.copy_(torch.randn(p.shape, generator=g) * (1.0 / p.shape[-1] ** 0.5))
         model.save_pretrained(str(tmp), safe_serialization=True)

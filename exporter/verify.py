@@ -92,7 +92,7 @@ def verify_onnx(
         got = session.run(output_names, {k: v.numpy() for k, v in feeds.items()})
         mask = feeds["attention_mask"].numpy()
         check = CaseCheck(case.name, {k: list(v.shape) for k, v in feeds.items() if not k.startswith("past_key_values")})
-        for name, r, g in zip(output_names, ref, got):
+        for name, r, g in zip(output_names, ref, got, strict=True):
             if r.shape != g.shape:
                 failures.append(f"output {name!r} on {case.name}: shape {list(g.shape)} != PyTorch {list(r.shape)}")
                 continue

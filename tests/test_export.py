@@ -1,0 +1,135 @@
+"""Export stage: real exports of the three presets and of other HF checkpoints, verified with real ONNX Runtime
+sessions against PyTorch."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from exporter.export import ExportConfig, Exporter, export_model
+from exporter.sources import ModelKind
+
+
+@pytest.mark.parametrize("model", ["r1-distill-tiny", "r1-moe-tiny", "minilm"])
+def test_preset_exports_match_pytorch_on_three_or_more_shapes(exported, model):
+    result = exported(model)
+    report = json.loads(result.report_path.read_text())
+    assert len(report["cases"]) >= 3
+    for case in report["cases"]:
+        for out in case["outputs"]:
+            assert out["max_abs_diff"] <= 1e-4, (case["case"], out)
+            assert out["passed"]
+    assert set(report["max_abs_diff"]) == set(result.output_names)
+    onnx.checker.check_model(str(result.onnx_path))
+
+
+def test_decoder_export_has_kv_cache_and_dynamic_axes(exported):
+    result = exported("r1-distill-tiny")
+    assert result.kind is ModelKind.DECODER
+    model = onnx.load(str(result.onnx_path), load_external_data=False)
+    inputs = {i.name: i for i in model.graph.input}
+    outputs = {o.name for o in model.graph.output}
+    assert {"input_ids", "attention_mask", "position_ids", "past_key_values.0.key", "past_key_values.1.value"} <= set(inputs)
+    assert {"logits", "present.0.key", "present.1.value"} <= outputs
+    dims = inputs["past_key_values.0.key"].type.tensor_type.shape.dim
+    assert dims[0].dim_param and dims[2].dim_param, "batch and past-length axes must be dynamic"
+    assert not dims[1].dim_param and not dims[3].dim_param, "heads and head_dim are static"
+    assert model.opset_import[0].version == 21
+
+
+def test_case_names_cover_batch_decode_and_padding(exported):
+    report = json.loads(exported("r1-distill-tiny").report_path.read_text())
+    names = [c["case"] for c in report["cases"]]
+    assert any(c["shapes"]["input_ids"][0] > 1 for c in report["cases"])
+    assert any(n.startswith("decode") for n in names)
+    assert any(n.startswith("padded") for n in names)
+
+
+def test_moe_decoder_caches_mla_latent(exported):
+    report = json.loads(exported("r1-moe-tiny").report_path.read_text())
+    assert report["architecture"] == "DeepseekV3ForCausalLM"
+    # transformers 5.x DeepseekV3 caches the compressed MLA latent and the rope key, one head each
+    assert report["cache"]["key_shape"] == [1, 32]
+    assert report["cache"]["value_shape"] == [1, 16]
+
+
+def test_encoder_export_gives_normalised_embeddings(exported):
+    result = exported("minilm")
+    sess = ort.InferenceSession(str(result.onnx_path), providers=["CPUExecutionProvider"])
+    ids = np.array([[101, 7592, 2088, 102]], dtype=np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "token_type_ids": np.zeros_like(ids)}
+    hidden, emb = sess.run(["last_hidden_state", "embeddings"], feeds)
+    assert hidden.shape == (1, 4, 384)
+    assert emb.shape == (1, 384)
+    assert abs(float(np.linalg.norm(emb)) - 1.0) < 1e-5
+
+
+def test_unchanged_inputs_skip_and_force_redoes(exported, session_workdir):
+    first = exported("r1-distill-tiny")
+    again = export_model(ExportConfig(model="r1-distill-tiny", workdir=session_workdir))
+    assert again.skipped and again.onnx_path == first.onnx_path
+    manifest = json.loads((first.onnx_path.parent / "manifest.json").read_text())
+    assert manifest["outputs"]["model.onnx"]["sha256"]
+    assert {"torch", "onnx", "onnxruntime", "transformers"} <= set(manifest["tools"])
+    assert manifest["inputs"]["model.safetensors"]
+
+
+def test_legacy_exporter_and_forced_external_data(tmp_path):
+    result = export_model(
+        ExportConfig(model="r1-distill-tiny", workdir=tmp_path, exporter=Exporter.LEGACY, external_data_threshold_mib=0.5)
+    )
+    assert result.external_data
+    assert (result.onnx_path.parent / "model.onnx.data").is_file()
+    assert max(result.max_abs_diff.values()) <= 1e-4
+    # the graph file alone is small: the weights live in the data file
+    assert result.onnx_path.stat().st_size < (result.onnx_path.parent / "model.onnx.data").stat().st_size
+
+
+def test_dynamo_external_data(tmp_path):
+    result = export_model(ExportConfig(model="r1-moe-tiny", workdir=tmp_path, external_data_threshold_mib=0.5))
+    assert result.external_data and (result.onnx_path.parent / "model.onnx.data").is_file()
+    assert max(result.max_abs_diff.values()) <= 1e-4
+
+
+def _tiny_llama(path):
+    """A DeepSeek-R1-Distill-Llama-architecture checkpoint (random weights), sharded with an index file."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256,
+    )
+    LlamaForCausalLM(cfg).save_pretrained(str(path), safe_serialization=True, max_shard_size="100KB")
+    return path
+
+
+def test_any_local_checkpoint_sharded_llama(tmp_path):
+    ckpt = _tiny_llama(tmp_path / "llama-ckpt")
+    assert (ckpt / "model.safetensors.index.json").is_file()
+    result = export_model(ExportConfig(model=str(ckpt), workdir=tmp_path / "wd"))
+    assert result.architecture == "LlamaForCausalLM" and result.kind is ModelKind.DECODER
+    assert max(result.max_abs_diff.values()) <= 1e-4
+
+
+def test_failed_verification_names_output_and_writes_nothing(tmp_path, r1):
+    proc = r1("--workdir", str(tmp_path), "export", "--model", "r1-distill-tiny", "--tolerance", "1e-12")
+    assert proc.returncode == 1, proc.stderr
+    assert "ONNX Runtime does not match PyTorch: output 'logits'" in proc.stderr
+    assert [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")] == [proc.stderr.strip().splitlines()[-1]]
+    onnx_root = tmp_path / "r1-distill-tiny" / "onnx"
+    assert not (onnx_root / "fp32").exists()
+    assert not [p for p in onnx_root.iterdir() if ".tmp-" in p.name]
+
+
+def test_cli_export_json(tmp_path, r1):
+    proc = r1("--workdir", str(tmp_path), "--json", "export", "--model", "minilm")
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["kind"] == "encoder" and data["skipped"] is False
+    assert data["max_abs_diff"]["embeddings"] <= 1e-4
