@@ -119,7 +119,19 @@ def test_triton_args_probes_and_model_control(built):
         assert triton["image"] == triton_image_for(DEFAULT_TENSORRT_VERSION)
     startup = _triton(built["production"])["startupProbe"]
     assert startup["failureThreshold"] * startup["periodSeconds"] >= 30 * 60
-    assert "--load-model=r1-distill-tiny" in _triton(built["research"])["args"]
+    research = _triton(built["research"])["args"]
+    assert "--load-model=llm" in research and "--load-model=generate" in research
+    assert "--model-repository=/models/r1-distill-tiny/model_repository/research" in research
+
+
+def test_model_names_match_the_repository_stage():
+    from exporter.manifests.config import REPOSITORY_MODELS
+    from exporter.repository import writer
+
+    assert REPOSITORY_MODELS["decoder"] == (writer.LLM, writer.GENERATE)
+    assert REPOSITORY_MODELS["encoder"] == (writer.ENCODER, writer.TOKENIZER, writer.EMBED)
+    assert writer.VERSION == "1"  # node_engine's default --version-dir
+    assert ManifestsConfig(model="minilm").served_models == ("encoder", "tokenizer", "embed")
 
 
 def test_production_scales_research_and_edge_do_not(built):

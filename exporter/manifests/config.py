@@ -39,6 +39,13 @@ LOCAL_STORAGE_PROFILES = frozenset({"edge"})
 # models at start-up and never change them (--model-control-mode=none).
 EXPLICIT_MODEL_CONTROL_PROFILES = frozenset({"research"})
 
+# Triton model names the repository stage writes (exporter.repository.writer: LLM, GENERATE / ENCODER, TOKENIZER,
+# EMBED), engine model first; copied here so rendering manifests does not import the repository stage.
+REPOSITORY_MODELS: dict[str, tuple[str, ...]] = {
+    "decoder": ("llm", "generate"),
+    "encoder": ("encoder", "tokenizer", "embed"),
+}
+
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 # Kubernetes resource.Quantity: a signed decimal with an optional binary-SI, decimal-SI or exponent suffix.
 QUANTITY = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?\d+)?")
@@ -73,7 +80,7 @@ class ManifestsConfig:
     image: Optional[str] = None  # full Triton image reference; default from tensorrt_version
     r1deploy_image: str = DEFAULT_R1DEPLOY_IMAGE
     storage: Storage = Storage.PVC
-    storage_uri: Optional[str] = None  # s3://bucket/prefix or gs://bucket/prefix (holds model_repository/ and build/)
+    storage_uri: Optional[str] = None  # s3://bucket/prefix or gs://bucket/prefix: an r1deploy workdir
     storage_secret: str = "r1deploy-storage-credentials"
     storage_image: Optional[str] = None
     storage_size: str = "200Gi"
@@ -116,10 +123,19 @@ class ManifestsConfig:
         return k8s_name(self.model)
 
     @property
+    def model_dir(self) -> str:
+        """The model's directory name in r1deploy's workdir (`<workdir>/<model>/…`)."""
+        return Path(self.model).name
+
+    @property
+    def engine_model(self) -> str:
+        """The Triton model that holds the engine (names from exporter.repository.writer: llm / encoder)."""
+        return REPOSITORY_MODELS[self.kind][0]
+
+    @property
     def served_models(self) -> tuple[str, ...]:
         """The Triton models of the repository stage's layout, in load order (dependencies first)."""
-        name = Path(self.model).name
-        core = ("tokenizer", name, "ensemble") if self.kind == "encoder" else (name, "generate")
+        core = REPOSITORY_MODELS[self.kind]
         return core + tuple(m for m in self.load_models if m not in core)
 
 

@@ -3,7 +3,8 @@
 A TensorRT engine only runs on the GPU compute capability and the TensorRT version it was built with. Before
 Triton starts, this compares the cached engine's `engine.json` with the node (compute capability from
 `nvidia-smi`, the TensorRT version installed in the image) and, on a mismatch, rebuilds it on this node with
-`r1deploy build-engine`, then copies it into the Triton model repository. Both live on the model-repository
+`r1deploy build-engine`, then copies it into the Triton model repository
+(`<workdir>/<model>/model_repository/<profile>/llm/1/`). Both live on the model-repository
 volume, so the next pod on the same kind of node finds the engine cached.
 
 Never run on a real cluster in this project (no GPU node here); the decision logic is unit-tested."""
@@ -111,6 +112,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--profiles", help="profiles YAML the engine is rebuilt with")
     ap.add_argument("--workdir", type=Path, required=True)
     ap.add_argument("--model-repository", type=Path, required=True)
+    ap.add_argument("--engine-model", default="llm", help="Triton model that holds the engine (llm | encoder)")
     ap.add_argument("--version-dir", default="1", help="Triton model version directory that holds model.plan")
     args = ap.parse_args(argv)
 
@@ -126,7 +128,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             cmd += ["build-engine", "--model", args.model, "--profile", args.profile, "--force"]
             print(json.dumps({"action": "rebuild", "why": why, "command": cmd}), flush=True)
             subprocess.run(cmd, check=True)
-        copied = install_plan(engine_dir, args.model_repository / args.model / args.version_dir)
+        copied = install_plan(engine_dir, args.model_repository / args.engine_model / args.version_dir)
         print(json.dumps({"action": "rebuilt" if rebuild else "cached", "why": why, "installed": copied}), flush=True)
     return 0
 

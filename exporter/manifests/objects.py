@@ -19,10 +19,15 @@ from .config import (
 from .monitoring import QUEUE_TIME_METRIC, queue_time_target_us
 
 UID = 1000  # the non-root user of NVIDIA's Triton image (triton-server); the r1deploy image uses the same
-MODELS_MOUNT = "/models"  # the claim: model_repository/ (what Triton serves) and build/ (r1deploy's workdir)
+MODELS_MOUNT = "/models"  # the claim holds r1deploy's workdir: <model>/engines/<profile>/, <model>/model_repository/<profile>/
 PROFILE_MOUNT = "/etc/r1deploy"
 HTTP, GRPC, METRICS = 8000, 8001, 8002
 PROBE_PERIOD_S = 10
+
+
+def repository_path(cfg: ManifestsConfig, profile_name: str) -> str:
+    """Where `r1deploy repository --profile P` writes by default, inside the workdir on the claim."""
+    return f"{MODELS_MOUNT}/{cfg.model_dir}/model_repository/{profile_name}"
 
 
 def selector_labels(cfg: ManifestsConfig) -> dict:
@@ -158,7 +163,7 @@ def network_policy(cfg: ManifestsConfig) -> dict:
 
 
 def _storage_init_container(cfg: ManifestsConfig) -> dict:
-    """Copies the bucket's model_repository/ and build/ onto the claim; credentials only from a Secret."""
+    """Copies the bucket (an r1deploy workdir) onto the claim; credentials only from a Secret."""
     if cfg.storage is Storage.S3:
         argv = ["aws", "s3", "sync", "--no-progress", "$(STORAGE_URI)", MODELS_MOUNT]
         home = {"name": "HOME", "value": "/tmp"}
@@ -182,17 +187,17 @@ def _storage_init_container(cfg: ManifestsConfig) -> dict:
 
 def _engine_init_container(cfg: ManifestsConfig) -> dict:
     """Rebuilds the engine on this node when the cached one was built for another GPU or TensorRT version."""
-    model = cfg.model.rstrip("/").split("/")[-1]
     return {
         "name": "engine-build",
         "image": cfg.r1deploy_image,
         "command": ["python3", "-m", "exporter.manifests.node_engine"],
         "args": [
-            f"--model={model}",
+            f"--model={cfg.model_dir}",
             "--profile=$(R1DEPLOY_PROFILE)",
             f"--profiles={PROFILE_MOUNT}/profiles.yaml",
-            f"--workdir={MODELS_MOUNT}/build",
-            f"--model-repository={MODELS_MOUNT}/model_repository",
+            f"--workdir={MODELS_MOUNT}",
+            f"--model-repository={repository_path(cfg, '$(R1DEPLOY_PROFILE)')}",
+            f"--engine-model={cfg.engine_model}",
         ],
         "env": [
             {"name": "R1DEPLOY_PROFILE", "value": "unset"},
@@ -216,8 +221,9 @@ def deployment(cfg: ManifestsConfig) -> dict:
         "name": "triton",
         "image": cfg.triton_image,
         "command": ["tritonserver"],
-        "args": ["--model-repository=/models/model_repository"],  # the overlay's patch sets the full list
-        "env": [{"name": "HOME", "value": "/home/triton-server"}],
+        "args": [f"--model-repository={repository_path(cfg, '$(R1DEPLOY_PROFILE)')}"],  # the overlay sets them all
+
+        "env": [{"name": "HOME", "value": "/home/triton-server"}, {"name": "R1DEPLOY_PROFILE", "value": "unset"}],
         "ports": [
             {"name": "http", "containerPort": HTTP, "protocol": "TCP"},
             {"name": "grpc", "containerPort": GRPC, "protocol": "TCP"},
@@ -278,7 +284,7 @@ def deployment(cfg: ManifestsConfig) -> dict:
 def triton_args(cfg: ManifestsConfig, profile: DeploymentProfile, exit_timeout_s: int) -> list[str]:
     explicit = profile.name in EXPLICIT_MODEL_CONTROL_PROFILES
     args = [
-        "--model-repository=/models/model_repository",
+        f"--model-repository={repository_path(cfg, profile.name)}",
         f"--model-control-mode={'explicit' if explicit else 'none'}",
     ]
     if explicit:
@@ -313,6 +319,7 @@ def deployment_patch(cfg: ManifestsConfig, profile: DeploymentProfile) -> dict:
         "containers": [
             {
                 "name": "triton",
+                "env": [{"name": "R1DEPLOY_PROFILE", "value": profile.name}],
                 "args": triton_args(cfg, profile, exit_timeout_s),
                 "resources": _resources(
                     str(2 * gpus), str(4 * gpus), f"{16 * gpus}Gi", f"{32 * gpus}Gi", gpus=gpus
