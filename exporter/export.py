@@ -21,7 +21,7 @@ from .graphs import (
 )
 from .sources import ModelKind, ModelSource, load_model, resolve_source
 from .typed import to_data
-from .ui import status
+from .ui import quiet_library_logs, status
 from .verify import CaseCheck, verify_onnx
 
 TOKENIZER_FILES = (
@@ -254,6 +254,7 @@ def export_model(cfg: ExportConfig, source: ModelSource | None = None) -> Export
     layout: CacheLayout | None
     with artifacts.atomic_dir(final) as tmp:
         out = tmp / "model.onnx"
+        quiet_library_logs()
         with status(f"exporting {source.name} to ONNX (opset {cfg.opset}, {cfg.exporter.value})"), torch.no_grad():
             try:
                 if source.kind is ModelKind.DECODER:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,9 +186,13 @@ def load_model(source: ModelSource):
     """The PyTorch model (eval, fp32, SDPA attention) and its tokenizer."""
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if not logging.getLogger("r1deploy").isEnabledFor(logging.DEBUG):
+        hf_logging.disable_progress_bar()
 
     kwargs: dict[str, Any] = dict(
-        torch_dtype=torch.float32,
+        dtype=torch.float32,
         attn_implementation="sdpa",
         trust_remote_code=source.trust_remote_code,
         use_safetensors=not source.allow_pickle or any(f.suffix == ".safetensors" for f in source.weight_files),

@@ -151,7 +151,7 @@ def write_tiny_checkpoint(preset: str, dest: Path) -> Path:
         config = AutoConfig.for_model(model_type, **settings)
         torch.manual_seed(SEED)
         extra = {"experts_implementation": "batched_mm"} if model_type == "deepseek_v3" else {}
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32, attn_implementation="sdpa", **extra)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa", **extra)
         # A wider spread than HF's default init (std 0.02) gives the tiny model peaked, input-dependent
         # logits, so top-1 agreement and quantization error are meaningful measures on it.
         with torch.no_grad():

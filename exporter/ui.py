@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sys
 from collections.abc import Iterator
 
@@ -17,20 +18,25 @@ log = logging.getLogger("r1deploy")
 def configure(quiet: bool = False, verbose: bool = False) -> None:
     _state.update(quiet=quiet, verbose=verbose)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(name)s: %(message)s")
-    # Third-party progress bars and warnings are noise on a CLI unless -v.
-    try:
-        import transformers
-
-        transformers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.disable_progress_bar()
-    except ImportError:
-        pass
+    # Third-party progress bars and warnings are noise on a CLI unless -v. Environment variables, read when
+    # those libraries are imported: importing transformers here would cost every command seconds.
+    if not verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     if not verbose:
         import warnings
 
         warnings.filterwarnings("ignore")
-        for name in ("torch.onnx", "onnxscript", "torch._export", "torch.export"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+        quiet_library_logs()
+
+
+def quiet_library_logs() -> None:
+    """torch configures its own loggers on import (and the ONNX exporter warns about every missing optional
+    op library): call again after importing torch. No-op with -v."""
+    if _state["verbose"]:
+        return
+    for name in ("torch", "torch.onnx", "torch.onnx._internal.exporter._registration", "onnxscript", "torch.export"):
+        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 @contextlib.contextmanager
