@@ -33,6 +33,7 @@ from .errors import BadInput, MissingDependency, StageFailed
 @dataclass
 class ServerConfig:
     model_repository: Path
+    extra_repositories: list[Path] = field(default_factory=list)  # more --model-repository (names must not clash)
     host: str = "127.0.0.1"
     http_port: int = 0  # 0: pick a free port
     grpc_port: int = 0
@@ -42,6 +43,7 @@ class ServerConfig:
     startup_timeout_s: float = 120.0
     exit_timeout_s: int = 10
     log_verbose: int = 0
+    response_cache_bytes: int = 0  # > 0: a local response cache of that size (models opt in per config)
     log_file: Optional[Path] = None
     extra_args: list[str] = field(default_factory=list)
 
@@ -109,8 +111,9 @@ class TritonServer:
     """`with TritonServer(ServerConfig(repo)) as server: server.endpoints.http` — a started, ready server."""
 
     def __init__(self, cfg: ServerConfig):
-        if not Path(cfg.model_repository).is_dir():
-            raise BadInput(f"model repository not found: {cfg.model_repository}")
+        for repo in [cfg.model_repository, *cfg.extra_repositories]:
+            if not Path(repo).is_dir():
+                raise BadInput(f"model repository not found: {repo}")
         self.cfg = cfg
         self.process: Optional[subprocess.Popen] = None
         host = cfg.host
@@ -147,7 +150,10 @@ class TritonServer:
             f"--model-control-mode={cfg.model_control_mode}",
             f"--log-verbose={cfg.log_verbose}",
         ]
+        args[2:2] = [f"--model-repository={Path(r).resolve()}" for r in cfg.extra_repositories]
         args += [f"--load-model={m}" for m in cfg.load_models]
+        if cfg.response_cache_bytes > 0:
+            args.append(f"--cache-config=local,size={cfg.response_cache_bytes}")
         if backend_dir is not None:
             args += [f"--backend-directory={backend_dir}", f"--cache-directory={backend_dir.parent / 'caches'}"]
         args += cfg.extra_args

@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from ..profiles import ServingVariant
+from ..repository import RepositoryConfig, RepositoryResult, write_repository
+from ..ui import out as console
+from .common import App, emit, pass_app, profile_option
+
+
+def _human(r: RepositoryResult) -> None:
+    console.print(
+        f"[bold]{r.model}[/bold] ({r.kind}) → Triton repository for profile {r.profile!r}, variant {r.variant.value} "
+        f"({r.device}, max_batch_size {r.max_batch_size}, ONNX {r.onnx_variant}): {r.out}"
+    )
+    for m in r.models:
+        console.print(f"  {m.name:<10} {m.role:<9} {m.runs_on:<14} max_batch_size {m.max_batch_size}")
+    console.print(f"  entry model: {r.entry_model}; engine IO from {r.io_source}")
+    for note in r.notes:
+        console.print(f"  [yellow]note:[/yellow] {note}")
+    for path in r.missing:
+        console.print(f"  [yellow]missing before serving:[/yellow] {path}")
+
+
+@click.command("repository")
+@click.option("--model", default="r1-distill-tiny", show_default=True, help="An exported model (preset name or checkpoint directory).")
+@profile_option(default="edge")
+@click.option("--out", type=click.Path(path_type=Path), help="Repository directory [default: <workdir>/<model>/model_repository/<profile>].")
+@click.option("--variant", type=click.Choice([v.value for v in ServingVariant]), help="Engine model variant [default: the profile's serving_variant].")
+@click.option("--device", type=click.Choice(["gpu", "cpu"]), help="Instance kind [default: gpu, cpu for python_ort].")
+@click.option("--engine-call", type=click.Choice(["bls", "inprocess"]),
+              help="How `generate` reaches the engine [default: inprocess for python_ort, else bls].")
+@click.option("--onnx-variant", help="ONNX variant to place (fp32, fp16, …) [default: the profile's, else fp32].")
+@pass_app
+def command(app: App, model, profile_name, out, variant, device, engine_call, onnx_variant):
+    """Write a Triton model repository (config.pbtxt + model files) for a model under a deployment profile."""
+    cfg = RepositoryConfig(
+        model=model, profile=app.profile(profile_name), workdir=app.workdir, out=out,
+        variant=ServingVariant(variant) if variant else None, device=device, engine_call=engine_call,
+        onnx_variant=onnx_variant,
+    )
+    emit(app, write_repository(cfg), _human)

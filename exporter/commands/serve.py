@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from pathlib import Path
+
+import click
+
+from ..errors import StageFailed
+from ..serve import ServerConfig, TritonServer
+from ..ui import out as console
+from .common import App, pass_app
+
+
+@click.command("serve")
+@click.option("--repository", "repositories", multiple=True, required=True, type=click.Path(path_type=Path),
+              help="Triton model repository (repeat to serve several; model names must not clash).")
+@click.option("--http-port", type=int, default=0, help="0: a free port.")
+@click.option("--grpc-port", type=int, default=0, help="0: a free port.")
+@click.option("--metrics-port", type=int, default=0, help="0: a free port.")
+@click.option("--cache-mib", type=int, default=64, show_default=True,
+              help="Response cache size (models with response_cache enabled, e.g. embed); 0 turns it off.")
+@click.option("--log-file", type=click.Path(path_type=Path), help="Server log [default: a temporary file].")
+@click.option("--log-verbose", type=int, default=0, show_default=True)
+@pass_app
+def command(app: App, repositories, http_port, grpc_port, metrics_port, cache_mib, log_file, log_verbose):
+    """Serve a model repository with a real Triton server on 127.0.0.1 until Ctrl-C or SIGTERM."""
+    cfg = ServerConfig(
+        model_repository=repositories[0], extra_repositories=list(repositories[1:]), http_port=http_port,
+        grpc_port=grpc_port, metrics_port=metrics_port, response_cache_bytes=cache_mib << 20, log_file=log_file,
+        log_verbose=log_verbose,
+    )
+    stop = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    server = TritonServer(cfg)
+    try:
+        server.start()
+        info = {"pid": server.pid, "http": server.endpoints.http, "grpc": server.endpoints.grpc,
+                "metrics": server.endpoints.metrics, "log": str(server.log_path)}
+        if app.as_json:
+            sys.stdout.write(json.dumps(info) + "\n")
+            sys.stdout.flush()
+        elif not app.quiet:
+            console.print(f"tritonserver ready (pid {server.pid}); Ctrl-C or SIGTERM stops it")
+            for key in ("http", "grpc", "metrics", "log"):
+                console.print(f"  {key:<8} {info[key]}")
+        while not stop.wait(0.5):
+            if server.process.poll() is not None:
+                raise StageFailed(f"tritonserver exited with code {server.process.returncode} (log: {server.log_path})")
+    finally:
+        server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
