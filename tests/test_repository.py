@@ -1,0 +1,213 @@
+"""The repository stage without a server: configs parse back, agree with the ONNX / engine, and the committed
+copy has not drifted."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+from exporter.errors import BadInput
+from exporter.profiles import load_profiles
+from exporter.repository import RepositoryConfig, parse, write_repository
+from exporter.repository.tensors import onnx_io
+
+PROFILES = ("production", "research", "edge")
+BINARY_SUFFIXES = (".onnx", ".data", ".plan")
+
+
+def private_workdir(src: Path, dest: Path, model: str) -> Path:
+    """Only the fp32 export and the tokenizer: no quantized variant or engine another test may have built."""
+    for sub in ("onnx/fp32", "tokenizer"):
+        shutil.copytree(src / model / sub, dest / model / sub)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def workdir(exported, session_workdir, tmp_path_factory) -> Path:
+    dest = tmp_path_factory.mktemp("repo-workdir")
+    for model in ("r1-distill-tiny", "minilm"):
+        exported(model)
+        private_workdir(session_workdir, dest, model)
+    return dest
+
+
+def committed_files(root: Path) -> dict[str, bytes]:
+    """The files of a repository that git keeps: no tokenizer copies, no binaries."""
+    out = {}
+    for f in sorted(root.rglob("*")):
+        rel = f.relative_to(root).as_posix()
+        if f.is_file() and "/1/tokenizer/" not in rel and not rel.endswith(BINARY_SUFFIXES):
+            out[rel] = f.read_bytes()
+    return out
+
+
+@pytest.mark.parametrize("model", ["r1-distill-tiny", "minilm"])
+@pytest.mark.parametrize("profile", PROFILES)
+def test_profiles_generate_parse_and_match_onnx(workdir, tmp_path, model, profile):
+    r = write_repository(RepositoryConfig(model=model, profile=profile, workdir=workdir, out=tmp_path / "repo"))
+    prof = load_profiles()[profile]
+    assert r.variant.value == prof.serving_variant.value == "tensorrt_plan"
+    assert r.missing == [f"{'llm' if model != 'minilm' else 'encoder'}/1/model.plan"]
+    io = onnx_io(workdir / model / "onnx/fp32/model.onnx", "")
+    configs = {m.name: parse(m.config_path.read_text(), str(m.config_path)) for m in r.models}
+    for name, cfg in configs.items():
+        assert cfg.name == name
+        assert cfg.version_policy.latest.num_versions == 1
+    engine = configs["llm" if model != "minilm" else "encoder"]
+    assert engine.platform == "tensorrt_plan"
+    assert engine.max_batch_size == prof.max_batch_size
+    assert [i.name for i in engine.input] == [t.name for t in io.inputs]
+    assert [o.name for o in engine.output] == [t.name for t in io.outputs]
+    for cfg_in, t in zip(engine.input, io.inputs, strict=True):
+        assert list(cfg_in.dims) == list(t.shape[1:])
+    assert list(engine.dynamic_batching.preferred_batch_size) == prof.preferred_batch_sizes
+    assert engine.dynamic_batching.max_queue_delay_microseconds == prof.max_queue_delay_us
+    assert [(g.kind, list(g.gpus), g.count) for g in engine.instance_group] == [(1, [i], 1) for i in range(prof.gpus_per_pod)]
+    assert set(engine.model_warmup[0].inputs) == {t.name for t in io.inputs}
+    if model == "minilm":
+        embed = configs["embed"]
+        assert embed.platform == "ensemble" and embed.response_cache.enable
+        assert list(embed.output[0].dims) == [384]
+        assert [s.model_name for s in embed.ensemble_scheduling.step] == ["tokenizer", "encoder"]
+        assert (r.out / "tokenizer/1/tokenizer/tokenizer.json").is_file()
+    else:
+        gen = configs["generate"]
+        assert gen.backend == "python" and gen.model_transaction_policy.decoupled and gen.max_batch_size == 0
+        assert [i.name for i in gen.input] == ["text_input", "max_tokens", "temperature", "top_p", "seed", "stop", "stream"]
+        assert [o.name for o in gen.output] == ["text_output", "token_ids", "finish_reason"]
+        assert not gen.response_cache.enable
+        assert gen.parameters["engine_call"].string_value == "bls"
+        assert (r.out / "generate/1/model.py").read_text() == (REPO / "exporter/repository/python_models/generate.py").read_text()
+
+
+def test_same_inputs_same_bytes(workdir, tmp_path):
+    a = write_repository(RepositoryConfig(model="minilm", profile="research", variant="onnxruntime_onnx", workdir=workdir, out=tmp_path / "a"))
+    b = write_repository(RepositoryConfig(model="minilm", profile="research", variant="onnxruntime_onnx", workdir=workdir, out=tmp_path / "b"))
+    fa = {f.relative_to(a.out): f.read_bytes() for f in a.out.rglob("*") if f.is_file()}
+    fb = {f.relative_to(b.out): f.read_bytes() for f in b.out.rglob("*") if f.is_file()}
+    assert fa == fb
+    enc = parse((a.out / "encoder/config.pbtxt").read_text(), "encoder")
+    assert enc.backend == "onnxruntime" and (a.out / "encoder/1/model.onnx").is_file()
+    accel = enc.optimization.execution_accelerators.gpu_execution_accelerator[0]
+    assert accel.name == "tensorrt" and accel.parameters["precision_mode"] == "FP16"
+
+
+def test_cpu_variants(workdir, tmp_path):
+    r = write_repository(RepositoryConfig(model="r1-distill-tiny", profile="edge", variant="python_ort", workdir=workdir, out=tmp_path / "r"))
+    llm = parse((r.out / "llm/config.pbtxt").read_text(), "llm")
+    assert llm.backend == "python" and [g.kind for g in llm.instance_group] == [2]  # KIND_CPU
+    assert (r.out / "llm/1/model.onnx").is_file() and (r.out / "llm/1/model.py").is_file()
+    gen = parse((r.out / "generate/config.pbtxt").read_text(), "generate")
+    assert gen.parameters["engine_call"].string_value == "inprocess"
+    assert (r.out / gen.parameters["engine_onnx"].string_value).is_file()
+    assert r.notes and "fp32" in r.notes[0]
+    ort_cpu = write_repository(RepositoryConfig(model="minilm", profile="edge", variant="onnxruntime_onnx", device="cpu", workdir=workdir, out=tmp_path / "o"))
+    enc = parse((ort_cpu.out / "encoder/config.pbtxt").read_text(), "encoder")
+    assert not enc.optimization.execution_accelerators.gpu_execution_accelerator
+    with pytest.raises(BadInput, match="only on GPUs"):
+        RepositoryConfig(profile="edge", variant="tensorrt_plan", device="cpu")
+    with pytest.raises(BadInput, match="needs bls"):
+        RepositoryConfig(profile="edge", variant="onnxruntime_onnx", engine_call="inprocess")
+
+
+def _fake_engine(workdir: Path, profile: str, max_batch: int, runtime: str) -> None:
+    from exporter.engine import EngineMetadata
+    from exporter.engine.shapes import ShapeProfile, ShapeRange
+
+    io = onnx_io(workdir / "r1-distill-tiny/onnx/fp32/model.onnx", "")
+    prof = load_profiles()[profile]
+
+    def tensors(ts):
+        return [{"name": t.name, "dtype": "float32" if t.data_type == "TYPE_FP32" else "int64", "shape": list(t.shape)} for t in ts]
+
+    shape = ShapeProfile("generation", {t.name: ShapeRange([1] * len(t.shape), [1] * len(t.shape), [max_batch] * len(t.shape)) for t in io.inputs})
+    meta = {
+        "model": "r1-distill-tiny", "model_kind": "decoder", "deployment_profile": profile, "runtime": runtime,
+        "runtime_version": "1.0.0", "gpu_product": prof.gpu.product, "compute_capabilities": [prof.gpu.compute_capability],
+        "hardware_compatible": False, "hardware_compatibility": "none", "precision": "fp32", "onnx_variant": "fp32",
+        "onnx_sha256": "0", "engine_file": "model.plan", "engine_sha256": "0", "engine_bytes": 4, "strongly_typed": True,
+        "max_batch_size": max_batch, "shape_profiles": [shape], "inputs": tensors(io.inputs), "outputs": tensors(io.outputs),
+        "optimization_level": 3, "workspace_bytes": 1, "timing_cache": {"supported": False}, "build_seconds": 0.0, "reproduce": [],
+    }
+    from exporter.typed import from_data, to_data
+
+    engine_dir = workdir / "r1-distill-tiny/engines" / profile
+    engine_dir.mkdir(parents=True, exist_ok=True)
+    (engine_dir / "engine.json").write_text(json.dumps(to_data(from_data(EngineMetadata, json.loads(json.dumps(to_data(meta)))))))
+    (engine_dir / "model.plan").write_bytes(b"plan")
+
+
+def test_engine_caps_max_batch_size(workdir, tmp_path):
+    wd = private_workdir(workdir, tmp_path / "wd", "r1-distill-tiny")
+    _fake_engine(wd, "edge", max_batch=2, runtime="tensorrt-rtx")
+    r = write_repository(RepositoryConfig(model="r1-distill-tiny", profile="edge", workdir=wd, out=tmp_path / "r"))
+    llm = parse((r.out / "llm/config.pbtxt").read_text(), "llm")
+    assert llm.max_batch_size == r.max_batch_size == 2  # the profile asks 4; the engine holds 2
+    assert list(llm.dynamic_batching.preferred_batch_size) == [1, 2]
+    assert (r.out / "llm/1/model.plan").read_bytes() == b"plan"
+    assert r.io_source == "engines/edge/engine.json" and not r.missing
+    _fake_engine(wd, "edge", max_batch=2, runtime="tensorrt")  # a full-TensorRT plan for a TensorRT-RTX profile
+    with pytest.raises(BadInput, match="tensorrt engine"):
+        write_repository(RepositoryConfig(model="r1-distill-tiny", profile="edge", workdir=wd, out=tmp_path / "r2"))
+
+
+def test_committed_repository_has_not_drifted(workdir, tmp_path):
+    """model_repository/<profile>/ is what `r1deploy repository --profile P --out model_repository/P` writes for
+    r1-distill-tiny from its fp32 export with no engine built (see docs/serving.md)."""
+    for profile in PROFILES:
+        r = write_repository(RepositoryConfig(model="r1-distill-tiny", profile=profile, workdir=workdir, out=tmp_path / profile))
+        fresh, committed = committed_files(r.out), committed_files(REPO / "model_repository" / profile)
+        assert sorted(fresh) == sorted(committed), f"{profile}: file sets differ"
+        for rel, data in fresh.items():
+            assert data == committed[rel], f"model_repository/{profile}/{rel} drifted: regenerate it"
+        for rel in fresh:
+            if rel.endswith(".pbtxt"):
+                parse(committed[rel].decode(), rel)
+
+
+def test_cli_json_and_bad_input(r1, workdir, tmp_path):
+    res = r1("--workdir", str(workdir), "--json", "repository", "--model", "minilm", "--profile", "edge",
+             "--variant", "python_ort", "--out", str(tmp_path / "r"))
+    assert res.returncode == 0, res.stderr
+    data = json.loads(res.stdout)
+    assert data["entry_model"] == "embed" and data["variant"] == "python_ort"
+    assert sorted(m["name"] for m in data["models"]) == ["embed", "encoder", "tokenizer"]
+    bad = r1("--workdir", str(tmp_path / "empty"), "repository", "--model", "r1-distill-tiny")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "not been exported" in bad.stderr
+    bad = r1("--workdir", str(workdir), "repository", "--profile", "nope")
+    assert bad.returncode == 2 and "unknown deployment profile" in bad.stderr
+
+
+# The generate model's logic, loaded from its source file (it imports no Triton module at import time).
+def _generate_module():
+    spec = importlib.util.spec_from_file_location("generate_model", REPO / "exporter/repository/python_models/generate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sampler_and_text_stream():
+    g = _generate_module()
+    logits = np.array([0.0, 3.0, 1.0, 2.9])
+    assert g.Sampler(0.0, 1.0, None)(logits) == 1
+    a = [g.Sampler(1.0, 0.9, 7)(logits) for _ in range(5)]
+    s = g.Sampler(1.0, 0.9, 7)
+    assert a[0] == s(logits)  # same seed, same first draw
+    narrow = g.Sampler(5.0, 0.01, 1)
+    assert {narrow(logits) for _ in range(20)} == {1}  # the nucleus holds only the top token
+
+    pieces = {1: "Hel", 2: "lo ST", 3: "OP after"}
+    decode = lambda ids: "".join(pieces[i] for i in ids)  # noqa: E731
+    t = g.TextStream(decode, ["STOP"])
+    assert t.push(1) == "Hel"
+    assert t.push(2) == "lo "  # "ST" may begin the stop string: held back
+    assert t.push(3) == "" and t.stopped and t.text == "Hello "
+    t = g.TextStream(lambda ids: "ab\ufffd" if len(ids) == 1 else "abc", [])
+    assert t.push(1) == "ab"  # an incomplete UTF-8 character is held back …
+    assert t.push(2) == "c" and t.finish() == ""  # … until the next token completes it
