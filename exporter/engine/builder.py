@@ -251,6 +251,9 @@ def build_engine(cfg: EngineConfig, rt: TensorRTRuntime | None = None) -> Engine
     rt = rt or load_runtime(cfg.runtime)
     plan = plan_build(cfg)
     targets = rt.target_compute_capabilities(plan.compute_capability, plan.hardware_compatible)
+    gpu_warning = None if plan.hardware_compatible else rt.check_build_gpu(plan.compute_capability)
+    if gpu_warning:
+        plan.warnings.append(gpu_warning)
     onnx_root = plan.onnx_path.parent
     inputs = artifacts.sha256_files(plan.onnx_files, root=onnx_root)
     tools = _tool_versions(rt)

@@ -132,6 +132,26 @@ class TensorRTRuntime:
             return [cc for cc in supported if float(cc) >= 8.0]
         return [compute_capability]
 
+    def check_build_gpu(self, compute_capability: str) -> str | None:
+        """Full TensorRT builds for the GPU it runs on: refuse a build machine whose GPU is not the deployment
+        profile's. Returns a warning when the local GPU cannot be queried (no CUDA-enabled torch)."""
+        if self.spec.aot_compute_capability:
+            return None
+        try:
+            import torch
+
+            if not torch.cuda.is_available():
+                return "no CUDA device visible to torch: could not check that the build GPU is the profile's"
+            local = "{}.{}".format(*torch.cuda.get_device_capability())
+        except (ImportError, RuntimeError, AssertionError):
+            return "could not query the build GPU: check it matches the deployment profile's"
+        if local != compute_capability:
+            raise BadInput(
+                f"{self.spec.display} builds for the GPU it runs on (compute capability {local}) but the deployment "
+                f"profile targets {compute_capability}: build on that GPU, or pass --hardware-compatible"
+            )
+        return None
+
     def configure_targets(self, config, compute_capabilities: list[str], hardware_compatible: bool) -> str:
         """Set the build targets on a builder config; returns the hardware-compatibility label recorded."""
         trt = self.trt
