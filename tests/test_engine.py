@@ -157,7 +157,7 @@ def test_edge_int4_engine_and_metadata(edge_build, tiny):
 def test_unchanged_rebuild_skipped_and_force_rebuilds(edge_build, tiny):
     cfg = dict(model="r1-distill-tiny", profile=get_profile("edge"), workdir=tiny)
     again = build_engine(EngineConfig(**cfg))
-    assert again.skipped and again.seconds < 2
+    assert again.skipped and again.seconds < 5
     assert again.engine_path.stat().st_mtime == edge_build.engine_path.stat().st_mtime
     forced = build_engine(EngineConfig(**cfg, force=True))
     assert not forced.skipped
