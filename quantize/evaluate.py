@@ -1,0 +1,212 @@
+"""Running exported graphs in ONNX Runtime (CPU) on real text: calibration activations and accuracy vs FP32.
+
+Text is tokenized with the model's own tokenizer (`<workdir>/<model>/tokenizer`). Decoders run with an empty KV
+cache (past length 0: the prefill path) on right-padded batches; padded positions are excluded.
+
+Metrics, all against the FP32 graph on `sentences.EVALUATION`:
+
+* decoders — `logits_cosine`: mean cosine similarity of the logit vectors per token; `top1_agreement`:
+  fraction of tokens whose arg-max token is the same; `perplexity`: exp of the mean cross-entropy of the
+  model's next-token distribution against the FP32 model's own next-token distribution (for FP32 itself this
+  is exp(entropy)). Tiny random-weight models have no meaningful text perplexity, so the FP32 model's
+  distribution is the reference: `perplexity_delta` = perplexity(quantized) − perplexity(FP32) ≥ 0, and 0
+  only when the two distributions agree (the gap is exp-scaled KL divergence).
+* encoders — `embedding_cosine`: mean cosine of the sentence embeddings; `spearman`: rank correlation between
+  the FP32 and quantized pairwise-similarity matrices (upper triangle), i.e. whether retrieval order holds.
+
+The gate reads `cosine` (logits or embedding cosine) and `top1` (decoders only).
+
+Blocked DequantizeLinear → MatMul is fused by ONNX Runtime into MatMulNBits with 8-bit activations by default;
+`session.qdq_matmulnbits_accuracy_level=0` keeps activations FP32 so the figures measure weight quantization.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from exporter.errors import BadInput, StageFailed
+
+ORT_SESSION_CONFIG = {
+    "session.qdq_matmulnbits_accuracy_level": "0",
+    # Idle ORT threads spin for a while after each run and starve the numpy quantization that follows.
+    "session.intra_op.allow_spinning": "0",
+}
+
+
+def session(model: onnx.ModelProto | Path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    for key, value in ORT_SESSION_CONFIG.items():
+        opts.add_session_config_entry(key, value)
+    src = str(model) if isinstance(model, Path) else model.SerializeToString()
+    try:
+        return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # ORT raises its own exception types for graphs it cannot load
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise StageFailed(f"ONNX Runtime cannot load the quantized graph: {first}") from exc
+
+
+@dataclass
+class TextBatch:
+    """Tokenized sentences as graph feeds (FP32 dtypes; cast per session) and which positions are real."""
+
+    feeds: dict[str, np.ndarray]
+    mask: np.ndarray  # [batch, seq] bool
+
+
+def _encode(tokenizer_dir: Path, sentences: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+    """ids and attention mask, right-padded. tokenizer.json (every fast tokenizer has one) is read with the
+    `tokenizers` library directly — the same backend transformers uses, without its seconds of import time.
+    Pad ids are never attended to nor scored, so the pad value does not matter."""
+    if (tokenizer_dir / "tokenizer.json").is_file():
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+        tok.no_truncation()
+        tok.no_padding()
+        encs = tok.encode_batch(list(sentences))
+        width = max(len(e.ids) for e in encs)
+        ids = np.zeros((len(encs), width), np.int64)
+        mask = np.zeros((len(encs), width), np.int64)
+        for i, e in enumerate(encs):
+            ids[i, : len(e.ids)] = e.ids
+            mask[i, : len(e.ids)] = 1
+        return ids, mask
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    if hf.pad_token is None:
+        hf.pad_token = hf.eos_token
+    hf.padding_side = "right"
+    enc = hf(list(sentences), padding=True, return_tensors="np")
+    return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+
+
+def tokenize(tokenizer_dir: Path, sentences: tuple[str, ...], export_report: dict) -> TextBatch:
+    if not tokenizer_dir.is_dir():
+        raise BadInput(f"no tokenizer at {tokenizer_dir}: re-run `r1deploy export --model {export_report['model']} --force`")
+    ids, mask = _encode(tokenizer_dir, sentences)
+    names = export_report["input_names"]
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    if export_report["kind"] == "decoder":
+        feeds["position_ids"] = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
+        cache = export_report["cache"]
+        for i in range(cache["num_layers"]):
+            for slot, (heads, dim) in (("key", cache["key_shape"]), ("value", cache["value_shape"])):
+                feeds[f"past_key_values.{i}.{slot}"] = np.zeros((ids.shape[0], heads, 0, dim), np.float32)
+    elif "token_type_ids" in names:
+        feeds["token_type_ids"] = np.zeros_like(ids)  # single-segment sentences
+    return TextBatch({k: v for k, v in feeds.items() if k in names}, mask.astype(bool))
+
+
+def run(sess, batch: TextBatch, outputs: list[str]) -> dict[str, np.ndarray]:
+    types = {i.name: i.type for i in sess.get_inputs()}
+    feeds = {
+        k: (v.astype(np.float16) if types.get(k) == "tensor(float16)" else v) for k, v in batch.feeds.items()
+    }
+    # FP16 graphs may return FP16: compare everything in FP32.
+    return {n: np.asarray(v, dtype=np.float32) for n, v in zip(outputs, sess.run(outputs, feeds), strict=True)}
+
+
+def capture_activations(model: onnx.ModelProto, batch: TextBatch, tensors: list[str]) -> dict[str, np.ndarray]:
+    """Values of intermediate tensors, exposed as extra graph outputs, flattened to [rows, features] over real
+    (unpadded) tokens when they carry the batch and sequence axes."""
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    for name in tensors:
+        if name not in existing:
+            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+            probe.graph.output[-1].type.tensor_type.elem_type = onnx.TensorProto.FLOAT
+    values = run(session(probe), batch, tensors)
+    rows = batch.mask.reshape(-1)
+    out = {}
+    for name, v in values.items():
+        if v.ndim == 3 and v.shape[:2] == batch.mask.shape:
+            out[name] = v.reshape(-1, v.shape[-1])[rows]
+        else:  # e.g. routed-token activations [tokens·top_k, K, 1]: no padding axis to drop
+            out[name] = v.reshape(-1, v.shape[-2] if v.shape[-1] == 1 else v.shape[-1])
+    return out
+
+
+def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a.astype(np.float64)
+    b = b.astype(np.float64)
+    denom = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
+    return (a * b).sum(-1) / np.maximum(denom, 1e-30)
+
+
+def _ranks(x: np.ndarray) -> np.ndarray:
+    r = np.empty(len(x))
+    r[np.argsort(x, kind="stable")] = np.arange(len(x))
+    return r
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Rank correlation (ties are vanishingly rare for float similarities, so ordinal ranks suffice)."""
+    return float(np.corrcoef(_ranks(a), _ranks(b))[0, 1])
+
+
+def _log_softmax(z: np.ndarray) -> np.ndarray:
+    z = z.astype(np.float64)
+    z = z - z.max(-1, keepdims=True)
+    return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+
+@dataclass
+class Reference:
+    """FP32 outputs on the evaluation text, computed once and compared with every candidate."""
+
+    kind: str
+    batch: TextBatch
+    output: str  # logits | embeddings
+    values: np.ndarray
+
+    def compare(self, candidate: np.ndarray) -> dict[str, float]:
+        if self.kind == "decoder":
+            ref = self.values[self.batch.mask]
+            got = candidate[self.batch.mask]
+            cos = _cosine_rows(ref, got)
+            lp_ref, lp_got = _log_softmax(ref), _log_softmax(got)
+            p_ref = np.exp(lp_ref)
+            ppl_ref = float(np.exp(-(p_ref * lp_ref).sum(-1).mean()))
+            ppl_got = float(np.exp(-(p_ref * lp_got).sum(-1).mean()))
+            return {
+                "cosine": float(cos.mean()),
+                "logits_cosine": float(cos.mean()),
+                "logits_cosine_min": float(cos.min()),
+                "top1": float((ref.argmax(-1) == got.argmax(-1)).mean()),
+                "top1_agreement": float((ref.argmax(-1) == got.argmax(-1)).mean()),
+                "perplexity_fp32": ppl_ref,
+                "perplexity": ppl_got,
+                "perplexity_delta": ppl_got - ppl_ref,
+                "tokens": int(ref.shape[0]),
+            }
+        cos = _cosine_rows(self.values, candidate)
+        iu = np.triu_indices(len(self.values), k=1)
+        sim_ref = (self.values @ self.values.T)[iu]
+        sim_got = (candidate @ candidate.T)[iu]
+        return {
+            "cosine": float(cos.mean()),
+            "embedding_cosine": float(cos.mean()),
+            "embedding_cosine_min": float(cos.min()),
+            "spearman": spearman(sim_ref, sim_got),
+            "sentences": int(len(self.values)),
+        }
+
+
+def reference(model: onnx.ModelProto | Path, batch: TextBatch, kind: str) -> Reference:
+    output = "logits" if kind == "decoder" else "embeddings"
+    values = run(session(model), batch, [output])[output]
+    return Reference(kind, batch, output, values)
+
+
+def measure(ref: Reference, model: onnx.ModelProto | Path, sess=None) -> dict[str, float]:
+    sess = sess or session(model)
+    return ref.compare(run(sess, ref.batch, [ref.output])[ref.output])

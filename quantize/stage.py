@@ -1,0 +1,354 @@
+"""Quantize stage: `<model>/onnx/fp32` → `<model>/onnx/fp16` or `<model>/onnx/int4-<method>-b<block>-<format>`,
+measured against FP32 on held-out text and gated by the deployment profile's accuracy floor."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from exporter import artifacts
+from exporter.errors import BadInput, StageFailed
+from exporter.profiles import AccuracyGate, DeploymentProfile, Precision, QuantSpec, get_profile
+from exporter.typed import to_data
+from exporter.ui import status
+
+from . import core, evaluate, graph
+from .config import Format, Method, QuantizeConfig, QuantizeResult, Settings, Sizes
+from .sentences import CALIBRATION, EVALUATION
+
+REPORT = "quantize_report.json"
+EXTERNAL_DATA_BYTES = 1800 << 20  # protobuf cannot serialise a model over 2 GiB in one file
+
+
+def resolve(cfg: QuantizeConfig) -> Settings:
+    profile: Optional[DeploymentProfile]
+    profile = get_profile(cfg.profile) if isinstance(cfg.profile, str) else cfg.profile
+    spec = profile.quantization if profile else QuantSpec()
+    precision = cfg.precision or (profile.precision if profile else None)
+    if precision is None:
+        raise BadInput("say what to produce: --precision fp16|int4 or --profile NAME")
+    if precision is Precision.FP32:
+        raise BadInput("fp32 is the export stage's output; quantize produces fp16 or int4")
+    flags = cfg.min_cosine is not None or cfg.min_top1 is not None
+    gate: Optional[AccuracyGate] = profile.accuracy if profile else None
+    source = f"profile {profile.name}" if profile else "none"
+    if flags:
+        base = gate or AccuracyGate(min_cosine=0.0, min_top1=0.0)
+        gate = AccuracyGate(
+            min_cosine=base.min_cosine if cfg.min_cosine is None else cfg.min_cosine,
+            min_top1=base.min_top1 if cfg.min_top1 is None else cfg.min_top1,
+        )
+        source = "flags" if not profile else f"flags over profile {profile.name}"
+    mixed = cfg.mixed_precision if cfg.mixed_precision is not None else flags
+    block = cfg.block_size or spec.block_size
+    if block not in (32, 64, 128):
+        raise BadInput(f"block size {block} is not one of 32, 64, 128")
+    return Settings(
+        precision=precision,
+        method=cfg.method or Method(spec.method),
+        block_size=block,
+        format=cfg.format or Format(spec.format),
+        symmetric=spec.symmetric if cfg.symmetric is None else cfg.symmetric,
+        quantize_embeddings=cfg.quantize_embeddings,
+        quantize_lm_head=cfg.quantize_lm_head,
+        keep_io_fp32=cfg.keep_io_fp32,
+        gate=gate,
+        gate_source=source,
+        mixed_precision=mixed and precision is Precision.INT4 and gate is not None,
+    )
+
+
+def variant_name(s: Settings) -> str:
+    return artifacts.onnx_variant(s.precision.value, s.method.value, s.block_size, s.format.value)
+
+
+def _ensure_exported(cfg: QuantizeConfig) -> artifacts.ModelLayout:
+    """The fp32 export this stage reads; exported with default settings when it is not there yet.
+
+    The build directory is named like the export stage names it (preset name, else the checkpoint folder's
+    name), so an existing export is found without importing torch/transformers (seconds per run)."""
+    from exporter.sources import PRESETS
+
+    spec = str(cfg.model)
+    name = spec if spec in PRESETS else Path(spec).expanduser().resolve().name
+    layout = artifacts.ModelLayout(cfg.workdir, name)
+    if (layout.onnx_dir("fp32") / "export_report.json").is_file() and layout.tokenizer_dir.is_dir():
+        return layout
+    from exporter.export import ExportConfig, export_model
+
+    result = export_model(
+        ExportConfig(model=cfg.model, workdir=cfg.workdir, allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code)
+    )
+    return artifacts.ModelLayout(cfg.workdir, result.model)
+
+
+def gate_failure(gate: Optional[AccuracyGate], acc: dict, kind: str, source: str) -> Optional[str]:
+    if gate is None:
+        return None
+    what = "logits" if kind == "decoder" else "embedding"
+    if acc["cosine"] < gate.min_cosine:
+        return f"{what} cosine {acc['cosine']:.4f} is below the gate {gate.min_cosine} ({source})"
+    # Top-1 agreement is a next-token notion: encoders are gated on cosine alone.
+    if kind == "decoder" and acc["top1"] < gate.min_top1:
+        return f"top-1 agreement {acc['top1']:.4f} is below the gate {gate.min_top1} ({source})"
+    return None
+
+
+def _model_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.parent.iterdir() if f.name.startswith(path.name))
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    if model.ByteSize() > EXTERNAL_DATA_BYTES:
+        onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data")
+    else:
+        onnx.save(model, str(path))
+
+
+def _check_io(base: onnx.ModelProto, model: onnx.ModelProto) -> None:
+    for what in ("input", "output"):
+        before = [v.name for v in getattr(base.graph, what)]
+        after = [v.name for v in getattr(model.graph, what)]
+        if before != after:
+            raise StageFailed(f"quantized graph changed its {what} names: {before} → {after}")
+
+
+@dataclass
+class _Int4Layer:
+    target: graph.WeightTarget
+    qw: core.QuantizedWeight
+    error: float  # relative output error of this layer alone (sensitivity proxy)
+
+
+@dataclass
+class _Int4Build:
+    model: onnx.ModelProto
+    layers: list[_Int4Layer]
+    skipped: list[dict]
+    kept: list[str]
+    evaluations: int  # full-model accuracy measurements the mixed-precision search made
+
+
+def _quantize_weights(base: onnx.ModelProto, s: Settings, export_report: dict, tokenizer_dir: Path):
+    targets = graph.find_targets(base, export_report.get("vocab_size"))
+    wanted = {"matmul", "expert"} | ({"lm_head"} if s.quantize_lm_head else set()) | (
+        {"embedding"} if s.quantize_embeddings else set()
+    )
+    chosen, skipped = [], []
+    for t in targets:
+        if t.kind not in wanted:
+            continue
+        if t.shape[t.axis] % s.block_size:
+            # Blocks must tile the reduction axis exactly: a partial block is legal ONNX but not every
+            # consumer (TensorRT) accepts it, so such weights stay FP32 and are listed.
+            skipped.append({"layer": t.layer, "shape": list(t.shape), "reason": f"reduction dim {t.shape[t.axis]} is not a multiple of {s.block_size}"})
+            continue
+        chosen.append(t)
+    if not chosen:
+        raise StageFailed(f"no weight in {export_report['model']} can be quantized with block size {s.block_size}")
+    weights = {i.name: numpy_helper.to_array(i) for i in base.graph.initializer if i.name in {t.weight for t in chosen}}
+    acts: dict[str, np.ndarray] = {}
+    if s.method is Method.AWQ or s.mixed_precision:
+        calib = evaluate.tokenize(tokenizer_dir, CALIBRATION, export_report)
+        names = sorted({t.activation for t in chosen if t.activation and t.kind in ("matmul", "lm_head")})
+        with status(f"calibrating on {len(CALIBRATION)} sentences ({len(names)} activations)"):
+            acts = evaluate.capture_activations(base, calib, names)
+    layers = []
+    with status(f"quantizing {len(chosen)} weights ({s.method.value}, block {s.block_size}, {'sym' if s.symmetric else 'asym'})"):
+        for t in chosen:
+            w = weights[t.weight]
+            x = acts.get(t.activation) if t.activation else None
+            if s.method is Method.AWQ and x is not None:
+                qw = core.quantize_awq(w, x, s.block_size, s.symmetric)
+            elif s.method is Method.AWQ:
+                qw = core.quantize_clipped(w, t.axis, s.block_size, s.symmetric)
+            else:
+                qw = core.quantize_rtn(w, t.axis, s.block_size, s.symmetric)
+            layers.append(_Int4Layer(t, qw, core.output_error(w, qw, x)))
+    return layers, skipped
+
+
+def _build_int4(base, s: Settings, export_report: dict, tokenizer_dir: Path, ref: evaluate.Reference) -> _Int4Build:
+    layers, skipped = _quantize_weights(base, s, export_report, tokenizer_dir)
+    fmt = s.format.value
+
+    def attempt(kept: set[str]) -> tuple[onnx.ModelProto, dict]:
+        q = {ly.target.weight: (ly.target, ly.qw) for ly in layers if ly.target.layer not in kept}
+        m = graph.write_int4(base, q, fmt)
+        return m, evaluate.measure(ref, m)
+
+    model = graph.write_int4(base, {ly.target.weight: (ly.target, ly.qw) for ly in layers}, fmt)
+    evaluations = 0
+    kept: list[str] = []
+    kind = export_report["kind"]
+    acc: dict = {}
+    if s.mixed_precision:
+        with status("measuring accuracy against FP32"):
+            acc = evaluate.measure(ref, model)
+        evaluations = 1
+    if s.mixed_precision and gate_failure(s.gate, acc, kind, s.gate_source):
+        # Keep the k most sensitive layers in FP32, k the smallest that meets the gate: double k until it
+        # holds, then bisect. Sensitivity = the layer's own relative output error on calibration text.
+        order = [ly.target.layer for ly in sorted(layers, key=lambda ly: ly.error, reverse=True)]
+
+        def passes(k: int) -> Optional[onnx.ModelProto]:
+            nonlocal evaluations
+            evaluations += 1
+            m, a = attempt(set(order[:k]))
+            return m if gate_failure(s.gate, a, kind, s.gate_source) is None else None
+
+        lo, k, found = 0, 1, None
+        with status(f"mixed precision: keeping sensitive layers until cosine ≥ {s.gate.min_cosine}"):
+            while found is None and k < len(order):
+                found = passes(k)
+                if found is None:
+                    lo, k = k, min(2 * k, len(order))
+            if found is None:  # everything kept: the model is FP32 again and meets any gate
+                found = graph.write_int4(base, {}, fmt)
+            hi = k
+            while hi - lo > 1:
+                mid = (lo + hi) // 2
+                candidate = passes(mid)
+                if candidate is None:
+                    lo = mid
+                else:
+                    hi, found = mid, candidate
+        model, kept = found, order[:hi]
+    return _Int4Build(model, layers, skipped, kept, evaluations)
+
+
+def _int4_bytes(model: onnx.ModelProto, layers: list[_Int4Layer], kept: set[str]) -> tuple[int, int]:
+    """Bytes the written model spends on the quantized weights (codes, scales, zero points) and, apart, on
+    AWQ's activation scales (one float per input channel; foldable into a preceding op, so not weight bits)."""
+    prefixes = tuple(ly.target.weight + "_" for ly in layers if ly.target.layer not in kept)
+    weights = awq = 0
+    for init in model.graph.initializer:
+        if init.name.startswith(prefixes):
+            n = len(init.raw_data) if init.raw_data else numpy_helper.to_array(init).nbytes
+            if init.name.endswith(graph.AWQ_SUFFIX):
+                awq += n
+            else:
+                weights += n
+    return weights, awq
+
+
+def quantize_model(cfg: QuantizeConfig) -> QuantizeResult:
+    """Write `<workdir>/<model>/onnx/<variant>/model.onnx` + quantize_report.json; skip if up to date."""
+    started = time.perf_counter()
+    s = resolve(cfg)
+    layout = _ensure_exported(cfg)
+    export_report = artifacts.read_export_report(layout)
+    kind = export_report["kind"]
+    variant = variant_name(s)
+    final = layout.onnx_dir(variant)
+    rejected = final.parent / f"{variant}.rejected.json"
+    fp32_path = layout.onnx_path("fp32")
+    fp32_files = [p for p in fp32_path.parent.iterdir() if p.name.startswith("model.onnx")]
+    inputs = artifacts.sha256_files(fp32_files, root=layout.root)
+    inputs.update(artifacts.sha256_files([p for p in layout.tokenizer_dir.iterdir() if p.is_file()], root=layout.root))
+    tools = artifacts.tool_versions("r1deploy", "numpy", "onnx", "onnxruntime", "transformers")
+    fp = artifacts.fingerprint(inputs, s.fingerprint(), tools)
+
+    if not cfg.force and artifacts.is_up_to_date(final, fp):
+        report = json.loads((final / REPORT).read_text())
+        failure = gate_failure(s.gate, report["accuracy"], kind, s.gate_source)
+        if failure:
+            raise StageFailed(f"{layout.model} {variant}: {failure}")
+        return _result(layout.model, s, final, report, skipped=True, seconds=time.perf_counter() - started)
+
+    base = onnx.load(str(fp32_path))
+    with status(f"FP32 reference on {len(EVALUATION)} held-out sentences"):
+        ref = evaluate.reference(base, evaluate.tokenize(layout.tokenizer_dir, EVALUATION, export_report), kind)
+    layers: list[_Int4Layer] = []
+    skipped: list[dict] = []
+    kept: list[str] = []
+    evaluations = 0
+    if s.precision is Precision.FP16:
+        with status("converting to FP16 (norms, softmax, exp, rotary angles stay FP32)"):
+            model = graph.to_fp16(base, s.keep_io_fp32)
+    else:
+        build = _build_int4(base, s, export_report, layout.tokenizer_dir, ref)
+        model, layers, skipped, kept, evaluations = build.model, build.layers, build.skipped, build.kept, build.evaluations
+    _check_io(base, model)
+
+    with artifacts.atomic_dir(final) as tmp:
+        out = tmp / "model.onnx"
+        _save(model, out)
+        # Measure the file the next stage will read, not the in-memory graph.
+        accuracy = evaluate.measure(ref, out)
+        quantized = [ly for ly in layers if ly.target.layer not in kept]
+        n_weights = sum(ly.target.numel for ly in quantized)
+        weight_bytes, awq_bytes = _int4_bytes(model, layers, set(kept))
+        sizes = Sizes(
+            model_bytes_fp32=sum(p.stat().st_size for p in fp32_files),
+            model_bytes=_model_bytes(out),
+            weight_bytes_fp32=4 * n_weights,
+            weight_bytes=weight_bytes,
+            quantized_weights=n_weights,
+            bits_per_weight=8 * weight_bytes / n_weights if n_weights else 0.0,
+            bits_per_weight_theoretical=core.theoretical_bits_per_weight(s.block_size, s.symmetric) if layers else 0.0,
+            kept_bytes=4 * sum(ly.target.numel for ly in layers if ly.target.layer in kept),
+            activation_scale_bytes=awq_bytes,
+        )
+        report = {
+            "model": layout.model,
+            "kind": kind,
+            "variant": variant,
+            "settings": to_data(s),
+            "sizes": to_data(sizes),
+            "accuracy": accuracy,
+            "gate": to_data(s.gate) if s.gate else None,
+            "gate_source": s.gate_source,
+            "kept_layers": kept,
+            "evaluations": evaluations,
+            "layers": [
+                {
+                    "layer": ly.target.layer, "weight": ly.target.weight, "kind": ly.target.kind,
+                    "shape": list(ly.target.shape), "axis": ly.target.axis, "kept_fp32": ly.target.layer in kept,
+                    "awq_alpha": ly.qw.alpha, "relative_output_error": ly.error,
+                }
+                for ly in layers
+            ],
+            "not_quantized": skipped,
+            "evaluation": {
+                "sentences": len(EVALUATION),
+                "calibration_sentences": len(CALIBRATION),
+                "onnxruntime_session_config": evaluate.ORT_SESSION_CONFIG,
+                "definitions": (evaluate.__doc__ or "").strip(),
+            },
+            "seconds": round(time.perf_counter() - started, 3),
+        }
+        failure = gate_failure(s.gate, accuracy, kind, s.gate_source)
+        if failure:
+            # The atomic directory is discarded: nothing appears where the engine stage reads. The report
+            # is kept beside it so the numbers that failed can be inspected.
+            artifacts.write_json(rejected, report)
+            raise StageFailed(f"{layout.model} {variant} rejected: {failure}; report: {rejected}")
+        artifacts.write_json(tmp / REPORT, report)
+        artifacts.write_manifest(tmp, stage="quantize", fp=fp, inputs=inputs, config=s.fingerprint(), tools=tools)
+    rejected.unlink(missing_ok=True)
+    return _result(layout.model, s, final, report, skipped=False, seconds=time.perf_counter() - started)
+
+
+def _result(model: str, s: Settings, final: Path, report: dict, *, skipped: bool, seconds: float) -> QuantizeResult:
+    return QuantizeResult(
+        model=model,
+        variant=report["variant"],
+        precision=s.precision,
+        onnx_path=final / "model.onnx",
+        report_path=final / REPORT,
+        skipped=skipped,
+        sizes=Sizes(**report["sizes"]),
+        accuracy=report["accuracy"],
+        gate=report["gate"] if not skipped else (to_data(s.gate) if s.gate else None),
+        kept_layers=report["kept_layers"],
+        quantized_layers=sum(1 for ly in report["layers"] if not ly["kept_fp32"]),
+        seconds=seconds,
+    )
