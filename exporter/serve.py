@@ -61,6 +61,16 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def _terminate_with_parent() -> None:
+    """In the child before exec: SIGTERM it when the process that started it dies (even by SIGKILL), so a killed
+    `r1deploy serve` or test run leaves no server behind. Linux only (prctl PR_SET_PDEATHSIG); the "parent" is
+    the starting *thread*, so start servers from a thread that outlives them (the main thread)."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 def _cache_root() -> Path:
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base) / "r1deploy"
@@ -171,7 +181,8 @@ class TritonServer:
         args, env = self.command()
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+            args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+            preexec_fn=_terminate_with_parent if sys.platform.startswith("linux") else None,
         )
         try:
             self.wait_ready()

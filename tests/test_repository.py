@@ -211,3 +211,23 @@ def test_sampler_and_text_stream():
     t = g.TextStream(lambda ids: "ab\ufffd" if len(ids) == 1 else "abc", [])
     assert t.push(1) == "ab"  # an incomplete UTF-8 character is held back …
     assert t.push(2) == "c" and t.finish() == ""  # … until the next token completes it
+
+
+@pytest.mark.rtx
+def test_real_engine_is_placed_with_its_metadata(workdir, tmp_path):
+    """A TensorRT-RTX engine built by the engine stage (no GPU needed to build): the repository takes its IO and
+    max_batch_size from engine.json and copies the plan."""
+    pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX (r1deploy[rtx]) builds the engine")
+    from exporter.engine import EngineConfig, EngineMetadata, build_engine
+
+    wd = private_workdir(workdir, tmp_path / "wd", "r1-distill-tiny")
+    edge = load_profiles()["edge"]
+    build_engine(EngineConfig(model="r1-distill-tiny", profile=edge, workdir=wd, precision="fp32"))
+    meta = EngineMetadata.load(wd / "r1-distill-tiny/engines/edge")
+    r = write_repository(RepositoryConfig(model="r1-distill-tiny", profile=edge, workdir=wd, out=tmp_path / "r"))
+    llm = parse((r.out / "llm/config.pbtxt").read_text(), "llm")
+    assert r.io_source == "engines/edge/engine.json" and not r.missing and r.onnx_variant == meta.onnx_variant
+    assert llm.max_batch_size <= meta.max_batch_size
+    assert [i.name for i in llm.input] == [t.name for t in meta.inputs]
+    assert [o.name for o in llm.output] == [t.name for t in meta.outputs]
+    assert (r.out / "llm/1/model.plan").stat().st_size == meta.engine_bytes

@@ -120,7 +120,7 @@ def engine_model(
             trt.parameters["trt_engine_cache_enable"] = "true"
     elif variant == "python_ort":
         config.backend = "python"
-        _params(config, {"onnx_file": "model.onnx", "intra_op_num_threads": "0"})
+        _params(config, {"onnx_file": "model.onnx", "intra_op_num_threads": "1"})
     else:
         raise BadInput(f"unknown serving variant {variant!r}")
     for t in io.inputs:

@@ -9,7 +9,7 @@ import numpy as np
 
 
 class GreedyLoop:
-    def __init__(self, onnx_path: Path, intra_op_num_threads: int = 0):
+    def __init__(self, onnx_path: Path, intra_op_num_threads: int = 1):
         import onnxruntime as ort
 
         options = ort.SessionOptions()

@@ -121,42 +121,48 @@ def _plan(cfg: RepositoryConfig) -> _Plan:
     kind = report.get("kind", "decoder")
     notes: list[str] = []
     missing: list[str] = []
-    wanted = cfg.onnx_variant or artifacts.profile_onnx_variant(profile)
-    onnx_variant = wanted
-    if not layout.onnx_path(wanted).is_file():
-        if cfg.onnx_variant:
-            raise BadInput(f"no {wanted} ONNX for {layout.model} at {layout.onnx_path(wanted)}")
-        onnx_variant = "fp32"
-        notes.append(
-            f"profile {profile.name!r} deploys the {wanted} ONNX, which is not built yet "
-            f"(`r1deploy quantize --model {layout.model} --profile {profile.name}`); using fp32"
-        )
-    onnx_path = layout.onnx_path(onnx_variant)
-    onnx_files = sorted(p for p in onnx_path.parent.iterdir() if p.is_file() and p.name.startswith("model.onnx"))
     engine_files: list[Path] = []
     engine_max_batch: Optional[int] = None
-    io = onnx_io(onnx_path, f"onnx/{onnx_variant}/model.onnx")
     engine_model = LLM if kind == "decoder" else ENCODER
+    meta = None
     if cfg.variant is ServingVariant.TENSORRT_PLAN:
-        engine_dir = layout.engine_dir(profile.name)
         from ..engine import ENGINE_FILE, METADATA_FILE, EngineMetadata, ensure_compatible
 
+        engine_dir = layout.engine_dir(profile.name)
         if (engine_dir / METADATA_FILE).is_file():
             meta = EngineMetadata.load(engine_dir / METADATA_FILE)
             ensure_compatible(meta, profile)
             if meta.model_kind != kind:
                 raise BadInput(f"engine at {engine_dir} is a {meta.model_kind} engine but {layout.model} is a {kind}")
-            io = engine_io(meta, f"engines/{profile.name}/{METADATA_FILE}")
-            engine_max_batch = meta.max_batch_size
             if not (engine_dir / ENGINE_FILE).is_file():
                 raise BadInput(f"{engine_dir / METADATA_FILE} exists but {ENGINE_FILE} does not; rebuild the engine")
             engine_files = [engine_dir / ENGINE_FILE]
+            engine_max_batch = meta.max_batch_size
         else:
             notes.append(
                 f"no engine for profile {profile.name!r} at {engine_dir}: config written from the ONNX; "
                 f"build it (`r1deploy build-engine --model {layout.model} --profile {profile.name}`) and rerun"
             )
             missing.append(f"{engine_model}/{VERSION}/model.plan")
+    onnx_files: list[Path] = []
+    if meta is not None:
+        # the engine is what runs: its own IO, built from its own ONNX variant
+        onnx_variant = meta.onnx_variant
+        io = engine_io(meta, f"engines/{profile.name}/engine.json")
+    else:
+        wanted = cfg.onnx_variant or artifacts.profile_onnx_variant(profile)
+        onnx_variant = wanted
+        if not layout.onnx_path(wanted).is_file():
+            if cfg.onnx_variant:
+                raise BadInput(f"no {wanted} ONNX for {layout.model} at {layout.onnx_path(wanted)}")
+            onnx_variant = "fp32"
+            notes.insert(0,
+                f"profile {profile.name!r} deploys the {wanted} ONNX, which is not built yet "
+                f"(`r1deploy quantize --model {layout.model} --profile {profile.name}`); using fp32"
+            )
+        onnx_path = layout.onnx_path(onnx_variant)
+        onnx_files = sorted(p for p in onnx_path.parent.iterdir() if p.is_file() and p.name.startswith("model.onnx"))
+        io = onnx_io(onnx_path, f"onnx/{onnx_variant}/model.onnx")
     names_in = [t.name for t in io.inputs]
     names_out = [t.name for t in io.outputs]
     if names_in != report["input_names"] or names_out != report["output_names"]:
@@ -266,7 +272,7 @@ def _decoder_models(w: _Writer, cfg: RepositoryConfig, plan: _Plan) -> None:
         "onnx_variant": plan.onnx_variant,
     }
     if cfg.engine_call == "inprocess":
-        params.update({"engine_onnx": f"{LLM}/{VERSION}/model.onnx", "intra_op_num_threads": "0"})
+        params.update({"engine_onnx": f"{LLM}/{VERSION}/model.onnx", "intra_op_num_threads": "1"})
     placed = w.config(configs.generate_model(GENERATE, params), "entry")
     w.file(placed, "model.py", text=python_model_source("generate"))
     w.tokenizer(placed, plan.layout.tokenizer_dir)

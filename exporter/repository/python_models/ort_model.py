@@ -24,7 +24,7 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         version_dir = Path(args["model_repository"]) / args["model_version"]
         options = ort.SessionOptions()
-        options.intra_op_num_threads = int(_param(config, "intra_op_num_threads", "0"))
+        options.intra_op_num_threads = int(_param(config, "intra_op_num_threads", "1"))
         self.session = ort.InferenceSession(
             str(version_dir / _param(config, "onnx_file", "model.onnx")), options, providers=["CPUExecutionProvider"]
         )

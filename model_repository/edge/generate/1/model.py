@@ -80,9 +80,10 @@ class TextStream:
         self.text = ""  # the final text so far (stop string removed)
         self.emitted = 0
         self.stopped = False
+        self.longest_stop = max((len(s) for s in self.stop), default=0)
 
     def _held(self, text: str) -> int:
-        for k in range(min(len(text), max((len(s) for s in self.stop), default=1) - 1), 0, -1):
+        for k in range(min(len(text), self.longest_stop - 1), 0, -1):
             if any(s.startswith(text[-k:]) for s in self.stop):
                 return k
         return 0
@@ -201,7 +202,7 @@ class TritonPythonModel:
             import onnxruntime as ort
 
             options = ort.SessionOptions()
-            options.intra_op_num_threads = int(_param(config, "intra_op_num_threads", "0"))
+            options.intra_op_num_threads = int(_param(config, "intra_op_num_threads", "1"))
             onnx_path = model_dir.parent / _param(config, "engine_onnx")
             session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
             run = lambda feeds, outputs: session.run(outputs, feeds)  # noqa: E731
