@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import onnx
@@ -105,11 +106,12 @@ def tokenize(tokenizer_dir: Path, sentences: tuple[str, ...], export_report: dic
     return TextBatch({k: v for k, v in feeds.items() if k in names}, mask.astype(bool))
 
 
-def run(sess, batch: TextBatch, outputs: list[str]) -> dict[str, np.ndarray]:
+def run(sess, batch: TextBatch, outputs: list[str], extra: Optional[dict[str, np.ndarray]] = None) -> dict[str, np.ndarray]:
     types = {i.name: i.type for i in sess.get_inputs()}
     feeds = {
         k: (v.astype(np.float16) if types.get(k) == "tensor(float16)" else v) for k, v in batch.feeds.items()
     }
+    feeds.update(extra or {})
     # FP16 graphs may return FP16: compare everything in FP32.
     return {n: np.asarray(v, dtype=np.float32) for n, v in zip(outputs, sess.run(outputs, feeds), strict=True)}
 
@@ -207,6 +209,6 @@ def reference(model: onnx.ModelProto | Path, batch: TextBatch, kind: str) -> Ref
     return Reference(kind, batch, output, values)
 
 
-def measure(ref: Reference, model: onnx.ModelProto | Path, sess=None) -> dict[str, float]:
+def measure(ref: Reference, model: onnx.ModelProto | Path, sess=None, extra: Optional[dict] = None) -> dict[str, float]:
     sess = sess or session(model)
-    return ref.compare(run(sess, ref.batch, [ref.output])[ref.output])
+    return ref.compare(run(sess, ref.batch, [ref.output], extra)[ref.output])

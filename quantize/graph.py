@@ -218,6 +218,36 @@ def write_int4(
     return model
 
 
+def write_probe(
+    base: onnx.ModelProto, quantized: dict[str, tuple[WeightTarget, QuantizedWeight]]
+) -> tuple[onnx.ModelProto, dict[str, str]]:
+    """One graph in which every quantized weight can be switched on or off at run time, for the mixed-precision
+    search: `W_used = W + g · (Ŵ − W)` with `g` a scalar graph input (0 → FP32, 1 → INT4 as written, AWQ scale
+    folded into Ŵ). One session then measures any subset of quantized layers without rebuilding the model.
+    Returns the graph and weight name → gate input name."""
+    model = onnx.ModelProto()
+    model.CopyFrom(base)
+    g = model.graph
+    gates: dict[str, str] = {}
+    head: list[onnx.NodeProto] = []
+    for init in g.initializer:
+        if init.name not in quantized:
+            continue
+        name = init.name
+        _, qw = quantized[name]
+        w = numpy_helper.to_array(init)
+        init.name = f"{name}_fp32"
+        g.initializer.append(numpy_helper.from_array((qw.dequantize() - w).astype(np.float32), f"{name}_delta"))
+        gates[name] = f"{name}_gate"
+        g.input.append(helper.make_tensor_value_info(gates[name], TensorProto.FLOAT, []))
+        head.append(helper.make_node("Mul", [f"{name}_delta", gates[name]], [f"{name}_scaled_delta"]))
+        head.append(helper.make_node("Add", [f"{name}_fp32", f"{name}_scaled_delta"], [name]))
+    nodes = head + list(g.node)
+    del g.node[:]
+    g.node.extend(nodes)
+    return model, gates
+
+
 def to_fp16(model: onnx.ModelProto, keep_io_fp32: bool) -> onnx.ModelProto:
     """Whole-graph FP16 with the numerically fragile parts left in FP32.
 

@@ -124,7 +124,8 @@ def _check_io(base: onnx.ModelProto, model: onnx.ModelProto) -> None:
 class _Int4Layer:
     target: graph.WeightTarget
     qw: core.QuantizedWeight
-    error: float  # relative output error of this layer alone (sensitivity proxy)
+    error: float  # relative output error of this layer alone on calibration activations
+    sensitivity: Optional[float] = None  # mixed precision: output cosine drop with only this layer quantized
 
 
 @dataclass
@@ -175,53 +176,61 @@ def _quantize_weights(base: onnx.ModelProto, s: Settings, export_report: dict, t
     return layers, skipped
 
 
+SENSITIVITY_SENTENCES = 16  # calibration sentences used to rank layers (not the evaluation set the gate reads)
+
+
 def _build_int4(base, s: Settings, export_report: dict, tokenizer_dir: Path, ref: evaluate.Reference) -> _Int4Build:
     layers, skipped = _quantize_weights(base, s, export_report, tokenizer_dir)
-    fmt = s.format.value
-
-    def attempt(kept: set[str]) -> tuple[onnx.ModelProto, dict]:
-        q = {ly.target.weight: (ly.target, ly.qw) for ly in layers if ly.target.layer not in kept}
-        m = graph.write_int4(base, q, fmt)
-        return m, evaluate.measure(ref, m)
-
-    model = graph.write_int4(base, {ly.target.weight: (ly.target, ly.qw) for ly in layers}, fmt)
-    evaluations = 0
+    quantized = {ly.target.weight: (ly.target, ly.qw) for ly in layers}
     kept: list[str] = []
-    kind = export_report["kind"]
-    acc: dict = {}
+    evaluations = 0
     if s.mixed_precision:
-        with status("measuring accuracy against FP32"):
-            acc = evaluate.measure(ref, model)
-        evaluations = 1
-    if s.mixed_precision and gate_failure(s.gate, acc, kind, s.gate_source):
-        # Keep the k most sensitive layers in FP32, k the smallest that meets the gate: double k until it
-        # holds, then bisect. Sensitivity = the layer's own relative output error on calibration text.
-        order = [ly.target.layer for ly in sorted(layers, key=lambda ly: ly.error, reverse=True)]
+        kept, evaluations = _keep_sensitive(base, layers, quantized, s, export_report, tokenizer_dir, ref)
+    final = {w: tq for w, tq in quantized.items() if tq[0].layer not in kept}
+    return _Int4Build(graph.write_int4(base, final, s.format.value), layers, skipped, kept, evaluations)
 
-        def passes(k: int) -> Optional[onnx.ModelProto]:
-            nonlocal evaluations
-            evaluations += 1
-            m, a = attempt(set(order[:k]))
-            return m if gate_failure(s.gate, a, kind, s.gate_source) is None else None
 
-        lo, k, found = 0, 1, None
-        with status(f"mixed precision: keeping sensitive layers until cosine ≥ {s.gate.min_cosine}"):
-            while found is None and k < len(order):
-                found = passes(k)
-                if found is None:
-                    lo, k = k, min(2 * k, len(order))
-            if found is None:  # everything kept: the model is FP32 again and meets any gate
-                found = graph.write_int4(base, {}, fmt)
-            hi = k
-            while hi - lo > 1:
-                mid = (lo + hi) // 2
-                candidate = passes(mid)
-                if candidate is None:
-                    lo = mid
-                else:
-                    hi, found = mid, candidate
-        model, kept = found, order[:hi]
-    return _Int4Build(model, layers, skipped, kept, evaluations)
+def _keep_sensitive(base, layers: list[_Int4Layer], quantized: dict, s: Settings, export_report: dict,
+                    tokenizer_dir: Path, ref: evaluate.Reference) -> tuple[list[str], int]:
+    """The fewest layers to keep FP32 so that the gate holds.
+
+    Sensitivity is measured, not guessed: with every other layer FP32, quantize one layer and record the drop of
+    output cosine on calibration text. Layers are kept most-sensitive first; the count doubles until the gate
+    holds on the evaluation text, then bisects. All of it runs in one ONNX Runtime session of a probe graph
+    whose per-layer switches are graph inputs (`graph.write_probe`)."""
+    kind = export_report["kind"]
+    probe, gates = graph.write_probe(base, quantized)
+    sess = evaluate.session(probe)
+
+    def switches(on: set[str]) -> dict[str, np.ndarray]:
+        return {gates[ly.target.weight]: np.array(float(ly.target.layer in on), np.float32) for ly in layers}
+
+    names = [ly.target.layer for ly in layers]
+    evaluations = 1
+    if gate_failure(s.gate, evaluate.measure(ref, probe, sess, switches(set(names))), kind, s.gate_source) is None:
+        return [], evaluations
+    with status(f"mixed precision: measuring the sensitivity of {len(names)} layers"):
+        calib = evaluate.tokenize(tokenizer_dir, CALIBRATION[:SENSITIVITY_SENTENCES], export_report)
+        calib_ref = evaluate.Reference(kind, calib, ref.output, evaluate.run(sess, calib, [ref.output], switches(set()))[ref.output])
+        drop = {n: 1.0 - evaluate.measure(calib_ref, probe, sess, switches({n}))["cosine"] for n in names}
+    order = sorted(names, key=lambda n: drop[n], reverse=True)
+
+    def passes(k: int) -> bool:
+        nonlocal evaluations
+        evaluations += 1
+        acc = evaluate.measure(ref, probe, sess, switches(set(order[k:])))
+        return gate_failure(s.gate, acc, kind, s.gate_source) is None
+
+    lo, hi = 0, 1
+    with status(f"mixed precision: keeping the most sensitive layers until the gate ({s.gate_source}) holds"):
+        while hi < len(order) and not passes(hi):
+            lo, hi = hi, min(2 * hi, len(order))
+        while hi - lo > 1:  # all kept (hi == len) is FP32 again and meets any gate
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if passes(mid) else (mid, hi)
+    for ly in layers:
+        ly.sensitivity = drop[ly.target.layer]
+    return order[:hi], evaluations
 
 
 def _int4_bytes(model: onnx.ModelProto, layers: list[_Int4Layer], kept: set[str]) -> tuple[int, int]:
@@ -312,7 +321,7 @@ def quantize_model(cfg: QuantizeConfig) -> QuantizeResult:
                 {
                     "layer": ly.target.layer, "weight": ly.target.weight, "kind": ly.target.kind,
                     "shape": list(ly.target.shape), "axis": ly.target.axis, "kept_fp32": ly.target.layer in kept,
-                    "awq_alpha": ly.qw.alpha, "relative_output_error": ly.error,
+                    "awq_alpha": ly.qw.alpha, "relative_output_error": ly.error, "cosine_drop_alone": ly.sensitivity,
                 }
                 for ly in layers
             ],

@@ -49,7 +49,7 @@ def _human(r: QuantizeResult) -> None:
     if r.gate:
         table.add_row("gate (min cosine / min top-1)", f"{r.gate['min_cosine']} / {r.gate['min_top1']}: passed")
     if r.kept_layers:
-        table.add_row(f"kept FP32 ({len(r.kept_layers)} layers, +{_mb(s.kept_bytes)})", "\n".join(r.kept_layers))
+        table.add_row(f"kept FP32 ({len(r.kept_layers)} layers, {_mb(s.kept_bytes)})", "\n".join(r.kept_layers))
     console.print(table)
     console.print(f"  report: {r.report_path}")
 
