@@ -63,36 +63,51 @@ def default_tolerance(name: str) -> float:
     return 1e-4
 
 
-def verify_onnx(
-    onnx_path,
+@dataclass
+class Reference:
+    case: ShapeCase
+    feeds: dict[str, np.ndarray]
+    outputs: list[np.ndarray]
+
+
+def torch_references(
     torch_module: torch.nn.Module,
     kind: ModelKind,
     input_names: list[str],
-    output_names: list[str],
     vocab: int,
     layout: CacheLayout | None,
-    tolerances: dict[str, float] | None = None,
     cases: tuple[ShapeCase, ...] | None = None,
+) -> list[Reference]:
+    """PyTorch outputs for each case — computed first, so the PyTorch model can be freed before ONNX Runtime
+    loads its own copy of the weights."""
+    cases = cases or (DECODER_CASES if kind is ModelKind.DECODER else ENCODER_CASES)
+    refs = []
+    for i, case in enumerate(cases):
+        feeds = make_inputs(kind, case, vocab, layout, input_names, seed=100 + i)
+        with torch.no_grad():
+            out = torch_module(*[feeds[n] for n in input_names])
+        refs.append(Reference(case, {k: v.numpy() for k, v in feeds.items()}, [t.numpy() for t in out]))
+    return refs
+
+
+def compare_onnx(
+    onnx_path, refs: list[Reference], output_names: list[str], tolerances: dict[str, float] | None = None
 ) -> list[CaseCheck]:
-    """Run ONNX Runtime and PyTorch on each case; raise `StageFailed` naming the first output out of tolerance."""
+    """Run ONNX Runtime on each reference case; raise `StageFailed` naming the first output out of tolerance."""
     import onnxruntime as ort
 
     tolerances = tolerances or {}
-    cases = cases or (DECODER_CASES if kind is ModelKind.DECODER else ENCODER_CASES)
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
     results: list[CaseCheck] = []
     failures: list[str] = []
-    for i, case in enumerate(cases):
-        feeds = make_inputs(kind, case, vocab, layout, input_names, seed=100 + i)
-        with torch.no_grad():
-            ref = torch_module(*[feeds[n] for n in input_names])
-        ref = [t.numpy() for t in ref]
-        got = session.run(output_names, {k: v.numpy() for k, v in feeds.items()})
-        mask = feeds["attention_mask"].numpy()
-        check = CaseCheck(case.name, {k: list(v.shape) for k, v in feeds.items() if not k.startswith("past_key_values")})
-        for name, r, g in zip(output_names, ref, got, strict=True):
+    for ref in refs:
+        case = ref.case
+        got = session.run(output_names, ref.feeds)
+        mask = ref.feeds["attention_mask"]
+        check = CaseCheck(case.name, {k: list(v.shape) for k, v in ref.feeds.items() if not k.startswith("past_key_values")})
+        for name, r, g in zip(output_names, ref.outputs, got, strict=True):
             if r.shape != g.shape:
                 failures.append(f"output {name!r} on {case.name}: shape {list(g.shape)} != PyTorch {list(r.shape)}")
                 continue

@@ -133,3 +133,23 @@ def test_cli_export_json(tmp_path, r1):
     data = json.loads(proc.stdout)
     assert data["kind"] == "encoder" and data["skipped"] is False
     assert data["max_abs_diff"]["embeddings"] <= 1e-4
+
+
+def test_streaming_inline_of_external_data_is_lossless(exported, tmp_path):
+    from onnx import numpy_helper
+
+    from exporter.onnx_files import inline_external_data
+
+    src = exported("r1-moe-tiny").onnx_path
+    onnx.save(onnx.load(str(src)), str(tmp_path / "model.onnx"), save_as_external_data=True,
+              location="weights.bin", size_threshold=0)
+    inline_external_data(tmp_path / "model.onnx")
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]
+    a, b = onnx.load(str(src)), onnx.load(str(tmp_path / "model.onnx"))
+    onnx.checker.check_model(b)
+    assert [t.name for t in a.graph.initializer] == [t.name for t in b.graph.initializer]
+    for ta, tb in zip(a.graph.initializer, b.graph.initializer, strict=True):
+        assert np.array_equal(numpy_helper.to_array(ta), numpy_helper.to_array(tb))
+    a.graph.ClearField("initializer")
+    b.graph.ClearField("initializer")
+    assert a.SerializeToString() == b.SerializeToString()

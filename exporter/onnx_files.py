@@ -1,0 +1,133 @@
+"""ONNX files on disk without holding a second copy of the weights in memory.
+
+The exporters build the graph while the PyTorch weights are in memory; serialising a ModelProto with the weights
+inside costs one or two more copies (the proto and its bytes). r1deploy always exports with external data
+(weights streamed from the tensors to `model.onnx.data`) and, when the model is below the external-data
+threshold, folds the weights back into a single file here — writing the protobuf wire format tensor by tensor,
+so the peak memory is the graph plus one read buffer.
+
+Wire format used (protobuf: a message is its fields concatenated; a nested message is tag + length + bytes;
+repeated fields may appear anywhere and keep their order):
+ModelProto.graph = field 7, GraphProto.initializer = field 5, TensorProto.raw_data = field 9.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+_MODEL_GRAPH_TAG = bytes([(7 << 3) | 2])
+_GRAPH_INITIALIZER_TAG = bytes([(5 << 3) | 2])
+_TENSOR_RAW_DATA_TAG = bytes([(9 << 3) | 2])
+_CHUNK = 1 << 24
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+def inline_external_data(path: Path) -> None:
+    """Rewrite `path` (graph + external data files beside it) as one self-contained ONNX file."""
+    path = Path(path)
+    model = onnx.load(str(path), load_external_data=False)
+    pieces: list[tuple[bytes, Path | None, int, int]] = []  # (tensor header, data file, offset, length)
+    for tensor in model.graph.initializer:
+        if not uses_external_data(tensor):
+            pieces.append((tensor.SerializeToString(), None, 0, 0))
+            continue
+        info = ExternalDataInfo(tensor)
+        data_file = path.parent / info.location
+        offset = int(info.offset or 0)
+        length = int(info.length) if info.length is not None else data_file.stat().st_size - offset
+        header = onnx.TensorProto()
+        header.CopyFrom(tensor)
+        del header.external_data[:]
+        header.data_location = onnx.TensorProto.DEFAULT
+        header.ClearField("data_location")
+        pieces.append((header.SerializeToString(), data_file, offset, length))
+    for node_graph in _subgraphs(model.graph):
+        if any(uses_external_data(t) for t in node_graph.initializer):
+            raise ValueError("external data inside a subgraph is not supported by the streaming writer")
+    data_files = {p[1] for p in pieces if p[1] is not None}
+    del model.graph.initializer[:]
+    graph_rest = model.graph.SerializeToString()
+    model.ClearField("graph")
+    model_rest = model.SerializeToString()
+
+    def tensor_size(header: bytes, length: int, external: bool) -> int:
+        return len(header) + (len(_TENSOR_RAW_DATA_TAG) + len(_varint(length)) + length if external and length else 0)
+
+    sizes = [tensor_size(h, n, f is not None) for h, f, _, n in pieces]
+    graph_len = len(graph_rest) + sum(len(_GRAPH_INITIALIZER_TAG) + len(_varint(s)) + s for s in sizes)
+    tmp = path.with_name(path.name + ".inline-tmp")
+    with open(tmp, "wb") as out:
+        out.write(model_rest + _MODEL_GRAPH_TAG + _varint(graph_len) + graph_rest)
+        for (header, data_file, offset, length), size in zip(pieces, sizes, strict=True):
+            out.write(_GRAPH_INITIALIZER_TAG + _varint(size) + header)
+            if data_file is None or not length:
+                continue
+            out.write(_TENSOR_RAW_DATA_TAG + _varint(length))
+            with open(data_file, "rb") as src:
+                src.seek(offset)
+                left = length
+                while left:
+                    block = src.read(min(_CHUNK, left))
+                    if not block:
+                        raise ValueError(f"{data_file} is shorter than its tensors say")
+                    out.write(block)
+                    left -= len(block)
+    tmp.replace(path)
+    for f in data_files:
+        f.unlink()
+
+
+def _subgraphs(graph):
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield attr.g
+                yield from _subgraphs(attr.g)
+            for g in attr.graphs:
+                yield g
+                yield from _subgraphs(g)
+
+
+def consolidate_external_data(out: Path) -> None:
+    """Leave every weight in one `model.onnx.data` beside the graph. The dynamo exporter already writes
+    external data (named after the model): only the file is renamed and the graph's references updated, so a
+    large model is never loaded whole. The legacy exporter writes external data only above 2 GiB: below that
+    the (then small) model is rewritten."""
+    data_files = [p for p in out.parent.iterdir() if p != out and p.name.startswith("model")]
+    target = out.parent / "model.onnx.data"
+    if len(data_files) == 1:
+        graph = onnx.load(str(out), load_external_data=False)
+        for tensor in _all_initializers(graph):
+            if uses_external_data(tensor):
+                info = ExternalDataInfo(tensor)
+                del tensor.external_data[:]
+                for key, value in (("location", target.name), ("offset", info.offset), ("length", info.length)):
+                    if value is not None:
+                        tensor.external_data.add(key=key, value=str(value))
+        if data_files[0] != target:
+            data_files[0].rename(target)
+        onnx.save(graph, str(out))
+        return
+    model = onnx.load(str(out), load_external_data=True)
+    onnx.save(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
+              location=target.name, size_threshold=1024)
+
+
+def _all_initializers(model):
+    yield from model.graph.initializer
+    for graph in _subgraphs(model.graph):
+        yield from graph.initializer
