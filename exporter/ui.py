@@ -9,8 +9,9 @@ import sys
 from collections.abc import Iterator
 
 from rich.console import Console
+from rich.markup import escape
 
-console = Console(stderr=True)
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 _state = {"quiet": False, "verbose": False}
 log = logging.getLogger("r1deploy")
 
@@ -44,14 +45,14 @@ def status(message: str) -> Iterator[None]:
     if _state["quiet"]:
         yield
         return
-    with console.status(message, spinner="dots"):
+    with console.status(escape(message), spinner="dots"):
         yield
-    console.print(f"[green]✓[/green] {message}", highlight=False)
+    console.print(f"[green]✓[/green] {escape(message)}", highlight=False)
 
 
 def info(message: str) -> None:
     if not _state["quiet"]:
-        console.print(message, highlight=False)
+        console.print(escape(message), highlight=False)
 
 # Results (human summaries) go to stdout; progress and errors to stderr.
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)

@@ -1,0 +1,250 @@
+"""The main job: every stage, in order, on one model — what `make pipeline` runs.
+
+export → quantize (each precision the deployment profiles ask for) → engine (TensorRT-RTX for the RTX profile
+here; full TensorRT where installed) → Triton repository per profile (+ a CPU variant to serve here) →
+Kubernetes manifests → serve the CPU repository, send one request, bench briefly → one summary table.
+
+Stages that cannot run on this machine (full TensorRT, GPUs) are reported as skipped with the reason, never as
+done. A stage failure stops the pipeline with that stage's error (exit 1), after the summary so far.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from . import artifacts
+from .errors import MissingDependency, R1DeployError, StageFailed
+from .profiles import DeploymentProfile, Precision, Runtime, ServingVariant
+from .ui import status
+
+
+@dataclass
+class PipelineConfig:
+    model: str = "r1-distill-tiny"
+    workdir: Path = Path("build")
+    profiles: dict[str, DeploymentProfile] = field(default_factory=dict)
+    serve: bool = True  # serve the CPU variant on a real Triton and send one request
+    bench: bool = True  # then a short `r1deploy bench` run against it
+    bench_seconds: float = 1.0
+    force: bool = False
+    allow_pickle: bool = False
+    trust_remote_code: bool = False
+
+
+@dataclass
+class StageSummary:
+    stage: str
+    status: str  # ok | skipped | failed
+    detail: str
+    path: Optional[Path] = None
+    seconds: float = 0.0
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PipelineResult:
+    model: str
+    workdir: Path
+    stages: list[StageSummary] = field(default_factory=list)
+    failed: Optional[str] = None
+
+
+# The accuracy figures shown in the summary (the full set is in quantize_report.json).
+_HEADLINE_ACCURACY = ("logits_cosine", "top1_agreement", "perplexity_delta", "cosine", "spearman")
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+class _Run:
+    def __init__(self, result: PipelineResult):
+        self.result = result
+
+    def stage(self, name: str, fn: Callable[[], StageSummary]) -> Optional[StageSummary]:
+        started = time.perf_counter()
+        try:
+            summary = fn()
+        except MissingDependency as exc:
+            summary = StageSummary(name, "skipped", exc.message)
+        except R1DeployError as exc:
+            self.result.stages.append(StageSummary(name, "failed", exc.message, seconds=time.perf_counter() - started))
+            self.result.failed = f"{name}: {exc.message}"
+            raise
+        summary.seconds = time.perf_counter() - started
+        self.result.stages.append(summary)
+        return summary
+
+
+def run_pipeline(cfg: PipelineConfig, on_stage: Callable[[StageSummary], None] | None = None) -> PipelineResult:
+    from .export import ExportConfig, export_model
+
+    result = PipelineResult(cfg.model, cfg.workdir)
+    run = _Run(result)
+    profiles = cfg.profiles
+
+    def notify():
+        if on_stage and result.stages:
+            on_stage(result.stages[-1])
+
+    exp = export_model(ExportConfig(model=cfg.model, workdir=cfg.workdir, force=cfg.force,
+                                    allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code))
+    diff = max(exp.max_abs_diff.values()) if exp.max_abs_diff else float("nan")
+    result.stages.append(StageSummary(
+        "export", "ok", f"{exp.architecture} fp32 ONNX, {_mb(exp.onnx_bytes)}, max abs diff vs PyTorch {diff:.1e}"
+        + (" (up to date)" if exp.skipped else ""), exp.onnx_path, exp.seconds, {"max_abs_diff": diff, "bytes": exp.onnx_bytes},
+    ))
+    notify()
+    model_name = exp.model
+
+    # Quantize once per distinct variant the profiles deploy.
+    from quantize import QuantizeConfig, quantize_model
+
+    done: set[str] = set()
+    for profile in profiles.values():
+        if profile.precision is Precision.FP32:
+            continue
+        variant = artifacts.profile_onnx_variant(profile)
+        if variant in done:
+            continue
+        done.add(variant)
+
+        def quantize_one(profile=profile, variant=variant):
+            q = quantize_model(QuantizeConfig(model=cfg.model, workdir=cfg.workdir, profile=profile, force=cfg.force))
+            acc = ", ".join(f"{k} {q.accuracy[k]:.4f}" for k in _HEADLINE_ACCURACY if isinstance(q.accuracy.get(k), float))
+            kept = f", kept {len(q.kept_layers)} layer(s) unquantized" if q.kept_layers else ""
+            return StageSummary(
+                f"quantize {q.variant}", "ok",
+                f"{_mb(q.sizes.model_bytes_fp32)} → {_mb(q.sizes.model_bytes)}; {acc}{kept} (gate of {profile.name})"
+                + (" (up to date)" if q.skipped else ""),
+                q.onnx_path, figures={"accuracy": q.accuracy, "bytes": q.sizes.model_bytes},
+            )
+
+        run.stage(f"quantize {variant}", quantize_one)
+        notify()
+
+    # Engines: every profile; a runtime that is not installed is a skip with its reason.
+    from .engine import EngineConfig, build_engine
+
+    for profile in profiles.values():
+        def build(profile=profile):
+            e = build_engine(EngineConfig(model=cfg.model, profile=profile, workdir=cfg.workdir, force=cfg.force))
+            return StageSummary(
+                f"engine {profile.name}", "ok",
+                f"{e.runtime.value} {e.runtime_version} {e.precision} for {'/'.join(e.compute_capabilities)}, "
+                f"{_mb(e.engine_bytes)}, built in {e.build_seconds:.1f} s" + (" (up to date)" if e.skipped else ""),
+                e.engine_path, figures={"bytes": e.engine_bytes},
+            )
+
+        run.stage(f"engine {profile.name}", build)
+        notify()
+
+    # Triton repositories: one per profile (as deployed), plus the CPU variant this machine can serve.
+    from .repository import RepositoryConfig, write_repository
+
+    for profile in profiles.values():
+        def repo(profile=profile):
+            r = write_repository(RepositoryConfig(model=cfg.model, profile=profile, workdir=cfg.workdir))
+            missing = f"; to place: {', '.join(r.missing)}" if r.missing else ""
+            return StageSummary(
+                f"repository {profile.name}", "ok",
+                f"{r.variant.value}, {len(r.models)} models, max_batch_size {r.max_batch_size}, {r.onnx_variant}{missing}",
+                r.out,
+            )
+
+        run.stage(f"repository {profile.name}", repo)
+        notify()
+    cpu_profile = next((p for p in profiles.values() if p.runtime is Runtime.TENSORRT_RTX), next(iter(profiles.values())))
+    cpu_out = artifacts.ModelLayout(cfg.workdir, model_name).root / "model_repository" / "cpu"
+    cpu_repo = None
+
+    def repo_cpu():
+        nonlocal cpu_repo
+        cpu_repo = write_repository(RepositoryConfig(model=cfg.model, profile=cpu_profile, workdir=cfg.workdir,
+                                                     variant=ServingVariant.PYTHON_ORT, out=cpu_out))
+        return StageSummary("repository cpu", "ok", f"python_ort variant of {cpu_profile.name} ({cpu_repo.onnx_variant}) for the CPU Triton", cpu_repo.out)
+
+    run.stage("repository cpu", repo_cpu)
+    notify()
+
+    from .manifests import ManifestsConfig, render_manifests
+
+    def manifests():
+        out = artifacts.ModelLayout(cfg.workdir, model_name).root / "k8s"
+        m = render_manifests(ManifestsConfig(model=cfg.model, out=out, profiles=profiles))
+        from .manifests.checks import check_tree
+
+        report = check_tree(out)
+        if report.violations:
+            raise StageFailed(f"manifest check failed: {report.violations[0]}")
+        skipped = f" ({'; '.join(report.skipped)})" if report.skipped else ""
+        return StageSummary(
+            "manifests", "ok",
+            f"{len(m.overlays)} overlays ({', '.join(m.overlays)}), {report.objects_checked} objects; kustomize, "
+            f"kubernetes-validate ({report.kubernetes_validated}), CRD schemas ({report.crd_validated}) and policy checks passed{skipped}",
+            out,
+        )
+
+    run.stage("manifests", manifests)
+    notify()
+
+    if cfg.serve and cpu_repo is not None:
+        run.stage("serve + bench", lambda: _serve_and_bench(cfg, cpu_repo, cpu_profile))
+        notify()
+    return result
+
+
+def _serve_and_bench(cfg: PipelineConfig, repo, profile: DeploymentProfile) -> StageSummary:
+    from .serve import ServerConfig, TritonServer
+
+    server = TritonServer(ServerConfig(model_repository=repo.out))
+    with status("starting Triton on 127.0.0.1"):
+        server.start()
+    try:
+        pass_ = _one_request(server.endpoints.http, repo)
+        figures: dict[str, Any] = {"request": pass_}
+        detail = f"Triton {server.endpoints.http}: {pass_}"
+        if cfg.bench:
+            from .bench import BenchConfig, run_bench
+
+            with status(f"benchmarking {repo.entry_model} (concurrency 1, 2; {cfg.bench_seconds:g} s windows)"):
+                b = run_bench(BenchConfig(
+                    url=server.endpoints.grpc, model=repo.entry_model, concurrency=[1, 2], window_s=cfg.bench_seconds,
+                    warmup_s=0.5, stability_pct=50.0, max_trials=4, input_tokens=16, output_tokens=16,
+                    out_dir=Path(cfg.workdir) / repo.model / "bench",
+                ))
+            best = max(b.levels, key=lambda lv: lv.throughput_rps) if b.levels else None
+            if best is not None:
+                figures["bench"] = {
+                    "concurrency": best.concurrency, "throughput_rps": best.throughput_rps,
+                    "p99_ms": best.latency_ms.p99,
+                    **({"tokens_per_s": best.llm.output_tokens_per_s, "ttft_p50_ms": best.llm.ttft_ms.p50} if best.llm else {}),
+                }
+                tok = f", {best.llm.output_tokens_per_s:.0f} tok/s, TTFT p50 {best.llm.ttft_ms.p50:.1f} ms" if best.llm else ""
+                detail += f"; bench c={best.concurrency}: {best.throughput_rps:.1f} req/s, p99 {best.latency_ms.p99:.1f} ms{tok}"
+    finally:
+        server.stop()
+    return StageSummary("serve + bench", "ok", detail, Path(cfg.workdir) / repo.model / "bench", figures=figures)
+
+
+def _one_request(http: str, repo) -> str:
+    if repo.entry_model == "generate":
+        body = {"text_input": "DeepSeek-R1 is", "max_tokens": 8, "temperature": 0.0, "stream": False}
+        req = urllib.request.Request(f"http://{http}/v2/models/generate/generate", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            reply = json.loads(r.read())
+        return f"generate → {reply.get('text_output', '')!r} ({reply.get('finish_reason', '')})"
+    body = {"inputs": [{"name": "text", "shape": [1, 1], "datatype": "BYTES", "data": ["Deploying models to GPUs."]}]}
+    req = urllib.request.Request(f"http://{http}/v2/models/{repo.entry_model}/infer", data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        reply = json.loads(r.read())
+    dim = len(reply["outputs"][0]["data"])
+    return f"{repo.entry_model} → {dim}-dim embedding"
