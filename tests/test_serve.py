@@ -278,3 +278,18 @@ def test_serve_command_stops_on_sigterm(repos, tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_generate_through_bls(exported, session_workdir, tmp_path, tokenizer, greedy):
+    """engine_call bls — the only path on GPUs, where the engine model is a TensorRT / ORT backend model: every
+    prefill and decode step is a request to `llm` (the python_ort variant here)."""
+    repo = write_repository(RepositoryConfig(
+        model="r1-distill-tiny", profile="edge", variant="python_ort", engine_call="bls", workdir=session_workdir,
+        out=tmp_path / "bls", onnx_variant="fp32",
+    ))
+    expected = greedy(tokenizer.encode(PROMPT).ids, 12, {1})
+    with TritonServer(ServerConfig(model_repository=repo.out)) as srv:
+        chunks, error = grpc_stream(srv, grpc_inputs(PROMPT, max_tokens=12, stream=True))
+        status, body = http_generate(srv, {"text_input": PROMPT, "max_tokens": 12})
+    assert error is None and [t for c in chunks for t in c["tokens"]] == expected
+    assert status == 200 and json.loads(body)["token_ids"] == expected
