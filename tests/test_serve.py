@@ -179,6 +179,22 @@ def test_embed_matches_onnxruntime(server, repos):
         assert cosine > 0.9999 and np.abs(row - ref).max() < 1e-3, (cosine, np.abs(row - ref).max())
 
 
+def test_embed_response_cache_hit(server):
+    import tritonclient.http as httpclient
+
+    client = httpclient.InferenceServerClient(server.endpoints.http)
+    try:
+        text = httpclient.InferInput("text", [1, 1], "BYTES")
+        text.set_data_from_numpy(np.array([[b"the same sentence, twice"]], dtype=np.object_))
+        first = client.infer("embed", [text]).as_numpy("embeddings")
+        second = client.infer("embed", [text]).as_numpy("embeddings")
+        stats = client.get_inference_statistics("embed")["model_stats"][0]["inference_stats"]
+    finally:
+        client.close()
+    np.testing.assert_array_equal(first, second)
+    assert int(stats["cache_hit"]["count"]) >= 1
+
+
 def test_generate_greedy_matches_inprocess_loop(server, tokenizer, greedy):
     ids = tokenizer.encode(PROMPT).ids
     expected = greedy(ids, 24, {1})
@@ -239,6 +255,7 @@ def test_bad_requests_are_answered_and_server_keeps_serving(server):
         ({"text_input": PROMPT, "max_tokens": 0}, "max_tokens"),
         ({"text_input": PROMPT, "max_tokens": 513}, "max_tokens"),
         ({"text_input": PROMPT, "top_p": 0}, "top_p"),
+        ({"text_input": " ".join(str(i) for i in range(2000)), "max_tokens": 4}, "at most 2048"),
     ]:
         status, text = http_generate(server, body)
         assert status == 400 and fragment in json.loads(text)["error"], (body, status, text)
