@@ -116,6 +116,7 @@ class QuantizeResult:
     sizes: Sizes
     accuracy: dict[str, float]
     gate: Optional[dict]
-    kept_layers: list[str] = field(default_factory=list)
+    kept_layers: list[str] = field(default_factory=list)  # mixed precision: left FP32 to meet the gate
+    not_quantized: list[str] = field(default_factory=list)  # reduction axis not a multiple of the block size
     quantized_layers: int = 0
     seconds: float = 0.0

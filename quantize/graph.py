@@ -98,7 +98,8 @@ def find_targets(model: onnx.ModelProto, vocab_size: Optional[int] = None) -> li
         shape = tuple(int(d) for d in init.dims)
         layer = _module_path(node) or node.name
         if node.op_type == "MatMul" and slot == 1 and len(shape) == 2:
-            is_head = layer.endswith("lm_head") or (vocab_size is not None and shape[1] == vocab_size and "lm_head" in layer)
+            # The output projection: named lm_head by transformers, or any MatMul onto the vocabulary.
+            is_head = layer.endswith("lm_head") or shape[1] == vocab_size
             found.append(WeightTarget(name, layer, "lm_head" if is_head else "matmul", node.name, 0, shape, node.input[0]))
         elif node.op_type in ("Gather", "GatherND") and slot == 0 and len(shape) == 3:
             axis_attr = {a.name: helper.get_attribute_value(a) for a in node.attribute}

@@ -358,6 +358,7 @@ def _result(model: str, s: Settings, final: Path, report: dict, *, skipped: bool
         accuracy=report["accuracy"],
         gate=report["gate"] if not skipped else (to_data(s.gate) if s.gate else None),
         kept_layers=report["kept_layers"],
+        not_quantized=[entry["layer"] for entry in report["not_quantized"]],
         quantized_layers=sum(1 for ly in report["layers"] if not ly["kept_fp32"]),
         seconds=seconds,
     )

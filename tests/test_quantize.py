@@ -162,6 +162,16 @@ def test_gate_passes_above_and_fails_below_via_cli(r1, exported, session_workdir
     assert variant.is_dir() and not (variant.parent / "int4-rtn-b64-qdq.rejected.json").exists()
 
 
+def test_decoder_mixed_precision_meets_profile_top1(exported, session_workdir):
+    """Edge profile (top-1 ≥ 0.80) on the random-weight MoE model: INT4 alone misses it; keeping the measured most
+    sensitive layers FP32 meets it. Block 128 also leaves the K=32/64 projections FP32, and says so."""
+    exported("r1-moe-tiny")
+    r = quantize_model(QuantizeConfig(model="r1-moe-tiny", workdir=session_workdir, profile="edge", min_cosine=0.95))
+    assert r.accuracy["cosine"] >= 0.95 and r.accuracy["top1"] >= 0.80
+    assert r.kept_layers and r.quantized_layers > 0 and r.sizes.kept_bytes > 0
+    assert "model.layers.1.self_attn.kv_b_proj" in r.not_quantized  # K = kv_lora_rank = 32 < 128
+
+
 def test_bad_input_is_one_line_exit_2(r1, session_workdir):
     res = r1("--workdir", str(session_workdir), "quantize", "--model", "r1-distill-tiny")
     assert res.returncode == 2 and res.stderr.strip() == "error: say what to produce: --precision fp16|int4 or --profile NAME"

@@ -48,6 +48,8 @@ def _human(r: QuantizeResult) -> None:
             table.add_row(label, f"{r.accuracy[key]:.5f}")
     if r.gate:
         table.add_row("gate (min cosine / min top-1)", f"{r.gate['min_cosine']} / {r.gate['min_top1']}: passed")
+    if r.not_quantized:
+        table.add_row(f"left FP32: reduction dim not a multiple of the block ({len(r.not_quantized)})", "\n".join(r.not_quantized))
     if r.kept_layers:
         table.add_row(f"kept FP32 ({len(r.kept_layers)} layers, {_mb(s.kept_bytes)})", "\n".join(r.kept_layers))
     console.print(table)
