@@ -56,7 +56,10 @@ class PipelineResult:
 
 
 # The accuracy figures shown in the summary (the full set is in quantize_report.json).
-_HEADLINE_ACCURACY = ("logits_cosine", "top1_agreement", "perplexity_delta", "cosine", "spearman")
+_HEADLINE_ACCURACY = {
+    "decoder": ("logits_cosine", "top1_agreement", "perplexity_delta"),
+    "encoder": ("cosine", "spearman"),
+}
 
 
 def _mb(n: int) -> str:
@@ -117,7 +120,8 @@ def run_pipeline(cfg: PipelineConfig, on_stage: Callable[[StageSummary], None] |
 
         def quantize_one(profile=profile, variant=variant):
             q = quantize_model(QuantizeConfig(model=cfg.model, workdir=cfg.workdir, profile=profile, force=cfg.force))
-            acc = ", ".join(f"{k} {q.accuracy[k]:.4f}" for k in _HEADLINE_ACCURACY if isinstance(q.accuracy.get(k), float))
+            keys = _HEADLINE_ACCURACY[exp.kind.value]
+            acc = ", ".join(f"{k} {q.accuracy[k]:.4f}" for k in keys if isinstance(q.accuracy.get(k), float))
             kept = f", kept {len(q.kept_layers)} layer(s) unquantized" if q.kept_layers else ""
             return StageSummary(
                 f"quantize {q.variant}", "ok",

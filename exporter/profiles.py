@@ -56,6 +56,9 @@ class QuantSpec:
     block_size: int = 128
     format: str = "qdq"  # qdq (standard ONNX, TensorRT) | ort (com.microsoft.MatMulNBits)
     symmetric: bool = True
+    # When plain INT4 misses the accuracy gate, keep the most sensitive layers unquantized until it holds
+    # (instead of failing the stage); the report names the layers kept and what they cost.
+    mixed_precision: bool = False
 
 
 @dataclass(frozen=True)

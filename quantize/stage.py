@@ -46,7 +46,7 @@ def resolve(cfg: QuantizeConfig) -> Settings:
             min_top1=base.min_top1 if cfg.min_top1 is None else cfg.min_top1,
         )
         source = "flags" if not profile else f"flags over profile {profile.name}"
-    mixed = cfg.mixed_precision if cfg.mixed_precision is not None else flags
+    mixed = cfg.mixed_precision if cfg.mixed_precision is not None else (flags or spec.mixed_precision)
     block = cfg.block_size or spec.block_size
     if block not in (32, 64, 128):
         raise BadInput(f"block size {block} is not one of 32, 64, 128")
