@@ -9,10 +9,10 @@ import traceback
 from pathlib import Path
 
 import click
-import yaml
 
 from .commands.common import App
 from .errors import BadInput, R1DeployError
+from .typed import read_yaml_mapping
 
 # command name → module in exporter.commands (imported lazily: `r1deploy --help` stays fast)
 COMMANDS = {
@@ -50,16 +50,7 @@ class LazyGroup(click.Group):
 
 
 def _load_config(path: Path, group: click.Group, ctx: click.Context) -> dict:
-    if not path.is_file():
-        raise BadInput(f"config file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise BadInput(f"invalid YAML in {path}{at}") from None
-    if not isinstance(data, dict):
-        raise BadInput(f"{path}: expected a mapping (global options and one section per command)")
+    data = read_yaml_mapping(path, "config file", "a mapping (global options and one section per command)")
     commands = set(group.list_commands(ctx))
     for key, value in data.items():
         if key in GLOBAL_KEYS:

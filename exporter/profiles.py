@@ -14,7 +14,7 @@ from typing import Optional
 import yaml
 
 from .errors import BadInput
-from .typed import from_data
+from .typed import from_data, read_yaml_mapping
 
 
 class Precision(str, enum.Enum):
@@ -137,20 +137,6 @@ def _deep_merge(base: dict, override: dict) -> dict:
     return out
 
 
-def _read_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise BadInput(f"profiles file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise BadInput(f"invalid YAML in {path}{at}") from None
-    if not isinstance(data, dict):
-        raise BadInput(f"{path}: expected a mapping of profile name → settings")
-    return data
-
-
 def builtin_profile_data() -> dict:
     text = resources.files("exporter").joinpath("data/profiles.yaml").read_text()
     return yaml.safe_load(text)
@@ -159,7 +145,7 @@ def builtin_profile_data() -> dict:
 def load_profiles(extra: Optional[Path] = None, overrides: Optional[dict] = None) -> dict[str, DeploymentProfile]:
     """The built-in profiles, merged with a user YAML file and/or a mapping (from pipeline.yaml `profiles:`)."""
     raw = builtin_profile_data()
-    for layer in ([_read_yaml(extra)] if extra else []) + ([overrides] if overrides else []):
+    for layer in ([read_yaml_mapping(extra, "profiles file", "a mapping of profile name → settings")] if extra else []) + ([overrides] if overrides else []):
         for name, settings in layer.items():
             if not isinstance(settings, dict):
                 raise BadInput(f"profile {name!r}: expected a mapping of settings")

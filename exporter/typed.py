@@ -15,6 +15,23 @@ from .errors import BadInput
 T = TypeVar("T")
 
 
+def read_yaml_mapping(path: Path, what: str, expected: str) -> dict:
+    """A YAML file that must hold a mapping; a missing file or bad YAML is one `BadInput` line with the position."""
+    import yaml
+
+    if not path.is_file():
+        raise BadInput(f"{what} not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise BadInput(f"invalid YAML in {path}{at}") from None
+    if not isinstance(data, dict):
+        raise BadInput(f"{path}: expected {expected}")
+    return data
+
+
 def to_data(obj: Any) -> Any:
     """Dataclasses, enums, paths and tuples → JSON-ready data (dict order is field order)."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
