@@ -12,8 +12,9 @@ onnxruntime_onnx, python_ort), or, for the python_ort variant, by running the sa
 
 Inputs: text_input; optional max_tokens, temperature (0 = greedy, the default), top_p, seed, stop (strings),
 stream. Outputs: text_output (the new piece when streaming, else the whole completion), token_ids,
-finish_reason ("length" | "stop" | "eos"; empty on non-final chunks). With stream=true every token is one
-response and a last response with empty text and the finish_reason carries the FINAL flag.
+finish_reason ("length" | "stop" | "eos"; empty on non-final chunks). With stream=true the tokens go out as they
+are decoded — the first alone, later ones grouped when decoding outpaces sending (see `_Pump`) — and a last
+response with empty text and the finish_reason carries the FINAL flag.
 
 Written by `r1deploy repository`; the source is exporter/repository/python_models/generate.py. Nothing below
 needs Triton to be imported, so the sampling and text logic is tested directly.
@@ -164,26 +165,44 @@ def generate(decoder: Decoder, prompt_ids: list[int], settings: Settings, text: 
 
 
 class _Pump:
-    """Sends a stream's chunks from a second thread: `send()` waits for the server to take each response, and
-    that wait would otherwise stall the next decode step."""
+    """Sends a stream's chunks from a second thread, so a decode step never waits for `send()` (a round trip to
+    the server, ~0.3 ms here). Tokens decoded while a send is under way leave together in the next response:
+    the first token always goes alone (time to first token is unchanged), and when decoding outpaces sending,
+    responses carry several tokens instead of queueing up one per token."""
 
-    def __init__(self, sender):
-        self.sender, self.queue, self.error = sender, queue.SimpleQueue(), None
+    def __init__(self, sender, make_response):
+        self.sender, self.make_response = sender, make_response
+        self.queue, self.error = queue.SimpleQueue(), None
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self):
-        while (response := self.queue.get()) is not None:
+        done = False
+        while not done:
+            item = self.queue.get()
+            if item is None:
+                return
+            pieces, tokens = [item[0]], [item[1]]
+            while True:
+                try:
+                    item = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    done = True
+                    break
+                pieces.append(item[0])
+                tokens.append(item[1])
             if self.error is None:
                 try:
-                    self.sender.send(response)
+                    self.sender.send(self.make_response("".join(pieces), tokens, ""))
                 except Exception as exc:  # noqa: BLE001 — reported by close()
                     self.error = exc
 
-    def put(self, response) -> None:
+    def put(self, piece: str, token: int) -> None:
         if self.error is not None:
             raise self.error
-        self.queue.put(response)
+        self.queue.put((piece, token))
 
     def close(self) -> None:
         """Wait until every chunk is sent, so the FINAL response goes last."""
@@ -321,7 +340,7 @@ class TritonPythonModel:
             stopping = lambda: self.shutdown.is_set() or cancelled()  # noqa: E731
             tokens: list[int] = []
             steps = generate(self.decoder, prompt_ids, settings, text, self.eos, self.max_sequence_len, stopping)
-            chunks = _Pump(sender) if settings.stream else None
+            chunks = _Pump(sender, self._response) if settings.stream else None
             try:
                 while True:
                     try:
@@ -331,7 +350,7 @@ class TritonPythonModel:
                         break
                     tokens.append(token)
                     if chunks is not None:
-                        chunks.put(self._response(piece, [token], ""))
+                        chunks.put(piece, token)
             finally:
                 if chunks is not None:
                     chunks.close()
