@@ -155,11 +155,11 @@ def run_pipeline(cfg: PipelineConfig, on_stage: Callable[[StageSummary], None] |
     for profile in profiles.values():
         def repo(profile=profile):
             r = write_repository(RepositoryConfig(model=cfg.model, profile=profile, workdir=cfg.workdir))
-            missing = f"; to place: {', '.join(r.missing)}" if r.missing else ""
+            notes = "".join(f"; note: {n}" for n in r.notes)
             return StageSummary(
                 f"repository {profile.name}", "ok",
-                f"{r.variant.value}, {len(r.models)} models, max_batch_size {r.max_batch_size}, {r.onnx_variant}{missing}",
-                r.out,
+                f"{r.variant.value}, {len(r.models)} models, max_batch_size {r.max_batch_size}, {r.onnx_variant}{notes}",
+                r.out, figures={"missing": r.missing},
             )
 
         run.stage(f"repository {profile.name}", repo)

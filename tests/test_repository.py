@@ -231,3 +231,5 @@ def test_real_engine_is_placed_with_its_metadata(workdir, tmp_path):
     assert [i.name for i in llm.input] == [t.name for t in meta.inputs]
     assert [o.name for o in llm.output] == [t.name for t in meta.outputs]
     assert (r.out / "llm/1/model.plan").stat().st_size == meta.engine_bytes
+    # Triton's stock TensorRT backend cannot load a TensorRT-RTX plan: the result must say so
+    assert any("TensorRT-RTX engine" in n for n in r.notes)

@@ -11,7 +11,7 @@ from typing import Optional, Union
 
 from .. import artifacts
 from ..errors import BadInput
-from ..profiles import DeploymentProfile, ServingVariant, get_profile
+from ..profiles import DeploymentProfile, Runtime, ServingVariant, get_profile
 from . import configs
 from .configs import Batching, Placement
 from .tensors import TRITON_TO_NUMPY, ModelIO, engine_io, onnx_io
@@ -138,6 +138,13 @@ def _plan(cfg: RepositoryConfig) -> _Plan:
                 raise BadInput(f"{engine_dir / METADATA_FILE} exists but {ENGINE_FILE} does not; rebuild the engine")
             engine_files = [engine_dir / ENGINE_FILE]
             engine_max_batch = meta.max_batch_size
+            if meta.runtime is Runtime.TENSORRT_RTX:
+                # Unverified here (no GPU): said so that nobody ships this repository expecting it to load.
+                notes.append(
+                    "model.plan is a TensorRT-RTX engine: Triton's stock TensorRT backend links full TensorRT and "
+                    "cannot deserialize it — serve it with a Triton whose TensorRT backend is built against "
+                    "TensorRT-RTX, or give this profile `runtime: tensorrt` (full TensorRT also targets RTX GPUs) and rebuild"
+                )
         else:
             notes.append(
                 f"no engine for profile {profile.name!r} at {engine_dir}: config written from the ONNX; "
