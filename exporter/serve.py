@@ -55,10 +55,18 @@ class Endpoints:
     metrics: str
 
 
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct free ports. The sockets stay open until all are chosen: ports picked one at a time can
+    repeat (the OS may hand the just-closed port out again), and Triton refuses HTTP and metrics on one port."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
+        for sock in socks:
+            sock.bind((host, 0))
+        return [sock.getsockname()[1] for sock in socks]
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(1, host)[0]
 
 
 def _terminate_with_parent() -> None:
@@ -127,10 +135,11 @@ class TritonServer:
         self.cfg = cfg
         self.process: Optional[subprocess.Popen] = None
         host = cfg.host
+        spare = iter(free_ports(3, host))
         self.ports = {
-            "http": cfg.http_port or free_port(host),
-            "grpc": cfg.grpc_port or free_port(host),
-            "metrics": cfg.metrics_port or free_port(host),
+            "http": cfg.http_port or next(spare),
+            "grpc": cfg.grpc_port or next(spare),
+            "metrics": cfg.metrics_port or next(spare),
         }
         self.endpoints = Endpoints(
             http=f"{host}:{self.ports['http']}", grpc=f"{host}:{self.ports['grpc']}", metrics=f"{host}:{self.ports['metrics']}"
