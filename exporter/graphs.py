@@ -125,8 +125,3 @@ def make_inputs(kind: ModelKind, case: ShapeCase, vocab: int, layout: CacheLayou
     feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": positions_from_mask(mask, case.seq)}
     feeds.update(dict(zip(layout.names("past_key_values"), past, strict=True)))
     return feeds
-
-
-def valid_token_mask(kind: ModelKind, feeds: dict, case: ShapeCase) -> torch.Tensor:
-    """[batch, total] bool: positions whose outputs are defined (fully masked query rows are undefined)."""
-    return feeds["attention_mask"].bool()
