@@ -32,6 +32,17 @@ from typing import Any
 from .errors import BadInput
 
 MANIFEST = "manifest.json"
+# What the export stage copies from a checkpoint into <model>/tokenizer/, and the repository stage next to its
+# python models.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "vocab.txt",
+    "generation_config.json",
+    "config.json",
+    "chat_template.jinja",
+)
 
 
 @dataclass(frozen=True)
@@ -59,6 +70,11 @@ class ModelLayout:
     @property
     def timing_cache_dir(self) -> Path:
         return self.root / "timing-cache"
+
+
+def onnx_bytes(onnx_path: Path) -> int:
+    """Size on disk of an ONNX model: the graph file and its external data files (model.onnx, model.onnx.data)."""
+    return sum(f.stat().st_size for f in onnx_path.parent.iterdir() if f.is_file() and f.name.startswith(onnx_path.name))
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

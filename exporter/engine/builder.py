@@ -21,6 +21,7 @@ from pathlib import Path
 from .. import artifacts
 from ..errors import BadInput, MissingDependency, StageFailed
 from ..profiles import DeploymentProfile, Precision, Runtime
+from ..sources import model_dir_name
 from ..typed import to_data
 from ..ui import status
 from .metadata import ENGINE_FILE, METADATA_FILE, EngineMetadata, TensorInfo, TimingCacheInfo
@@ -129,12 +130,6 @@ class EngineResult:
     timing_cache: TimingCacheInfo
     command: list[str]
     warnings: list[str] = field(default_factory=list)
-
-
-def model_dir_name(spec: str) -> str:
-    """The build-directory name of a model: the preset name, or a checkpoint directory's own name."""
-    path = Path(spec).expanduser()
-    return path.resolve().name if path.is_dir() else str(spec)
 
 
 def _max_position_embeddings(layout: artifacts.ModelLayout) -> int | None:

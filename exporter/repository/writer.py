@@ -12,6 +12,7 @@ from typing import Optional, Union
 from .. import artifacts
 from ..errors import BadInput
 from ..profiles import DeploymentProfile, Runtime, ServingVariant, get_profile
+from ..sources import model_dir_name
 from . import configs
 from .configs import Batching, Placement
 from .tensors import TRITON_TO_NUMPY, ModelIO, engine_io, onnx_io
@@ -20,8 +21,6 @@ from .tensors import TRITON_TO_NUMPY, ModelIO, engine_io, onnx_io
 GENERATE, LLM = "generate", "llm"
 EMBED, TOKENIZER, ENCODER = "embed", "tokenizer", "encoder"
 VERSION = "1"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
-                   "generation_config.json", "config.json", "chat_template.jinja")
 ENGINE_CALLS = ("bls", "inprocess")
 
 
@@ -83,11 +82,6 @@ class RepositoryResult:
     models: list[PlacedModel]
     missing: list[str] = field(default_factory=list)  # binaries to place before the repository can be served
     notes: list[str] = field(default_factory=list)
-
-
-def model_dir_name(spec: str) -> str:
-    path = Path(spec).expanduser()
-    return path.resolve().name if path.is_dir() else str(spec)
 
 
 def default_out(workdir: Path, model: str, profile: str) -> Path:
@@ -229,7 +223,7 @@ class _Writer:
         placed.files.append(f"{placed.name}/{VERSION}/{name}")
 
     def tokenizer(self, placed: PlacedModel, tokenizer_dir: Path) -> None:
-        for name in TOKENIZER_FILES:
+        for name in artifacts.TOKENIZER_FILES:
             if (tokenizer_dir / name).is_file():
                 self.file(placed, f"tokenizer/{name}", tokenizer_dir / name)
 
