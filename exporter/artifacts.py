@@ -167,6 +167,11 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     try:
         yield tmp
+        # mkdtemp makes the directory private (0700); a finished stage gets the mode any new directory gets
+        # (umask), so e.g. a Triton container running as another user can read a model repository
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)
         old = None
         if final.exists():
             old = final.parent / f".{final.name}.old-{os.getpid()}"

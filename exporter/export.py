@@ -20,7 +20,7 @@ from .graphs import (
     encoder_input_names,
     make_inputs,
 )
-from .onnx_files import consolidate_external_data, inline_external_data
+from .onnx_files import attach_external_weights, consolidate_external_data, inline_external_data
 from .sources import ModelKind, ModelSource, load_model, resolve_source
 from .typed import to_data
 from .ui import quiet_library_logs, status
@@ -145,7 +145,52 @@ def _torch_export(graph: _Graph, out: Path, cfg: ExportConfig) -> None:
         torch.onnx.export(graph.wrapper, graph.args, str(out), dynamo=True, dynamic_shapes=graph.dynamic_shapes,
                           external_data=True, optimize=True, verbose=False, **common)
     else:
-        torch.onnx.export(graph.wrapper, graph.args, str(out), dynamo=False, dynamic_axes=graph.dynamic_axes, **common)
+        _legacy_export(graph, out, common)
+
+
+def _legacy_export(graph: _Graph, out: Path, common: dict) -> None:
+    """The TorchScript exporter, without the copies of the weights it makes on a model below 2 GiB (2.3 GiB peak
+    on a 125M model; ~1.0 GiB here). Two of its C++ passes take the weights by input name as their argument:
+    - `_jit_pass_onnx_graph_shape_type_inference` converts every weight it is given to a constant for shape
+      inference (+0.5 GiB); it is given only the small ones (≤ 1 MiB) — shapes never depend on the values of
+      large weight matrices, and the graph is verified against PyTorch after export;
+    - `Graph._export_onnx` serialises one ModelProto holding every weight, then its bytes, then their Python copy;
+      it is given none, so the weights stay graph inputs of a small proto, and are then written as external
+      data tensor by tensor (onnx_files.attach_external_weights).
+    torch is pinned (the Makefile's constraints) and this exporter is frozen upstream; tests/test_export.py runs
+    it and checks the result against PyTorch."""
+    import torch
+
+    weights: dict = {}
+    shape_inference = torch._C._jit_pass_onnx_graph_shape_type_inference
+    serialise = torch._C.Graph._export_onnx
+
+    def with_small_weights(graph_, params, opset):
+        return shape_inference(graph_, {k: v for k, v in params.items() if v.nbytes <= 1 << 20}, opset)
+
+    def without_weights(self, params, *args):
+        weights.update(params)
+        return serialise(self, {}, *args)
+
+    torch._C._jit_pass_onnx_graph_shape_type_inference = with_small_weights
+    torch._C.Graph._export_onnx = without_weights
+    try:
+        torch.onnx.export(graph.wrapper, graph.args, str(out), dynamo=False, dynamic_axes=graph.dynamic_axes,
+                          **common)
+    finally:
+        torch._C._jit_pass_onnx_graph_shape_type_inference = shape_inference
+        torch._C.Graph._export_onnx = serialise
+    if not weights:
+        raise RuntimeError("the TorchScript exporter passed no weights to its serialiser")
+    attach_external_weights(out, weights, _as_array)
+
+
+def _as_array(tensor):
+    """A numpy view (no copy, strides kept) of a CPU tensor's bytes; bfloat16, which numpy lacks, as int16."""
+    import torch
+
+    tensor = tensor.detach()
+    return (tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor).numpy()
 
 
 def _copy_tokenizer(source: ModelSource, dest: Path) -> None:

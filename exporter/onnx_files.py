@@ -13,8 +13,10 @@ ModelProto.graph = field 7, GraphProto.initializer = field 5, TensorProto.raw_da
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
+import numpy as np
 import onnx
 from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
@@ -125,6 +127,43 @@ def consolidate_external_data(out: Path) -> None:
     model = onnx.load(str(out), load_external_data=True)
     onnx.save(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
               location=target.name, size_threshold=1024)
+
+
+def attach_external_weights(out: Path, weights: Mapping[str, object], as_array: Callable[[object], np.ndarray]) -> None:
+    """Turn the graph inputs of `out` named in `weights` into initializers whose data is written, tensor by tensor,
+    straight to `model.onnx.data` beside it (64-byte aligned, so ONNX Runtime can map them). `as_array` gives a
+    numpy view of a weight, possibly strided (a transposed matrix): it is written in row blocks of ≤ 16 MiB, so
+    no whole contiguous copy is made."""
+    model = onnx.load(str(out), load_external_data=False)
+    graph = model.graph
+    target = out.parent / "model.onnx.data"
+    offset = target.stat().st_size if target.exists() else 0
+    kept = []
+    with open(target, "ab") as data:
+        for value in graph.input:
+            if value.name not in weights:
+                kept.append(value)
+                continue
+            array = as_array(weights[value.name])
+            tensor = onnx.TensorProto(name=value.name, dims=array.shape,
+                                      data_type=value.type.tensor_type.elem_type)
+            tensor.data_location = onnx.TensorProto.EXTERNAL
+            pad = -offset % 64
+            data.write(bytes(pad))
+            offset += pad
+            if array.ndim == 0:
+                data.write(array.tobytes())
+            else:
+                rows = max(1, _CHUNK // max(1, array[0].nbytes))
+                for start in range(0, array.shape[0], rows):
+                    data.write(np.ascontiguousarray(array[start : start + rows]).data)
+            for key, item in (("location", target.name), ("offset", offset), ("length", array.nbytes)):
+                tensor.external_data.add(key=key, value=str(item))
+            offset += array.nbytes
+            graph.initializer.append(tensor)
+    del graph.input[:]
+    graph.input.extend(kept)
+    onnx.save(model, str(out))
 
 
 def _all_initializers(model):

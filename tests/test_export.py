@@ -89,6 +89,29 @@ def test_legacy_exporter_and_forced_external_data(tmp_path):
     assert result.onnx_path.stat().st_size < (result.onnx_path.parent / "model.onnx.data").stat().st_size
 
 
+def test_legacy_exporter_single_file_moe(tmp_path):
+    """The legacy path hands the TorchScript serialiser no weights and writes them itself (transposed matrices
+    as strided views, in row blocks): the result must still match PyTorch and fold into one file."""
+    result = export_model(ExportConfig(model="r1-moe-tiny", workdir=tmp_path, exporter=Exporter.LEGACY))
+    assert not result.external_data
+    assert sorted(p.name for p in result.onnx_path.parent.iterdir()) == [
+        "export_report.json", "manifest.json", "model.onnx"]
+    assert max(result.max_abs_diff.values()) <= 1e-4
+    model = onnx.load(str(result.onnx_path))
+    onnx.checker.check_model(model)
+    initializers = {t.name for t in model.graph.initializer}
+    assert not initializers & {i.name for i in model.graph.input}, "weights must not stay graph inputs"
+    assert result.onnx_path.parent.stat().st_mode & 0o777 == 0o777 & ~_umask()
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def test_dynamo_external_data(tmp_path):
     result = export_model(ExportConfig(model="r1-moe-tiny", workdir=tmp_path, external_data_threshold_mib=0.5))
     assert result.external_data and (result.onnx_path.parent / "model.onnx.data").is_file()
