@@ -208,9 +208,38 @@ def test_sampler_and_text_stream():
     assert t.push(1) == "Hel"
     assert t.push(2) == "lo "  # "ST" may begin the stop string: held back
     assert t.push(3) == "" and t.stopped and t.text == "Hello "
-    t = g.TextStream(lambda ids: "ab\ufffd" if len(ids) == 1 else "abc", [])
+    utf8 = {1: b"ab\xc3", 2: b"\xa9", 3: b"\xe2\x82"}  # byte-level tokens: "é" and "€" split across tokens
+    t = g.TextStream(lambda ids: b"".join(utf8[i] for i in ids).decode("utf-8", "replace"), [])
     assert t.push(1) == "ab"  # an incomplete UTF-8 character is held back …
-    assert t.push(2) == "c" and t.finish() == ""  # … until the next token completes it
+    assert t.push(2) == "\u00e9"  # … until the next token completes it
+    assert t.push(3) == "" and t.finish() == "\ufffd" and t.text == "ab\u00e9\ufffd"  # never completed
+    t = g.TextStream(decode, [], incremental=False)
+    assert [t.push(i) for i in (1, 2, 3)] == ["", "", ""] and t.finish() == t.text == "Hello STOP after"
+
+
+def test_text_stream_matches_whole_decode_with_a_real_tokenizer(tmp_path):
+    """Incremental windows must give exactly the text one decode of all tokens gives: random token ids of the
+    embedded model's byte-level BPE (split multi-byte characters included), with and without stop strings."""
+    from tokenizers import Tokenizer
+
+    from exporter.tiny_models import write_tiny_checkpoint
+
+    g = _generate_module()
+    tok = Tokenizer.from_file(str(write_tiny_checkpoint("r1-distill-tiny", tmp_path / "ckpt") / "tokenizer.json"))
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=True)  # noqa: E731
+    rng = np.random.default_rng(0)
+    ids = tok.encode("Grüße, 東京! naïve café — 3.14 € ok " * 3).ids
+    for trial in range(40):
+        tokens = ids if trial == 0 else [int(x) for x in rng.integers(0, tok.get_vocab_size(), 60)]
+        whole = decode(tokens)
+        t = g.TextStream(decode, [])
+        streamed = "".join(t.push(x) for x in tokens) + t.finish()
+        assert streamed == whole == t.text, trial
+        stop = whole[20:23]
+        if stop and "\ufffd" not in stop:
+            t = g.TextStream(decode, [stop])
+            streamed = "".join(t.push(x) for x in tokens if not t.stopped) + t.finish()
+            assert t.stopped and streamed == t.text == whole[: whole.find(stop)], trial
 
 
 @pytest.mark.rtx

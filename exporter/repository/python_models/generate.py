@@ -74,12 +74,22 @@ class Sampler:
 
 class TextStream:
     """Detokenizes incrementally and applies stop strings; `push` returns only text that can no longer change:
-    an incomplete UTF-8 character (a trailing U+FFFD) and a tail that may begin a stop string are held back."""
+    an incomplete UTF-8 character (a trailing U+FFFD) and a tail that may begin a stop string are held back.
 
-    def __init__(self, decode, stop: list[str]):
+    Each token decodes only a short window — the tokens since the last emitted piece, after the piece before it
+    as context (a tokenizer may drop a leading space at the start of a decode; the difference of two decodes
+    of the same start cancels it) — and stop strings are searched only where new text could complete one, so a
+    token costs the same at position 10 and 10 000 (decoding the whole text at every token is quadratic).
+    With `incremental=False` (no streaming, no stop strings) nothing is decoded until `finish`."""
+
+    def __init__(self, decode, stop: list[str], incremental: bool = True):
         self.decode, self.stop = decode, [s for s in stop if s]
+        self.incremental = incremental or bool(self.stop)
         self.tokens: list[int] = []
-        self.text = ""  # the final text so far (stop string removed)
+        self.prefix = 0  # first token of the decode window
+        self.read = 0  # tokens before this one are in `text`
+        self.partial = 0  # characters of the open window already in `text`
+        self.text = ""  # the final text so far (stop string removed); complete after `finish`
         self.emitted = 0
         self.stopped = False
         self.longest_stop = max((len(s) for s in self.stop), default=0)
@@ -90,20 +100,40 @@ class TextStream:
                 return k
         return 0
 
+    def _extend(self, final: bool) -> None:
+        """Move the text that the tokens past `read` complete (all of it when `final`) into `text`."""
+        window = self.decode(self.tokens[self.prefix :])
+        before = self.decode(self.tokens[self.prefix : self.read]) if self.read > self.prefix else ""
+        new = window[len(before) :] if len(window) > len(before) else ""
+        start = len(self.text)
+        if new.endswith("\ufffd") and not final:
+            # an incomplete character: what precedes it is final, the window stays open
+            stable = new.rstrip("\ufffd")
+            self.text += stable[self.partial :]
+            self.partial = max(self.partial, len(stable))
+        else:
+            self.text += new[self.partial :]
+            self.partial = 0
+            self.prefix, self.read = self.read, len(self.tokens)
+        search_from = max(0, start - self.longest_stop + 1)
+        found = [at for at in (self.text.find(s, search_from) for s in self.stop) if at >= 0]
+        if found:
+            self.stopped = True
+            self.text = self.text[: min(found)]
+
     def push(self, token: int) -> str:
         self.tokens.append(token)
-        full = self.decode(self.tokens)
-        for s in self.stop:
-            at = full.find(s)
-            if at >= 0:
-                self.stopped = True
-                self.text = full[:at]
-                return self._take(len(self.text))
-        self.text = full
-        stable = len(full.rstrip("\ufffd"))
-        return self._take(stable - self._held(full[:stable]))
+        if not self.incremental:
+            return ""
+        self._extend(final=False)
+        if self.stopped:
+            return self._take(len(self.text))
+        return self._take(len(self.text) - self._held(self.text))
 
     def finish(self) -> str:
+        """The rest of the text (incomplete characters as U+FFFD); `text` is then the whole completion."""
+        if not self.stopped and self.read < len(self.tokens):
+            self._extend(final=True)
         return self._take(len(self.text))
 
     def _take(self, upto: int) -> str:
@@ -335,7 +365,8 @@ class TritonPythonModel:
                 raise RequestError("text_input has no tokens")
             if len(prompt_ids) > self.max_input_len:
                 raise RequestError(f"prompt has {len(prompt_ids)} tokens; this deployment accepts at most {self.max_input_len}")
-            text = TextStream(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), settings.stop)
+            text = TextStream(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), settings.stop,
+                              incremental=settings.stream)
             cancelled = getattr(request, "is_cancelled", lambda: False)
             stopping = lambda: self.shutdown.is_set() or cancelled()  # noqa: E731
             tokens: list[int] = []
@@ -356,8 +387,9 @@ class TritonPythonModel:
                     chunks.close()
             if self.shutdown.is_set():
                 raise RequestError("the server is shutting down")
+            rest = text.finish()
             if settings.stream:
-                sender.send(self._response(text.finish(), [], finish), flags=final)
+                sender.send(self._response(rest, [], finish), flags=final)
             else:
                 sender.send(self._response(text.text, tokens, finish), flags=final)
         except RequestError as exc:
