@@ -16,7 +16,7 @@ import pytest
 from conftest import R1DEPLOY
 
 from exporter.bench import BenchConfig, Percentiles, check_slo, run_bench
-from exporter.bench.inputs import ModelSpec, TensorSpec, llm_payloads, payloads_from_file, synthetic_payload
+from exporter.bench.inputs import ModelSpec, TensorSpec, llm_payloads, payloads_from_file, synthetic_payloads
 from exporter.bench.result import LevelResult, LlmStats
 from exporter.errors import BadInput
 from exporter.profiles import SloTargets
@@ -258,10 +258,14 @@ def test_check_slo_rules():
 def test_inputs_synthesis_and_validation(tmp_path):
     spec = ModelSpec("m", "1", [TensorSpec("ids", "INT64", (-1, 4)), TensorSpec("t", "BYTES", (-1, 1)),
                                 TensorSpec("opt", "FP32", (-1, 2), optional=True)], [], max_batch_size=4)
-    p = synthetic_payload(spec, 3, seed=0)
-    assert [(t.name, t.array.shape) for t in p.tensors] == [("ids", (3, 4)), ("t", (3, 1))]
+    payloads = synthetic_payloads(spec, 3, seed=0)
+    assert all([(t.name, t.array.shape) for t in p.tensors] == [("ids", (3, 4)), ("t", (3, 1))] for p in payloads)
+    # distinct requests, so a response cache cannot answer them all; the same seed gives the same requests
+    assert len({(p.tensors[0].array.tobytes(), tuple(p.tensors[1].array.reshape(-1))) for p in payloads}) == len(payloads) > 1
+    again = synthetic_payloads(spec, 3, seed=0)
+    assert all((a.tensors[0].array == b.tensors[0].array).all() for a, b in zip(payloads, again, strict=True))
     with pytest.raises(BadInput, match="max_batch_size 4"):
-        synthetic_payload(spec, 5, seed=0)
+        synthetic_payloads(spec, 5, seed=0)
     bad = tmp_path / "bad.json"
     bad.write_text('{"data": [{"ids": [1, 2, 3]}]}')
     with pytest.raises(BadInput, match="3 values do not fit shape"):

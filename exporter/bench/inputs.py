@@ -99,8 +99,17 @@ def _random(datatype: str, shape: list[int], rng: np.random.Generator) -> np.nda
     return rng.random(shape).astype(dtype)
 
 
-def synthetic_payload(spec: ModelSpec, batch_size: int, seed: int) -> Payload:
+SYNTHETIC_PAYLOADS = 32
+
+
+def synthetic_payloads(spec: ModelSpec, batch_size: int, seed: int, count: int = SYNTHETIC_PAYLOADS) -> list[Payload]:
+    """`count` distinct random requests, sent in turn: one request repeated would measure Triton's response
+    cache (on for `embed` in r1deploy's repositories) instead of the model."""
     rng = np.random.default_rng(seed)
+    return [_synthetic_payload(spec, batch_size, rng) for _ in range(count)]
+
+
+def _synthetic_payload(spec: ModelSpec, batch_size: int, rng: np.random.Generator) -> Payload:
     batched = spec.max_batch_size > 0
     if batch_size > 1 and not batched:
         raise BadInput(f"model {spec.name} does not batch (max_batch_size 0): use --batch-size 1")

@@ -12,7 +12,7 @@ from typing import Optional
 from ..errors import BadInput, StageFailed
 from ..profiles import SloTargets
 from .config import BenchConfig
-from .inputs import ModelSpec, llm_payloads, model_spec, payloads_from_file, synthetic_payload
+from .inputs import ModelSpec, llm_payloads, model_spec, payloads_from_file, synthetic_payloads
 from .load import LevelRun
 from .report import write_all
 from .result import BenchResult, LevelResult, SloCheck
@@ -75,7 +75,7 @@ async def _run(cfg: BenchConfig, out_dir: Optional[Path]) -> BenchResult:
         elif cfg.input_data is not None:
             payloads = payloads_from_file(spec, cfg.input_data, cfg.batch_size)
         else:
-            payloads = [synthetic_payload(spec, cfg.batch_size, cfg.seed)]
+            payloads = synthetic_payloads(spec, cfg.batch_size, cfg.seed)
         result = BenchResult(url=cfg.url, model=cfg.model, protocol=cfg.protocol.value, kind="llm" if llm else "plain",
                              profile=cfg.profile)
 
