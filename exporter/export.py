@@ -20,7 +20,7 @@ from .graphs import (
     encoder_input_names,
     make_inputs,
 )
-from .onnx_files import attach_external_weights, consolidate_external_data, inline_external_data
+from .onnx_files import attach_external_weights, inline_external_data
 from .sources import ModelKind, ModelSource, load_model, resolve_source
 from .typed import to_data
 from .ui import quiet_library_logs, status
@@ -250,8 +250,11 @@ def export_model(cfg: ExportConfig, source: ModelSource | None = None) -> Export
         refs = torch_references(graph.wrapper, source.kind, input_names, vocab_size, layout) if cfg.verify else []
         del graph, model
         gc.collect()
-        if external or any(p != out for p in tmp.iterdir()):
-            consolidate_external_data(out)
+        # both exporters write the weights to model.onnx.data (dynamo names it after the model file; the legacy
+        # path writes it itself)
+        written = sorted(p.name for p in tmp.iterdir())
+        if written != ["model.onnx", "model.onnx.data"]:
+            raise StageFailed(f"ONNX export of {source.name} wrote {written}, not model.onnx and model.onnx.data")
         cases: list[CaseCheck] = []
         if cfg.verify:
             # Verified while the weights are still external: ONNX Runtime then reads them straight into its own
@@ -259,7 +262,7 @@ def export_model(cfg: ExportConfig, source: ModelSource | None = None) -> Export
             # is lossless (tests/test_export.py).
             with status("verifying ONNX Runtime against PyTorch"):
                 cases = compare_onnx(out, refs, output_names, tolerances=dict.fromkeys(output_names, cfg.tolerance))
-        if not external and (tmp / "model.onnx.data").exists():
+        if not external:
             inline_external_data(out)
         max_diff: dict[str, float] = {}
         for case in cases:

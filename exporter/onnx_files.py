@@ -104,31 +104,6 @@ def _subgraphs(graph):
                 yield from _subgraphs(g)
 
 
-def consolidate_external_data(out: Path) -> None:
-    """Leave every weight in one `model.onnx.data` beside the graph. The dynamo exporter already writes
-    external data (named after the model): only the file is renamed and the graph's references updated, so a
-    large model is never loaded whole. The legacy exporter writes external data only above 2 GiB: below that
-    the (then small) model is rewritten."""
-    data_files = [p for p in out.parent.iterdir() if p != out and p.name.startswith("model")]
-    target = out.parent / "model.onnx.data"
-    if len(data_files) == 1:
-        graph = onnx.load(str(out), load_external_data=False)
-        for tensor in _all_initializers(graph):
-            if uses_external_data(tensor):
-                info = ExternalDataInfo(tensor)
-                del tensor.external_data[:]
-                for key, value in (("location", target.name), ("offset", info.offset), ("length", info.length)):
-                    if value is not None:
-                        tensor.external_data.add(key=key, value=str(value))
-        if data_files[0] != target:
-            data_files[0].rename(target)
-        onnx.save(graph, str(out))
-        return
-    model = onnx.load(str(out), load_external_data=True)
-    onnx.save(model, str(out), save_as_external_data=True, all_tensors_to_one_file=True,
-              location=target.name, size_threshold=1024)
-
-
 def attach_external_weights(out: Path, weights: Mapping[str, object], as_array: Callable[[object], np.ndarray]) -> None:
     """Turn the graph inputs of `out` named in `weights` into initializers whose data is written, tensor by tensor,
     straight to `model.onnx.data` beside it (64-byte aligned, so ONNX Runtime can map them). `as_array` gives a
@@ -164,9 +139,3 @@ def attach_external_weights(out: Path, weights: Mapping[str, object], as_array: 
     del graph.input[:]
     graph.input.extend(kept)
     onnx.save(model, str(out))
-
-
-def _all_initializers(model):
-    yield from model.graph.initializer
-    for graph in _subgraphs(model.graph):
-        yield from graph.initializer
