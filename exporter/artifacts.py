@@ -32,6 +32,7 @@ from typing import Any
 from .errors import BadInput
 
 MANIFEST = "manifest.json"
+EXPORT_REPORT = "export_report.json"  # in <model>/onnx/fp32/, written by the export stage
 # What the export stage copies from a checkpoint into <model>/tokenizer/, and the repository stage next to its
 # python models.
 TOKENIZER_FILES = (
@@ -202,9 +203,7 @@ def profile_onnx_variant(profile) -> str:
 
 def read_export_report(layout: ModelLayout) -> dict:
     """The export stage's report (kind, input/output names, cache layout); BadInput if not exported yet."""
-    import json
-
-    path = layout.onnx_dir("fp32") / "export_report.json"
+    path = layout.onnx_dir("fp32") / EXPORT_REPORT
     if not path.is_file():
         raise BadInput(f"{layout.model} has not been exported yet (no {path}); run `r1deploy export --model {layout.model}` first")
     return json.loads(path.read_text())

@@ -216,11 +216,9 @@ def export_model(cfg: ExportConfig, source: ModelSource | None = None) -> Export
     )
     tools = artifacts.tool_versions()
     fp = artifacts.fingerprint(inputs, {"export": cfg.fingerprint_config(), "architecture": source.architecture}, tools)
-    report_path = final / "export_report.json"
+    report_path = final / artifacts.EXPORT_REPORT
     if not cfg.force and artifacts.is_up_to_date(final, fp) and layout_dirs.tokenizer_dir.is_dir():
-        import json
-
-        report = json.loads(report_path.read_text())
+        report = artifacts.read_export_report(layout_dirs)
         return ExportResult(
             model=source.name, kind=source.kind, architecture=source.architecture, onnx_path=final / "model.onnx",
             report_path=report_path, skipped=True, external_data=report["external_data"],
@@ -284,7 +282,7 @@ def export_model(cfg: ExportConfig, source: ModelSource | None = None) -> Export
             "max_abs_diff": max_diff,
             "cases": to_data(cases),
         }
-        artifacts.write_json(tmp / "export_report.json", report)
+        artifacts.write_json(tmp / artifacts.EXPORT_REPORT, report)
         artifacts.write_manifest(
             tmp, stage="export", fp=fp, inputs=inputs, config=cfg.fingerprint_config(), tools=tools
         )

@@ -77,7 +77,7 @@ def _ensure_exported(cfg: QuantizeConfig) -> artifacts.ModelLayout:
     from exporter.sources import model_dir_name
 
     layout = artifacts.ModelLayout(cfg.workdir, model_dir_name(cfg.model))
-    if (layout.onnx_dir("fp32") / "export_report.json").is_file() and layout.tokenizer_dir.is_dir():
+    if (layout.onnx_dir("fp32") / artifacts.EXPORT_REPORT).is_file() and layout.tokenizer_dir.is_dir():
         return layout
     from exporter.export import ExportConfig, export_model
 
