@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -78,12 +79,31 @@ def test_profiles_generate_parse_and_match_onnx(workdir, tmp_path, model, profil
         assert (r.out / "tokenizer/1/tokenizer/tokenizer.json").is_file()
     else:
         gen = configs["generate"]
-        assert gen.backend == "python" and gen.model_transaction_policy.decoupled and gen.max_batch_size == 0
-        assert [i.name for i in gen.input] == ["text_input", "max_tokens", "temperature", "top_p", "seed", "stop", "stream"]
-        assert [o.name for o in gen.output] == ["text_output", "token_ids", "finish_reason"]
+        assert gen.backend == "python" and gen.model_transaction_policy.decoupled and gen.max_batch_size == 1
+        assert [i.name for i in gen.input] == [
+            "text_input", "max_tokens", "temperature", "top_p", "seed", "stop_words", "stop", "stream", "ignore_eos",
+            "exclude_input_in_output", "skip_special_tokens", "return_num_input_tokens", "return_num_output_tokens",
+        ]
+        assert [i.name for i in gen.input if not i.optional] == ["text_input"]
+        assert [o.name for o in gen.output] == ["text_output", "token_ids", "finish_reason", "num_input_tokens", "num_output_tokens"]
         assert not gen.response_cache.enable
         assert gen.parameters["engine_call"].string_value == "bls"
-        assert (r.out / "generate/1/model.py").read_text() == (REPO / "exporter/repository/python_models/generate.py").read_text()
+        sched = json.loads(gen.parameters["scheduler"].string_value)
+        assert sched["max_rows"] == prof.max_batch_size and sched["engine_max_batch"] == engine.max_batch_size
+        assert sched["kv_budget_tokens"] == prof.max_batch_size * prof.max_sequence_len
+        src = REPO / "exporter/repository/python_models"
+        assert (r.out / "generate/1/model.py").read_text() == (src / "generate.py").read_text()
+        for module in ("llm_scheduler", "kv_padded", "engine_runtimes"):
+            assert (r.out / f"generate/1/{module}.py").read_text() == (src / f"{module}.py").read_text()
+        # every GPU instance lists both shape profiles, and the decode warm-up lies inside one of them
+        from exporter.engine.shapes import onnx_input_dims, shape_profiles
+
+        assert all(list(g.profile) == ["0", "1"] for g in engine.instance_group)
+        shapes = shape_profiles("decoder", onnx_input_dims(workdir / model / "onnx/fp32/model.onnx")[0], prof)
+        warm = engine.model_warmup[0]
+        dims = {n: [warm.batch_size, *w.dims] for n, w in warm.inputs.items()}
+        assert any(all(all(lo <= d <= hi for d, lo, hi in zip(dims[n], sp.inputs[n].min, sp.inputs[n].max, strict=True))
+                       for n in dims) for sp in shapes), dims
 
 
 def test_same_inputs_same_bytes(workdir, tmp_path):
@@ -105,7 +125,8 @@ def test_cpu_variants(workdir, tmp_path):
     assert (r.out / "llm/1/model.onnx").is_file() and (r.out / "llm/1/model.py").is_file()
     gen = parse((r.out / "generate/config.pbtxt").read_text(), "generate")
     assert gen.parameters["engine_call"].string_value == "inprocess"
-    assert (r.out / gen.parameters["engine_onnx"].string_value).is_file()
+    assert gen.parameters["engine_runtime"].string_value == "onnxruntime"
+    assert (r.out / gen.parameters["engine_file"].string_value).is_file()
     assert r.notes and "fp32" in r.notes[0]
     ort_cpu = write_repository(RepositoryConfig(model="minilm", profile="edge", variant="onnxruntime_onnx", device="cpu", workdir=workdir, out=tmp_path / "o"))
     enc = parse((ort_cpu.out / "encoder/config.pbtxt").read_text(), "encoder")
@@ -184,10 +205,11 @@ def test_cli_json_and_bad_input(r1, workdir, tmp_path):
     assert bad.returncode == 2 and "unknown deployment profile" in bad.stderr
 
 
-# The generate model's logic, loaded from its source file (it imports no Triton module at import time).
+# The generate model's sampling and text logic, loaded from its source file (it imports no Triton module).
 def _generate_module():
-    spec = importlib.util.spec_from_file_location("generate_model", REPO / "exporter/repository/python_models/generate.py")
+    spec = importlib.util.spec_from_file_location("llm_scheduler", REPO / "exporter/repository/python_models/llm_scheduler.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 

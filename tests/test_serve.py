@@ -87,22 +87,27 @@ def http_generate(server, body: dict, stream: bool = False) -> tuple[int, str]:
         return exc.code, exc.read().decode()
 
 
+TYPES = {"max_tokens": ("INT32", np.int32), "temperature": ("FP32", np.float32), "top_p": ("FP32", np.float32),
+         "seed": ("UINT64", np.uint64), "stream": ("BOOL", np.bool_), "ignore_eos": ("BOOL", np.bool_),
+         "exclude_input_in_output": ("BOOL", np.bool_), "skip_special_tokens": ("BOOL", np.bool_),
+         "return_num_input_tokens": ("BOOL", np.bool_), "return_num_output_tokens": ("BOOL", np.bool_)}
+
+
 def grpc_inputs(prompt, **params):
+    """Inputs shaped as Triton's LLM clients send them to a max_batch_size-1 model: [1, 1] scalars, [1, N] lists."""
     import tritonclient.grpc as grpcclient
 
-    types = {"max_tokens": ("INT32", np.int32), "temperature": ("FP32", np.float32), "top_p": ("FP32", np.float32),
-             "seed": ("INT64", np.int64), "stream": ("BOOL", np.bool_)}
-    text = grpcclient.InferInput("text_input", [1], "BYTES")
-    text.set_data_from_numpy(np.array([prompt.encode()], dtype=np.object_))
+    text = grpcclient.InferInput("text_input", [1, 1], "BYTES")
+    text.set_data_from_numpy(np.array([[prompt.encode()]], dtype=np.object_))
     inputs = [text]
     for name, value in params.items():
-        if name == "stop":
-            t = grpcclient.InferInput("stop", [len(value)], "BYTES")
-            t.set_data_from_numpy(np.array([s.encode() for s in value], dtype=np.object_))
+        if name in ("stop", "stop_words"):
+            t = grpcclient.InferInput(name, [1, len(value)], "BYTES")
+            t.set_data_from_numpy(np.array([[s.encode() for s in value]], dtype=np.object_))
         else:
-            dt, np_dt = types[name]
-            t = grpcclient.InferInput(name, [1], dt)
-            t.set_data_from_numpy(np.array([value], dtype=np_dt))
+            dt, np_dt = TYPES[name]
+            t = grpcclient.InferInput(name, [1, 1], dt)
+            t.set_data_from_numpy(np.array([[value]], dtype=np_dt))
         inputs.append(t)
     return inputs
 
@@ -127,9 +132,11 @@ def grpc_stream(server, inputs, timeout: float = 60) -> tuple[list[dict], str | 
             if error is not None:
                 return chunks, str(error)
             chunk = {
-                "text": result.as_numpy("text_output")[0].decode(),
-                "tokens": result.as_numpy("token_ids").tolist(),
-                "finish": result.as_numpy("finish_reason")[0].decode(),
+                "text": result.as_numpy("text_output").reshape(-1)[0].decode(),
+                "tokens": result.as_numpy("token_ids").reshape(-1).tolist(),
+                "finish": result.as_numpy("finish_reason").reshape(-1)[0].decode(),
+                "num_input": int(result.as_numpy("num_input_tokens").reshape(-1)[0]),
+                "num_output": int(result.as_numpy("num_output_tokens").reshape(-1)[0]),
             }
             chunks.append(chunk)
             if chunk["finish"]:
@@ -204,6 +211,7 @@ def test_generate_greedy_matches_inprocess_loop(server, tokenizer, greedy):
     assert data["token_ids"] == expected
     assert data["text_output"] == tokenizer.decode(expected, skip_special_tokens=True)
     assert data["finish_reason"] == ("length" if len(expected) == 24 else "eos")
+    assert data["num_input_tokens"] == len(tokenizer.encode(PROMPT).ids) and data["num_output_tokens"] == len(expected)
 
 
 def test_grpc_stream_chunks(server, tokenizer, greedy):
@@ -211,12 +219,13 @@ def test_grpc_stream_chunks(server, tokenizer, greedy):
     chunks, error = grpc_stream(server, grpc_inputs(PROMPT, max_tokens=12, stream=True))
     assert error is None
     *pieces, final = chunks
-    # The first token goes alone; later chunks may carry several tokens when decoding outpaces sending (the
-    # generate model's _Pump groups them), so only their concatenation is fixed.
-    assert len(pieces) >= 2 and len(pieces[0]["tokens"]) == 1
-    assert all(c["finish"] == "" and c["tokens"] for c in pieces)
-    assert final["finish"] in ("length", "eos") and final["tokens"] == []
-    assert [t for c in pieces for t in c["tokens"]] == expected
+    # Tokens leave per scheduler step, and the sender merges a stream's chunks that queue up behind a send, so
+    # how many tokens a chunk carries depends on timing: only their concatenation is fixed.
+    assert len(pieces) >= 2
+    assert all(c["finish"] == "" and c["tokens"] and c["num_output"] == len(c["tokens"]) for c in pieces)
+    assert final["finish"] in ("length", "eos")
+    assert [t for c in chunks for t in c["tokens"]] == expected
+    assert sum(c["num_output"] for c in chunks) == len(expected)
     streamed = "".join(c["text"] for c in chunks)
     assert streamed == tokenizer.decode(expected, skip_special_tokens=True)
 
@@ -262,12 +271,12 @@ def test_bad_requests_are_answered_and_server_keeps_serving(server):
     ]:
         status, text = http_generate(server, body)
         assert status == 400 and fragment in json.loads(text)["error"], (body, status, text)
-    wrong_shape = grpcclient.InferInput("text_input", [2], "BYTES")
-    wrong_shape.set_data_from_numpy(np.array([b"a", b"b"], dtype=np.object_))
+    wrong_shape = grpcclient.InferInput("text_input", [1, 2], "BYTES")
+    wrong_shape.set_data_from_numpy(np.array([[b"a", b"b"]], dtype=np.object_))
     _, error = grpc_stream(server, [wrong_shape])
     assert error and "shape" in error
-    wrong_type = grpcclient.InferInput("text_input", [1], "INT32")
-    wrong_type.set_data_from_numpy(np.array([3], dtype=np.int32))
+    wrong_type = grpcclient.InferInput("text_input", [1, 1], "INT32")
+    wrong_type.set_data_from_numpy(np.array([[3]], dtype=np.int32))
     _, error = grpc_stream(server, [wrong_type])
     assert error and "data-type" in error.lower().replace("datatype", "data-type")
     _, error = grpc_stream(server, grpc_inputs(PROMPT, max_tokens=100000, stream=True))
@@ -313,3 +322,112 @@ def test_generate_through_bls(exported, session_workdir, tmp_path, tokenizer, gr
         status, body = http_generate(srv, {"text_input": PROMPT, "max_tokens": 12})
     assert error is None and [t for c in chunks for t in c["tokens"]] == expected
     assert status == 200 and json.loads(body)["token_ids"] == expected
+
+
+def test_concurrent_mixed_requests_equal_each_alone(server, tokenizer, greedy):
+    """16 requests at once — mixed prompt lengths and max_tokens, streaming and whole — through the in-flight
+    batching scheduler (edge profile: 4 rows, so most wait and join while others run): every answer equals, token
+    for token, the same prompt decoded alone in-process."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    words = "the key value cache stores attention keys and values of every past token step by step".split()
+    cases = [(" ".join(words[: 2 + (3 * i) % 13]) + f" {i}", 3 + (5 * i) % 19, i % 2 == 0) for i in range(16)]
+
+    def one(case):
+        prompt, max_tokens, stream = case
+        chunks, error = grpc_stream(server, grpc_inputs(prompt, max_tokens=max_tokens, stream=stream))
+        assert error is None, error
+        return [t for c in chunks for t in c["tokens"]]
+
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(one, cases))
+    for (prompt, max_tokens, _), tokens in zip(cases, answers, strict=True):
+        assert tokens == greedy(tokenizer.encode(prompt).ids, max_tokens, {1}), prompt
+
+
+def test_triton_llm_client_request_shape(server, tokenizer, greedy):
+    """A request exactly as Triton's OpenAI-compatible frontend builds it for a non-vLLM model (inputs [1, 1]:
+    text_input, stream, max_tokens int32, stop_words, top_p, seed uint64, temperature; return_num_* and
+    exclude_input_in_output), read as it reads it: text_output, num_input_tokens, num_output_tokens."""
+    expected = greedy(tokenizer.encode(PROMPT).ids, 10, {1})
+    inputs = grpc_inputs(PROMPT, stream=False, max_tokens=10, temperature=0.0, top_p=1.0, seed=7,
+                         stop_words=["never-generated-zzz"], return_num_input_tokens=True,
+                         return_num_output_tokens=True, exclude_input_in_output=True)
+    chunks, error = grpc_stream(server, inputs)
+    assert error is None and len(chunks) == 1
+    (only,) = chunks
+    assert only["tokens"] == expected and only["text"] == tokenizer.decode(expected, skip_special_tokens=True)
+    assert only["num_input"] == len(tokenizer.encode(PROMPT).ids) and only["num_output"] == len(expected)
+    echoed, error = grpc_stream(server, grpc_inputs(PROMPT, max_tokens=4, exclude_input_in_output=False))
+    assert error is None and echoed[0]["text"].startswith(PROMPT)
+    ignoring, error = grpc_stream(server, grpc_inputs(PROMPT, max_tokens=30, ignore_eos=True))
+    assert error is None and len(ignoring[0]["tokens"]) == 30 and ignoring[0]["finish"] == "length"
+
+
+def metric_values(server, name: str) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://{server.endpoints.metrics}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name):
+            key, value = line.rsplit(" ", 1)
+            out[key] = float(value)
+    return out
+
+
+def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_scheduler_metrics_and_cancellation(server):
+    """A cancelled stream leaves the running batch (the scheduler's own metrics on Triton's metrics port show
+    it), and the server goes on serving."""
+    import tritonclient.grpc as grpcclient
+
+    before = sum(metric_values(server, 'r1deploy_generate_requests_finished{').get(k, 0)
+                 for k in metric_values(server, 'r1deploy_generate_requests_finished{') if 'reason="cancelled"' in k)
+    results: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(server.endpoints.grpc)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    client.async_stream_infer("generate", grpc_inputs(PROMPT, max_tokens=512, stream=True, ignore_eos=True))
+    results.get(timeout=60)  # it is running
+    wait_for(lambda: sum(metric_values(server, "r1deploy_generate_requests_running").values()) >= 1, what="running")
+    client.stop_stream(cancel_requests=True)
+    client.close()
+
+    def cancelled() -> float:
+        vals = metric_values(server, "r1deploy_generate_requests_finished{")
+        return sum(v for k, v in vals.items() if 'reason="cancelled"' in k)
+
+    wait_for(lambda: cancelled() > before, what="the cancelled request to leave the batch")
+    wait_for(lambda: sum(metric_values(server, "r1deploy_generate_requests_running").values()) == 0, what="an empty batch")
+    for name in ("requests_waiting", "kv_cache_utilization", "queue_duration_us", "time_to_first_token_us",
+                 "generated_tokens", "requests_admitted"):
+        assert metric_values(server, f"r1deploy_generate_{name}"), name
+    assert sum(metric_values(server, "r1deploy_generate_generated_tokens").values()) > 0
+    status, body = http_generate(server, {"text_input": PROMPT, "max_tokens": 4})
+    assert status == 200 and len(json.loads(body)["token_ids"]) >= 1
+
+
+def test_queue_limit_answers_server_busy(exported, session_workdir, tmp_path):
+    """One row and a queue of one: of several long requests at once, the ones beyond the queue are refused at
+    once with "server busy", the others are served."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    repo = write_repository(RepositoryConfig(
+        model="r1-distill-tiny", profile="edge", variant="python_ort", workdir=session_workdir,
+        out=tmp_path / "busy", onnx_variant="fp32", max_rows=1, max_queue=1,
+    ))
+    with TritonServer(ServerConfig(model_repository=repo.out)) as srv:
+        with ThreadPoolExecutor(5) as pool:
+            runs = list(pool.map(lambda _: grpc_stream(srv, grpc_inputs(PROMPT, max_tokens=200, ignore_eos=True)), range(5)))
+        errors = [err for _, err in runs if err]
+        served = [chunks for chunks, err in runs if not err]
+        assert errors and all("server busy" in e for e in errors), errors
+        assert len(served) >= 2 and all(len(c[-1]["tokens"]) == 200 for c in served)
+        assert sum(metric_values(srv, "r1deploy_generate_requests_rejected").values()) == len(errors)

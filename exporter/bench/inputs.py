@@ -217,7 +217,8 @@ def llm_payloads(spec: ModelSpec, prompts: Optional[Path], input_tokens: int, ou
     payloads = []
     for text, max_tokens in rows:
         tensors = [scalar("text_input", "BYTES", text)]
-        for name, value in (("max_tokens", max_tokens), ("stream", stream)):
+        # ignore_eos (where the model takes it): every request generates exactly max_tokens, so runs compare
+        for name, value in (("max_tokens", max_tokens), ("stream", stream), ("ignore_eos", True)):
             t = spec.input(name)
             if t is not None:
                 tensors.append(scalar(name, t.datatype, value))

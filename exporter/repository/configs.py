@@ -75,10 +75,12 @@ def _dynamic_batching(config: mc.ModelConfig, batching: Batching) -> None:
         config.dynamic_batching.max_queue_delay_microseconds = batching.max_queue_delay_us
 
 
-def _instances(config: mc.ModelConfig, placement: Placement) -> None:
+def _instances(config: mc.ModelConfig, placement: Placement, trt_profiles: tuple[str, ...] = ()) -> None:
     if placement.kind == "gpu":
         for gpu in range(placement.gpus):
-            config.instance_group.add(name=f"gpu{gpu}", count=1, kind=mc.ModelInstanceGroup.KIND_GPU, gpus=[gpu])
+            group = config.instance_group.add(name=f"gpu{gpu}", count=1, kind=mc.ModelInstanceGroup.KIND_GPU, gpus=[gpu])
+            # Triton's TensorRT backend uses only the listed shape profiles (profile 0 when none is listed)
+            group.profile.extend(trt_profiles)
     else:
         config.instance_group.add(name="cpu", count=placement.cpu_instances, kind=mc.ModelInstanceGroup.KIND_CPU)
 
@@ -103,8 +105,11 @@ def engine_model(
     placement: Placement,
     precision: str,
     workspace_bytes: int,
+    trt_profiles: tuple[str, ...] = (),
 ) -> mc.ModelConfig:
-    """The model that runs the network: `tensorrt_plan`, `onnxruntime_onnx` or `python_ort` (python + ORT)."""
+    """The model that runs the network: `tensorrt_plan`, `onnxruntime_onnx` or `python_ort` (python + ORT).
+    `trt_profiles`: the engine's shape profiles by index, listed in every GPU instance group, so that a request
+    (and the decode warm-up, which lies in the `generation` profile) may use any of them."""
     config = _base(name, batching.max_batch_size)
     batched = batching.max_batch_size > 0
     if variant == "tensorrt_plan":
@@ -128,7 +133,7 @@ def engine_model(
     for t in io.outputs:
         config.output.append(_tensor(mc.ModelOutput, t.name, t.data_type, t.dims(batched)))
     _dynamic_batching(config, batching)
-    _instances(config, placement)
+    _instances(config, placement, trt_profiles if variant == "tensorrt_plan" else ())
     warm = config.model_warmup.add(name="decode_step" if kind == "decoder" else "encode_8_tokens", batch_size=1)
     for t in io.inputs:
         warm.inputs[t.name].data_type = _dtype(t.data_type)
@@ -138,25 +143,37 @@ def engine_model(
 
 
 GENERATE_INPUTS = [
-    # name, type, dims, optional
+    # name, type, dims (after the batch dimension of 1), optional. The names and types are those Triton's
+    # OpenAI-compatible frontend and genai-perf send to a TensorRT-LLM-style model; `stop` is r1deploy's older
+    # name for stop_words, `ignore_eos` vLLM's, `skip_special_tokens` keeps e.g. `</think>` in text_output.
     ("text_input", STRING, [1], False),
     ("max_tokens", "TYPE_INT32", [1], True),
     ("temperature", "TYPE_FP32", [1], True),
     ("top_p", "TYPE_FP32", [1], True),
-    ("seed", "TYPE_INT64", [1], True),
+    ("seed", "TYPE_UINT64", [1], True),
+    ("stop_words", STRING, [-1], True),
     ("stop", STRING, [-1], True),
     ("stream", "TYPE_BOOL", [1], True),
+    ("ignore_eos", "TYPE_BOOL", [1], True),
+    ("exclude_input_in_output", "TYPE_BOOL", [1], True),
+    ("skip_special_tokens", "TYPE_BOOL", [1], True),
+    ("return_num_input_tokens", "TYPE_BOOL", [1], True),
+    ("return_num_output_tokens", "TYPE_BOOL", [1], True),
 ]
-GENERATE_OUTPUTS = [("text_output", STRING, [1]), ("token_ids", "TYPE_INT64", [-1]), ("finish_reason", STRING, [1])]
+GENERATE_OUTPUTS = [
+    ("text_output", STRING, [1]), ("token_ids", "TYPE_INT64", [-1]), ("finish_reason", STRING, [1]),
+    ("num_input_tokens", "TYPE_UINT32", [1]), ("num_output_tokens", "TYPE_UINT32", [1]),
+]
 
 
 def generate_model(name: str, parameters: dict[str, object]) -> mc.ModelConfig:
-    """The LLM entry point: python backend, decoupled (token streaming), max_batch_size 0.
+    """The LLM entry point: python backend, decoupled (token streaming), one in-flight batching scheduler.
 
-    max_batch_size 0: every request is one prompt served by its own thread with its own KV cache; batching
-    across requests happens (where shapes agree) in the engine model's dynamic batcher, not here.
+    max_batch_size 1: each request is one prompt (shapes [1, …], as Triton's LLM clients send them); batching
+    across requests happens inside the model, whose scheduler decodes every running request in one engine call
+    per step — Triton's dynamic batcher cannot, since the requests' cache lengths differ.
     """
-    config = _base(name, 0)
+    config = _base(name, 1)
     config.backend = "python"
     for n, dt, dims, optional in GENERATE_INPUTS:
         config.input.append(_tensor(mc.ModelInput, n, dt, dims, optional))

@@ -34,6 +34,11 @@ class RepositoryConfig:
     device: Optional[str] = None  # gpu | cpu; default gpu for tensorrt_plan / onnxruntime_onnx, cpu for python_ort
     engine_call: Optional[str] = None  # bls | inprocess (python_ort only); default inprocess for python_ort
     onnx_variant: Optional[str] = None  # default: the profile's (fp16, int4-awq-b128-qdq…), else fp32 with a note
+    # the generate model's scheduler; defaults from the profile (see `scheduler_params`)
+    max_rows: Optional[int] = None  # sequences decoded together; default the profile's max_batch_size
+    kv_budget_tokens: Optional[int] = None  # KV positions running sequences may reserve; default max_rows × max_sequence_len
+    max_queue: Optional[int] = None  # waiting requests before "server busy"; default 8 × max_rows
+    stream_interval_steps: int = 1  # a stream's tokens leave every this many scheduler steps
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir)
@@ -54,6 +59,12 @@ class RepositoryConfig:
             raise BadInput(f"engine_call must be bls or inprocess, not {self.engine_call!r}")
         if self.engine_call == "inprocess" and self.variant is not ServingVariant.PYTHON_ORT:
             raise BadInput(f"engine_call inprocess runs the ONNX file in the generate model; the {self.variant.value} variant needs bls")
+        for name in ("max_rows", "kv_budget_tokens", "max_queue"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "max_queue" else 1)):
+                raise BadInput(f"{name} must be an integer ≥ {0 if name == 'max_queue' else 1}, not {value!r}")
+        if isinstance(self.stream_interval_steps, bool) or not isinstance(self.stream_interval_steps, int) or self.stream_interval_steps < 1:
+            raise BadInput(f"stream_interval_steps must be an integer ≥ 1, not {self.stream_interval_steps!r}")
 
 
 @dataclass
@@ -92,6 +103,29 @@ def python_model_source(name: str) -> str:
     return resources.files(__package__).joinpath("python_models", f"{name}.py").read_text()
 
 
+# The modules the generate model imports, copied beside its model.py (the python backend puts the version
+# directory on sys.path).
+GENERATE_MODULES = ("llm_scheduler", "kv_padded", "engine_runtimes")
+
+
+def scheduler_params(cfg: RepositoryConfig, engine_max_batch: int) -> dict:
+    """The generate model's scheduler limits: the running batch (rows), the KV budget its sequences may reserve
+    (prompt + max_tokens each, reserved at admission so that nobody is evicted), the queue before "busy"."""
+    profile: DeploymentProfile = cfg.profile
+    rows = cfg.max_rows or profile.max_batch_size
+    budget = cfg.kv_budget_tokens or rows * profile.max_sequence_len
+    if budget < profile.max_sequence_len:
+        raise BadInput(f"kv_budget_tokens {budget} holds less than one sequence of {profile.max_sequence_len} tokens")
+    return {
+        "max_rows": rows,
+        "kv_budget_tokens": budget,
+        "max_queue": cfg.max_queue if cfg.max_queue is not None else 8 * rows,
+        "max_prefill_tokens": max(profile.max_input_len, 2048),
+        "stream_interval_steps": cfg.stream_interval_steps,
+        "engine_max_batch": engine_max_batch,
+    }
+
+
 @dataclass
 class _Plan:
     """Everything decided before a file is written."""
@@ -102,6 +136,7 @@ class _Plan:
     onnx_variant: str
     onnx_files: list[Path]
     engine_files: list[Path]
+    trt_profiles: int  # the engine's shape profiles (from engine.json, else as the engine stage would build them)
     io: ModelIO
     batching: Batching
     notes: list[str]
@@ -177,7 +212,13 @@ def _plan(cfg: RepositoryConfig) -> _Plan:
         max_batch = engine_max_batch
     preferred = [b for b in profile.preferred_batch_sizes if b <= max_batch]
     batching = Batching(max_batch, preferred, profile.max_queue_delay_us)
-    return _Plan(layout, report, kind, onnx_variant, onnx_files, engine_files, io, batching, notes, missing)
+    if meta is not None:
+        trt_profiles = len(meta.shape_profiles)
+    else:
+        from ..engine.shapes import axis_ranges
+
+        trt_profiles = len(axis_ranges(kind, profile))
+    return _Plan(layout, report, kind, onnx_variant, onnx_files, engine_files, trt_profiles, io, batching, notes, missing)
 
 
 def _tokenizer_config(layout: artifacts.ModelLayout) -> dict:
@@ -234,7 +275,7 @@ def _engine_model(w: _Writer, cfg: RepositoryConfig, plan: _Plan, name: str) -> 
     placement = Placement("gpu", gpus=profile.gpus_per_pod) if cfg.device == "gpu" else Placement("cpu")
     config = configs.engine_model(
         name, variant, plan.io, plan.kind, plan.batching, placement, getattr(profile.precision, "value", profile.precision),
-        int(profile.builder.workspace_gib * (1 << 30)),
+        int(profile.builder.workspace_gib * (1 << 30)), tuple(str(i) for i in range(plan.trt_profiles)),
     )
     placed = w.config(config, "engine", [f"inputs/outputs from {plan.io.source}"])
     if variant == "tensorrt_plan":
@@ -264,6 +305,7 @@ def _decoder_models(w: _Writer, cfg: RepositoryConfig, plan: _Plan) -> None:
         "engine_call": cfg.engine_call,
         "kv_cache": {"slots": slots, "dtype": TRITON_TO_NUMPY[kv_type], "logits": "logits"},
         "eos_token_ids": _eos_ids(plan.layout),
+        "scheduler": scheduler_params(cfg, plan.batching.max_batch_size),
         "max_input_len": str(profile.max_input_len),
         "max_output_len": str(profile.max_output_len),
         "max_sequence_len": str(profile.max_sequence_len),
@@ -273,9 +315,12 @@ def _decoder_models(w: _Writer, cfg: RepositoryConfig, plan: _Plan) -> None:
         "onnx_variant": plan.onnx_variant,
     }
     if cfg.engine_call == "inprocess":
-        params.update({"engine_onnx": f"{LLM}/{VERSION}/model.onnx", "intra_op_num_threads": "1"})
+        params.update({"engine_runtime": "onnxruntime", "engine_file": f"{LLM}/{VERSION}/model.onnx",
+                       "intra_op_num_threads": "1"})
     placed = w.config(configs.generate_model(GENERATE, params), "entry")
     w.file(placed, "model.py", text=python_model_source("generate"))
+    for module in GENERATE_MODULES:
+        w.file(placed, f"{module}.py", text=python_model_source(module))
     w.tokenizer(placed, plan.layout.tokenizer_dir)
 
 

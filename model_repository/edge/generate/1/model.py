@@ -1,245 +1,46 @@
-"""Triton python-backend model `generate`: prompt text in, generated text out — whole or streamed per token.
+"""Triton python-backend model `generate`: prompt text in, generated text out — whole or streamed — served by an
+in-flight batching scheduler (llm_scheduler.py) that decodes every running request in one engine call per step.
 
-Decoupled (`model_transaction_policy { decoupled: true }`): `execute()` hands every request to its own thread
-and returns at once, so many streams run side by side; each thread answers its request with exactly one FINAL
-response in every case, errors included (an exception that escaped a thread would leave the client hanging).
+Decoupled (`model_transaction_policy { decoupled: true }`), `max_batch_size 1`: every input carries a leading
+batch dimension of 1 (scalars [1, 1]), the shape Triton's OpenAI frontend, genai-perf and TensorRT-LLM clients
+send. Threads, and only these: `execute()` parses each request and hands it to the scheduler at once (or answers
+it with an error); one loop thread runs the scheduler; one sender thread sends every response, so a decode step
+never waits for a send and no two threads send at the same time; a watcher thread polls cancellation.
 
-Per request: tokenize (the tokenizer in `tokenizer/` beside this file), prefill the prompt, then decode one
-token at a time against the KV cache the engine model returns (`present.*` fed back as `past_key_values.*`).
-The engine model is reached either through BLS, by name (`engine_call: bls` — any variant: tensorrt_plan,
-onnxruntime_onnx, python_ort), or, for the python_ort variant, by running the same ONNX file in this process
-(`engine_call: inprocess` — a BLS hop costs ~0.3 ms here against ~5 µs for a direct ONNX Runtime call).
+Inputs: text_input; optional max_tokens, temperature (0 = greedy, the default), top_p, seed, stop_words (Triton's
+name) or stop, stream, ignore_eos, exclude_input_in_output (default true), skip_special_tokens (default true),
+return_num_input_tokens, return_num_output_tokens (accepted: the counts are always sent). Outputs: text_output
+(the new text of this response when streaming, else the whole completion), token_ids (this response's tokens),
+finish_reason ("length" | "stop" | "eos"; empty on non-final chunks), num_input_tokens, num_output_tokens (tokens in
+this response). A stream's tokens leave per scheduler step — the step's new tokens of every stream in one
+response each, or every `stream_interval_steps` steps — then a last response with the FINAL flag carries the
+finish_reason. Errors are one line to the client ("server busy: …" when the queue is full) and the traceback, if
+any, goes to Triton's log.
 
-Inputs: text_input; optional max_tokens, temperature (0 = greedy, the default), top_p, seed, stop (strings),
-stream. Outputs: text_output (the new piece when streaming, else the whole completion), token_ids,
-finish_reason ("length" | "stop" | "eos"; empty on non-final chunks). With stream=true the tokens go out as they
-are decoded — the first alone, later ones grouped when decoding outpaces sending (see `_Pump`) — and a last
-response with empty text and the finish_reason carries the FINAL flag.
+The engine is reached in-process — ONNX Runtime (CPU, or the CUDA execution provider), a TensorRT plan or a
+TensorRT-RTX plan (engine_runtimes.py) — or through BLS, by name (`engine_call: bls`, any Triton engine model).
 
-Written by `r1deploy repository`; the source is exporter/repository/python_models/generate.py. Nothing below
-needs Triton to be imported, so the sampling and text logic is tested directly.
+Written by `r1deploy repository`; the source is exporter/repository/python_models/generate.py, with the modules
+it imports copied beside it.
 """
 
 import json
-import math
 import queue
 import threading
-from dataclasses import dataclass, field
+import time
+import traceback
 from pathlib import Path
 
 import numpy as np
+from kv_padded import CacheSlot, PaddedKVEngine
+from llm_scheduler import Limits, RequestError, SamplingParams, Scheduler, Sequence, ServerBusy, TextStream
 
 try:
     import triton_python_backend_utils as pb_utils
 except ImportError:  # imported outside Triton (tests)
     pb_utils = None
 
-
-class RequestError(Exception):
-    """The request is unusable; its message goes back to the client and the server keeps serving."""
-
-
-@dataclass
-class Settings:
-    prompt: str
-    max_tokens: int
-    temperature: float = 0.0
-    top_p: float = 1.0
-    seed: int | None = None
-    stop: list[str] = field(default_factory=list)
-    stream: bool = False
-
-
-class Sampler:
-    """Greedy at temperature 0; otherwise softmax(logits / temperature), cut to the top-p nucleus."""
-
-    def __init__(self, temperature: float, top_p: float, seed: int | None):
-        self.temperature, self.top_p = temperature, top_p
-        self.rng = np.random.default_rng(seed)
-
-    def __call__(self, logits: np.ndarray) -> int:
-        if self.temperature <= 0:
-            return int(np.argmax(logits))
-        x = logits.astype(np.float64) / self.temperature
-        p = np.exp(x - x.max())
-        p /= p.sum()
-        if self.top_p < 1.0:
-            order = np.argsort(-p, kind="stable")
-            keep = order[: int(np.searchsorted(np.cumsum(p[order]), self.top_p)) + 1]
-            nucleus = np.zeros_like(p)
-            nucleus[keep] = p[keep]
-            p = nucleus / nucleus.sum()
-        return int(self.rng.choice(p.shape[0], p=p))
-
-
-class TextStream:
-    """Detokenizes incrementally and applies stop strings; `push` returns only text that can no longer change:
-    an incomplete UTF-8 character (a trailing U+FFFD) and a tail that may begin a stop string are held back.
-
-    Each token decodes only a short window — the tokens since the last emitted piece, after the piece before it
-    as context (a tokenizer may drop a leading space at the start of a decode; the difference of two decodes
-    of the same start cancels it) — and stop strings are searched only where new text could complete one, so a
-    token costs the same at position 10 and 10 000 (decoding the whole text at every token is quadratic).
-    With `incremental=False` (no streaming, no stop strings) nothing is decoded until `finish`."""
-
-    def __init__(self, decode, stop: list[str], incremental: bool = True):
-        self.decode, self.stop = decode, [s for s in stop if s]
-        self.incremental = incremental or bool(self.stop)
-        self.tokens: list[int] = []
-        self.prefix = 0  # first token of the decode window
-        self.read = 0  # tokens before this one are in `text`
-        self.partial = 0  # characters of the open window already in `text`
-        self.text = ""  # the final text so far (stop string removed); complete after `finish`
-        self.emitted = 0
-        self.stopped = False
-        self.longest_stop = max((len(s) for s in self.stop), default=0)
-
-    def _held(self, text: str) -> int:
-        for k in range(min(len(text), self.longest_stop - 1), 0, -1):
-            if any(s.startswith(text[-k:]) for s in self.stop):
-                return k
-        return 0
-
-    def _extend(self, final: bool) -> None:
-        """Move the text that the tokens past `read` complete (all of it when `final`) into `text`."""
-        window = self.decode(self.tokens[self.prefix :])
-        before = self.decode(self.tokens[self.prefix : self.read]) if self.read > self.prefix else ""
-        new = window[len(before) :] if len(window) > len(before) else ""
-        start = len(self.text)
-        if new.endswith("\ufffd") and not final:
-            # an incomplete character: what precedes it is final, the window stays open
-            stable = new.rstrip("\ufffd")
-            self.text += stable[self.partial :]
-            self.partial = max(self.partial, len(stable))
-        else:
-            self.text += new[self.partial :]
-            self.partial = 0
-            self.prefix, self.read = self.read, len(self.tokens)
-        search_from = max(0, start - self.longest_stop + 1)
-        found = [at for at in (self.text.find(s, search_from) for s in self.stop) if at >= 0]
-        if found:
-            self.stopped = True
-            self.text = self.text[: min(found)]
-
-    def push(self, token: int) -> str:
-        self.tokens.append(token)
-        if not self.incremental:
-            return ""
-        self._extend(final=False)
-        if self.stopped:
-            return self._take(len(self.text))
-        return self._take(len(self.text) - self._held(self.text))
-
-    def finish(self) -> str:
-        """The rest of the text (incomplete characters as U+FFFD); `text` is then the whole completion."""
-        if not self.stopped and self.read < len(self.tokens):
-            self._extend(final=True)
-        return self._take(len(self.text))
-
-    def _take(self, upto: int) -> str:
-        piece = self.text[self.emitted : upto] if upto > self.emitted else ""
-        self.emitted = max(self.emitted, upto)
-        return piece
-
-
-@dataclass(frozen=True)
-class CacheSlot:
-    past: str  # input name, past_key_values.<i>.key|value
-    present: str  # output name, present.<i>.key|value
-    heads: int
-    dim: int
-
-
-class Decoder:
-    """prefill / decode steps of a KV-cache ONNX graph; `run(feeds, output_names) -> list of arrays`."""
-
-    def __init__(self, run, slots: list[CacheSlot], kv_dtype: str, logits: str = "logits"):
-        self.run, self.slots, self.kv_dtype, self.logits = run, slots, np.dtype(kv_dtype), logits
-        self.outputs = [logits] + [s.present for s in slots]
-
-    def step(self, ids: list[int], past: list[np.ndarray] | None, start: int):
-        """Logits of the last position, and the new cache, for `ids` placed after `start` cached positions."""
-        n = len(ids)
-        feeds = {
-            "input_ids": np.asarray([ids], dtype=np.int64),
-            "attention_mask": np.ones((1, start + n), dtype=np.int64),
-            "position_ids": np.arange(start, start + n, dtype=np.int64)[None, :],
-        }
-        for i, s in enumerate(self.slots):
-            feeds[s.past] = past[i] if past is not None else np.zeros((1, s.heads, 0, s.dim), dtype=self.kv_dtype)
-        out = self.run(feeds, self.outputs)
-        return out[0][0, -1], out[1:]
-
-
-def generate(decoder: Decoder, prompt_ids: list[int], settings: Settings, text: TextStream, eos: set[int],
-             max_sequence_len: int, cancelled=lambda: False):
-    """Yields (token, text piece) per generated token; returns the finish reason."""
-    sampler = Sampler(settings.temperature, settings.top_p, settings.seed)
-    logits, past = decoder.step(prompt_ids, None, 0)
-    position = len(prompt_ids)
-    budget = min(settings.max_tokens, max_sequence_len - position)
-    for i in range(budget):
-        token = sampler(logits)
-        if token in eos:
-            return "eos"
-        piece = text.push(token)
-        yield token, piece
-        if text.stopped:
-            return "stop"
-        # a cancellation check is a round trip to the server process (~70 µs here): not on every token
-        if i == budget - 1 or (i % 16 == 15 and cancelled()):
-            break
-        logits, past = decoder.step([token], past, position)
-        position += 1
-    return "length"
-
-
-class _Pump:
-    """Sends a stream's chunks from a second thread, so a decode step never waits for `send()` (a round trip to
-    the server, ~0.3 ms here). Tokens decoded while a send is under way leave together in the next response:
-    the first token always goes alone (time to first token is unchanged), and when decoding outpaces sending,
-    responses carry several tokens instead of queueing up one per token."""
-
-    def __init__(self, sender, make_response):
-        self.sender, self.make_response = sender, make_response
-        self.queue, self.error = queue.SimpleQueue(), None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self):
-        done = False
-        while not done:
-            item = self.queue.get()
-            if item is None:
-                return
-            pieces, tokens = [item[0]], [item[1]]
-            while True:
-                try:
-                    item = self.queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    done = True
-                    break
-                pieces.append(item[0])
-                tokens.append(item[1])
-            if self.error is None:
-                try:
-                    self.sender.send(self.make_response("".join(pieces), tokens, ""))
-                except Exception as exc:  # noqa: BLE001 — reported by close()
-                    self.error = exc
-
-    def put(self, piece: str, token: int) -> None:
-        if self.error is not None:
-            raise self.error
-        self.queue.put((piece, token))
-
-    def close(self) -> None:
-        """Wait until every chunk is sent, so the FINAL response goes last."""
-        self.queue.put(None)
-        self.thread.join()
-        if self.error is not None:
-            raise self.error
+MAX_PROMPT_BYTES_PER_TOKEN = 64  # a prompt longer than max_input_len × this is refused before tokenizing
 
 
 def _param(config: dict, key: str, default: str | None = None) -> str:
@@ -251,15 +52,118 @@ def _param(config: dict, key: str, default: str | None = None) -> str:
     return value
 
 
-def _scalar(request, name: str, kind, default):
+def _values(request, name: str):
     tensor = pb_utils.get_input_tensor_by_name(request, name)
-    if tensor is None:
+    return None if tensor is None else tensor.as_numpy().reshape(-1)
+
+
+def _scalar(request, name: str, kind, default):
+    values = _values(request, name)
+    if values is None:
         return default
-    values = tensor.as_numpy().reshape(-1)
     if values.size != 1:
         raise RequestError(f"{name} must hold one value, got {values.size}")
     value = values[0]
     return value.decode("utf-8") if isinstance(value, bytes) else kind(value)
+
+
+def _strings(request, name: str) -> list[str]:
+    values = _values(request, name)
+    if values is None:
+        return []
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
+
+
+class _Handle:
+    """What the sender needs to answer one request."""
+
+    __slots__ = ("request", "sender", "prompt_text", "echo", "last_sent_step", "prompt_tokens")
+
+    def __init__(self, request, prompt_text: str, echo: bool, prompt_tokens: int):
+        self.request, self.sender = request, request.get_response_sender()
+        self.prompt_text, self.echo, self.prompt_tokens = prompt_text, echo, prompt_tokens
+        self.last_sent_step = -1
+
+
+class _Metrics:
+    """The scheduler's figures as Triton custom metrics (`pb_utils.MetricFamily`), on the server's metrics port:
+    Triton's own queue time no longer sees the wait, which happens inside this model. Updated from the loop at
+    most every `period` seconds (each update is a round trip to the server process)."""
+
+    PREFIX = "r1deploy_generate_"
+
+    def __init__(self, labels: dict, period: float = 0.25):
+        self.period, self.last = period, 0.0
+        fam = pb_utils.MetricFamily
+        gauge, counter = fam.GAUGE, fam.COUNTER
+
+        self.families: dict = {}  # a family must outlive its metrics: keep them all
+
+        def metric(name, doc, kind, extra=None):
+            family = self.families.get(name)
+            if family is None:
+                family = self.families[name] = fam(name=self.PREFIX + name, description=doc, kind=kind)
+            return family.Metric(labels={**labels, **(extra or {})})
+
+        self.waiting = metric("requests_waiting", "Requests waiting for a row of the running batch", gauge)
+        self.running = metric("requests_running", "Requests in the running batch", gauge)
+        self.kv_used = metric("kv_cache_utilization", "KV-cache budget reserved by running requests (0..1)", gauge)
+        self.kv_tokens = metric("kv_cache_tokens", "KV-cache positions held by running requests", gauge)
+        self.queue_us = metric("queue_duration_us", "Cumulative time admitted requests waited, in microseconds", counter)
+        self.admitted = metric("requests_admitted", "Requests admitted to the running batch", counter)
+        self.ttft_us = metric("time_to_first_token_us", "Cumulative time from arrival to first token, in microseconds", counter)
+        self.first_tokens = metric("first_tokens", "Requests that produced a first token", counter)
+        self.tokens = metric("generated_tokens", "Generated tokens", counter)
+        self.rejected = metric("requests_rejected", "Requests refused because the queue was full", counter)
+        self.finished = {
+            reason: metric("requests_finished", "Requests that left the batch, by reason", counter, {"reason": reason})
+            for reason in ("length", "stop", "eos", "cancelled", "shutdown", "error")
+        }
+        self.acc = {"queue_us": 0.0, "admitted": 0, "ttft_us": 0.0, "first_tokens": 0, "tokens": 0, "rejected": 0}
+        self.acc_finished = dict.fromkeys(self.finished, 0)
+        self.lock = threading.Lock()
+
+    def add(self, key: str, value=1) -> None:
+        with self.lock:
+            self.acc[key] += value
+
+    def record(self, stats) -> None:
+        with self.lock:
+            acc = self.acc
+            acc["admitted"] += stats.admitted
+            acc["queue_us"] += stats.queue_s * 1e6
+            acc["first_tokens"] += stats.first_tokens
+            acc["ttft_us"] += stats.ttft_s * 1e6
+            acc["tokens"] += stats.tokens
+
+    def finish(self, reason: str) -> None:
+        with self.lock:
+            self.acc_finished[reason] = self.acc_finished.get(reason, 0) + 1
+
+    def flush(self, scheduler: Scheduler, now: float, force: bool = False) -> None:
+        if not force and now - self.last < self.period:
+            return
+        self.last = now
+        try:
+            self._flush(scheduler)
+        except Exception:  # noqa: BLE001 — metrics must never stop the loop
+            pb_utils.Logger.log_warn(f"generate: metrics update failed: {traceback.format_exc()}")
+
+    def _flush(self, scheduler: Scheduler) -> None:
+        waiting, running = scheduler.counts
+        self.waiting.set(waiting)
+        self.running.set(running)
+        self.kv_used.set(scheduler.reserved / scheduler.limits.kv_budget_tokens)
+        self.kv_tokens.set(scheduler.kv_used_tokens)
+        with self.lock:
+            acc, self.acc = self.acc, dict.fromkeys(self.acc, 0)
+            fin, self.acc_finished = self.acc_finished, dict.fromkeys(self.acc_finished, 0)
+        for key, value in acc.items():
+            if value:
+                getattr(self, key).increment(value)
+        for reason, n in fin.items():
+            if n and reason in self.finished:
+                self.finished[reason].increment(n)
 
 
 class TritonPythonModel:
@@ -269,33 +173,50 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         model_dir = Path(args["model_repository"])
         version_dir = model_dir / args["model_version"]
-        self.tokenizer = Tokenizer.from_file(str(version_dir / _param(config, "tokenizer", "tokenizer") / "tokenizer.json"))
-        self.eos = set(json.loads(_param(config, "eos_token_ids", "[]")))
+        self.logger = pb_utils.Logger
+        tokenizer_dir = version_dir / _param(config, "tokenizer", "tokenizer")
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+        self.eos = set(json.loads(_param(config, "eos_token_ids")))
         self.max_input_len = int(_param(config, "max_input_len"))
         self.max_output_len = int(_param(config, "max_output_len"))
-        self.max_sequence_len = int(_param(config, "max_sequence_len"))
         self.default_max_tokens = int(_param(config, "default_max_tokens", "64"))
+        sched = json.loads(_param(config, "scheduler"))
+        limits = Limits(
+            max_rows=int(sched["max_rows"]), kv_budget_tokens=int(sched["kv_budget_tokens"]),
+            max_queue=int(sched["max_queue"]), max_sequence_len=int(_param(config, "max_sequence_len")),
+            max_prefill_tokens=int(sched.get("max_prefill_tokens", 8192)),
+        )
+        self.stream_interval = max(1, int(sched.get("stream_interval_steps", 1)))
         cache = json.loads(_param(config, "kv_cache"))
         slots = [CacheSlot(**s) for s in cache["slots"]]
-        self.engine_model = _param(config, "engine_model")
-        self.engine_call = _param(config, "engine_call", "bls")
-        if self.engine_call == "inprocess":
-            import onnxruntime as ort
+        engine_call = _param(config, "engine_call", "bls")
+        if engine_call == "inprocess":
+            from engine_runtimes import load_runner
 
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = int(_param(config, "intra_op_num_threads", "1"))
-            onnx_path = model_dir.parent / _param(config, "engine_onnx")
-            session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-            run = lambda feeds, outputs: session.run(outputs, feeds)  # noqa: E731
-        elif self.engine_call == "bls":
-            run = self._bls
+            runtime = _param(config, "engine_runtime", "onnxruntime")
+            engine_file = model_dir.parent / _param(config, "engine_file")
+            run, max_batch = load_runner(runtime, engine_file, config)
+        elif engine_call == "bls":
+            self.engine_model = _param(config, "engine_model")
+            run, max_batch = self._bls, int(sched.get("engine_max_batch", limits.max_rows))
         else:
-            raise ValueError(f"engine_call must be bls or inprocess, not {self.engine_call!r}")
-        self.decoder = Decoder(run, slots, cache["dtype"], cache.get("logits", "logits"))
+            raise ValueError(f"engine_call must be bls or inprocess, not {engine_call!r}")
+        engine = PaddedKVEngine(run, slots, cache["dtype"], limits.max_rows, cache.get("logits", "logits"),
+                                pad_id=int(cache.get("pad_id", 0)), max_batch=max_batch)
+        self.scheduler = Scheduler(engine, limits, self.eos)
+        self.metrics = _Metrics({"model": args["model_name"], "version": args["model_version"]})
         self.shutdown = threading.Event()
-        self.threads: set[threading.Thread] = set()
-        self.lock = threading.Lock()
+        self.outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.step_count = 0
+        self.threads = [
+            threading.Thread(target=self._loop, name="generate-loop", daemon=True),
+            threading.Thread(target=self._send_loop, name="generate-sender", daemon=True),
+            threading.Thread(target=self._watch_cancellation, name="generate-cancel", daemon=True),
+        ]
+        for t in self.threads:
+            t.start()
 
+    # -- engine call through BLS -----------------------------------------------------------------------------
     def _bls(self, feeds: dict, outputs: list[str]) -> list[np.ndarray]:
         request = pb_utils.InferenceRequest(
             model_name=self.engine_model,
@@ -308,95 +229,188 @@ class TritonPythonModel:
         # copies: the response's memory is released with it
         return [np.array(pb_utils.get_output_tensor_by_name(response, name).as_numpy()) for name in outputs]
 
+    # -- requests in -------------------------------------------------------------------------------------------
+    def _sequence(self, request) -> Sequence:
+        try:
+            prompt = _scalar(request, "text_input", str, "")
+            stop = _strings(request, "stop_words") + _strings(request, "stop")
+        except UnicodeDecodeError:
+            raise RequestError("text inputs must be UTF-8") from None
+        if not prompt.strip():
+            raise RequestError("text_input is empty")
+        if len(prompt.encode("utf-8")) > self.max_input_len * MAX_PROMPT_BYTES_PER_TOKEN:
+            raise RequestError(f"prompt is longer than this deployment accepts ({self.max_input_len} tokens)")
+        params = SamplingParams(
+            max_tokens=_scalar(request, "max_tokens", int, self.default_max_tokens),
+            temperature=_scalar(request, "temperature", float, 0.0),
+            top_p=_scalar(request, "top_p", float, 1.0),
+            seed=_scalar(request, "seed", int, None),
+            stop=stop,
+            ignore_eos=bool(_scalar(request, "ignore_eos", bool, False)),
+            stream=bool(_scalar(request, "stream", bool, False)),
+            skip_special_tokens=bool(_scalar(request, "skip_special_tokens", bool, True)),
+        )
+        params.validate(self.max_output_len)
+        prompt_ids = self.tokenizer.encode(prompt).ids
+        if not prompt_ids:
+            raise RequestError("text_input has no tokens")
+        if len(prompt_ids) > self.max_input_len:
+            raise RequestError(f"prompt has {len(prompt_ids)} tokens; this deployment accepts at most {self.max_input_len}")
+        skip = params.skip_special_tokens
+        text = TextStream(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=skip), params.stop,
+                          incremental=params.stream)
+        echo = not bool(_scalar(request, "exclude_input_in_output", bool, True))
+        return Sequence(prompt_ids, params, text, handle=_Handle(request, prompt, echo, len(prompt_ids)))
+
     def execute(self, requests):
         for request in requests:
-            thread = threading.Thread(target=self._serve, args=(request,), daemon=True)
-            with self.lock:
-                self.threads.add(thread)
-            thread.start()
+            try:
+                self.scheduler.submit(self._sequence(request))
+            except ServerBusy as exc:
+                self.metrics.add("rejected")
+                self.outbox.put(("error", request.get_response_sender(), str(exc)))
+            except RequestError as exc:
+                self.outbox.put(("error", request.get_response_sender(), str(exc)))
+            except Exception as exc:  # noqa: BLE001 — answer the client, log the traceback
+                self.logger.log_error(f"generate: request failed: {traceback.format_exc()}")
+                self.outbox.put(("error", request.get_response_sender(), f"generate failed: {_line(exc)}"))
         return None
+
+    # -- the loop --------------------------------------------------------------------------------------------
+    def _loop(self):
+        scheduler = self.scheduler
+        while True:
+            stopping = self.shutdown.is_set()
+            if not scheduler.wait_for_work(0.05):
+                self.metrics.flush(scheduler, time.monotonic())
+                if stopping:
+                    break
+                continue
+            try:
+                ready, done, stats = scheduler.step(shutting_down=stopping)
+            except Exception as exc:  # noqa: BLE001 — the engine failed: fail the batch, keep serving
+                self.logger.log_error(f"generate: engine step failed: {traceback.format_exc()}")
+                for seq in scheduler.abort_running():
+                    self.metrics.finish("error")
+                    self.outbox.put(("error", seq.handle.sender, f"generate failed: {_line(exc)}"))
+                continue
+            self.step_count += 1
+            self.metrics.record(stats)
+            for seq in ready:
+                h = seq.handle
+                if seq.params.stream and (h.last_sent_step < 0 or self.step_count - h.last_sent_step >= self.stream_interval):
+                    self._emit(seq, final=False)
+            for seq in done:
+                self.metrics.finish(seq.finish_reason)
+                if seq.finish_reason == "shutdown":
+                    self.outbox.put(("error", seq.handle.sender, "the server is shutting down"))
+                elif seq.finish_reason == "cancelled":
+                    self.outbox.put(("cancelled", seq.handle.sender))
+                else:
+                    self._emit(seq, final=True)
+            self.metrics.flush(scheduler, time.monotonic())
+        self.metrics.flush(scheduler, time.monotonic(), force=True)
+        self.outbox.put(None)
+
+    def _emit(self, seq: Sequence, final: bool) -> None:
+        h: _Handle = seq.handle
+        if seq.params.stream:
+            text, tokens = seq.pending_text, seq.pending_tokens
+            if h.echo and h.last_sent_step < 0:
+                text = h.prompt_text + text
+        else:
+            text, tokens = seq.text.text, seq.tokens
+            if h.echo:
+                text = h.prompt_text + text
+        seq.pending_text, seq.pending_tokens = "", []
+        h.last_sent_step = self.step_count
+        self.outbox.put(("chunk", h, text, list(tokens), seq.finish_reason if final else "", final))
+
+    def _watch_cancellation(self):
+        """Cancelled (or disconnected) requests are flagged here; the loop frees their rows at its next step.
+        `is_cancelled` is a round trip to the server: the interval grows with the number of requests so that
+        polling costs at most ~10 % of a core."""
+        while not self.shutdown.is_set():
+            with self.scheduler.lock:
+                seqs = list(self.scheduler.waiting) + list(self.scheduler.running.values())
+            for seq in seqs:
+                check = getattr(seq.handle.request, "is_cancelled", None)
+                try:
+                    if check is not None and check():
+                        seq.cancelled = True
+                except Exception:  # noqa: BLE001 — the request is gone: treat as cancelled
+                    seq.cancelled = True
+            self.shutdown.wait(max(0.02, len(seqs) * 0.001))
+
+    # -- responses out -----------------------------------------------------------------------------------------
+    @staticmethod
+    def _response(text: str, tokens: list[int], finish: str, prompt_tokens: int):
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=np.object_)),
+            pb_utils.Tensor("token_ids", np.asarray([tokens], dtype=np.int64).reshape(1, -1)),
+            pb_utils.Tensor("finish_reason", np.array([[finish.encode("utf-8")]], dtype=np.object_)),
+            pb_utils.Tensor("num_input_tokens", np.array([[prompt_tokens]], dtype=np.uint32)),
+            pb_utils.Tensor("num_output_tokens", np.array([[len(tokens)]], dtype=np.uint32)),
+        ])
+
+    def _send_loop(self):
+        """The only thread that sends. Chunks of one stream that queued up while earlier sends were under way
+        leave together (in order), so sending never falls behind decoding by more than one response per stream."""
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        while True:
+            items = [self.outbox.get()]
+            while True:
+                try:
+                    items.append(self.outbox.get_nowait())
+                except queue.Empty:
+                    break
+            last = None in items
+            if last:
+                items = items[: items.index(None)]
+            for item in _coalesce(items):
+                try:
+                    if item[0] == "chunk":
+                        _, h, text, tokens, finish, is_final = item
+                        h.sender.send(self._response(text, tokens, finish, h.prompt_tokens), flags=final if is_final else 0)
+                    elif item[0] == "error":
+                        item[1].send(pb_utils.InferenceResponse(error=pb_utils.TritonError(item[2])), flags=final)
+                    else:  # cancelled: close the stream without a response
+                        item[1].send(flags=final)
+                except Exception:  # noqa: BLE001 — the client is gone; nothing to answer
+                    self.logger.log_verbose(f"generate: send failed: {traceback.format_exc()}")
+            if last:
+                return
 
     def finalize(self):
         self.shutdown.set()
-        with self.lock:
-            threads = list(self.threads)
-        for thread in threads:
-            thread.join(timeout=10)
+        self.scheduler.close()
+        for t in self.threads:
+            t.join(timeout=10)
 
-    def _settings(self, request) -> Settings:
-        prompt = _scalar(request, "text_input", str, "")
-        if not prompt.strip():
-            raise RequestError("text_input is empty")
-        max_tokens = _scalar(request, "max_tokens", int, self.default_max_tokens)
-        if not 1 <= max_tokens <= self.max_output_len:
-            raise RequestError(f"max_tokens must lie in 1..{self.max_output_len}, got {max_tokens}")
-        temperature = _scalar(request, "temperature", float, 0.0)
-        if not math.isfinite(temperature) or temperature < 0:
-            raise RequestError(f"temperature must be ≥ 0, got {temperature}")
-        top_p = _scalar(request, "top_p", float, 1.0)
-        if not 0 < top_p <= 1:
-            raise RequestError(f"top_p must lie in (0, 1], got {top_p}")
-        seed = _scalar(request, "seed", int, None)
-        stop_tensor = pb_utils.get_input_tensor_by_name(request, "stop")
-        stop = []
-        if stop_tensor is not None:
-            stop = [s.decode("utf-8") if isinstance(s, bytes) else str(s) for s in stop_tensor.as_numpy().reshape(-1)]
-        stream = bool(_scalar(request, "stream", bool, False))
-        return Settings(prompt, max_tokens, temperature, top_p, seed, stop, stream)
 
-    @staticmethod
-    def _response(text: str, tokens: list[int], finish: str):
-        return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor("text_output", np.array([text.encode("utf-8")], dtype=np.object_)),
-            pb_utils.Tensor("token_ids", np.asarray(tokens, dtype=np.int64)),
-            pb_utils.Tensor("finish_reason", np.array([finish.encode("utf-8")], dtype=np.object_)),
-        ])
+def _coalesce(items: list) -> list:
+    """Merge each stream's consecutive chunks (text and tokens joined, the last one's finish and flag kept);
+    other items keep their place."""
+    out: list = []
+    open_chunk: dict[int, int] = {}  # id(handle) → index in `out` of its chunk that is not final yet
+    for item in items:
+        if item[0] != "chunk":
+            out.append(item)
+            continue
+        key = id(item[1])
+        at = open_chunk.get(key)
+        if at is None:
+            out.append(item)
+        else:
+            _, h, text, tokens, _, _ = out[at]
+            out[at] = ("chunk", h, text + item[2], tokens + item[3], item[4], item[5])
+        if item[5]:
+            open_chunk.pop(key, None)
+        else:
+            open_chunk[key] = len(out) - 1 if at is None else at
+    return out
 
-    def _serve(self, request):
-        sender = request.get_response_sender()
-        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-        try:
-            try:
-                settings = self._settings(request)
-            except UnicodeDecodeError:
-                raise RequestError("text inputs must be UTF-8") from None
-            prompt_ids = self.tokenizer.encode(settings.prompt).ids
-            if not prompt_ids:
-                raise RequestError("text_input has no tokens")
-            if len(prompt_ids) > self.max_input_len:
-                raise RequestError(f"prompt has {len(prompt_ids)} tokens; this deployment accepts at most {self.max_input_len}")
-            text = TextStream(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=True), settings.stop,
-                              incremental=settings.stream)
-            cancelled = getattr(request, "is_cancelled", lambda: False)
-            stopping = lambda: self.shutdown.is_set() or cancelled()  # noqa: E731
-            tokens: list[int] = []
-            steps = generate(self.decoder, prompt_ids, settings, text, self.eos, self.max_sequence_len, stopping)
-            chunks = _Pump(sender, self._response) if settings.stream else None
-            try:
-                while True:
-                    try:
-                        token, piece = next(steps)
-                    except StopIteration as done:
-                        finish = done.value
-                        break
-                    tokens.append(token)
-                    if chunks is not None:
-                        chunks.put(piece, token)
-            finally:
-                if chunks is not None:
-                    chunks.close()
-            if self.shutdown.is_set():
-                raise RequestError("the server is shutting down")
-            rest = text.finish()
-            if settings.stream:
-                sender.send(self._response(rest, [], finish), flags=final)
-            else:
-                sender.send(self._response(text.text, tokens, finish), flags=final)
-        except RequestError as exc:
-            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc))), flags=final)
-        except Exception as exc:  # noqa: BLE001 — a thread's exception never reaches the client: answer it
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"generate failed: {type(exc).__name__}: {detail}")), flags=final)
-        finally:
-            with self.lock:
-                self.threads.discard(threading.current_thread())
+
+def _line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__

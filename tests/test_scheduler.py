@@ -1,0 +1,194 @@
+"""The generate model's in-flight batching scheduler (llm_scheduler.py) over the generic-graph KV engine
+(kv_padded.py), run in-process on the exported r1-distill-tiny with a real ONNX Runtime session: every answer
+is compared with the same prompt decoded alone by the independent reference loop (exporter/repository/reference.py)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import REPO
+
+from exporter.repository.reference import GreedyLoop
+
+sys.path.insert(0, str(REPO / "exporter/repository/python_models"))
+import kv_padded  # noqa: E402
+import llm_scheduler as ls  # noqa: E402
+
+WORDS = ("the key value cache stores attention keys and values of every past token while the model thinks step by "
+         "step about prefill and decode on a GPU").split()
+
+
+@pytest.fixture(scope="module")
+def onnx_path(exported) -> Path:
+    return exported("r1-distill-tiny").onnx_path
+
+
+@pytest.fixture(scope="module")
+def session(onnx_path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def reference(onnx_path):
+    return GreedyLoop(onnx_path)
+
+
+def make_engine(session, max_rows: int, max_batch: int | None = None) -> kv_padded.PaddedKVEngine:
+    slots = []
+    for i in session.get_inputs():
+        if i.name.startswith("past_key_values."):
+            slots.append(kv_padded.CacheSlot(i.name, i.name.replace("past_key_values.", "present."), i.shape[1], i.shape[3]))
+    return kv_padded.PaddedKVEngine(lambda feeds, outs: session.run(outs, feeds), slots, "float32", max_rows,
+                                    max_batch=max_batch)
+
+
+def make_scheduler(session, rows=8, budget=100_000, queue=64, max_batch=None, eos=frozenset()):
+    limits = ls.Limits(max_rows=rows, kv_budget_tokens=budget, max_queue=queue, max_sequence_len=4096)
+    return ls.Scheduler(make_engine(session, rows, max_batch), limits, set(eos))
+
+
+def seq(prompt_ids, max_tokens, stop=(), **kw):
+    params = ls.SamplingParams(max_tokens=max_tokens, stop=list(stop), **kw)
+    decode = lambda ids: " ".join(str(i) for i in ids)  # noqa: E731 — a stand-in tokenizer: ids as text
+    return ls.Sequence(list(prompt_ids), params, ls.TextStream(decode, params.stop))
+
+
+def prompt(n: int, shift: int = 0) -> list[int]:
+    return [(7 * k + 3 * shift + 11) % 700 + 5 for k in range(n)]
+
+
+def run_all(scheduler, arrivals: dict[int, list], max_steps=2000):
+    """Step until every sequence has finished; `arrivals[k]` are submitted before step k."""
+    finished = []
+    for k in range(max_steps):
+        for s in arrivals.get(k, []):
+            scheduler.submit(s)
+        _, done, _ = scheduler.step()
+        finished += done
+        if not scheduler.running and not scheduler.waiting and k >= max(arrivals):
+            return finished
+    raise AssertionError("did not finish")
+
+
+def test_batched_greedy_equals_each_alone(session, reference):
+    """16 requests, mixed prompt lengths and max_tokens, joining while others run, through a batch of 6 rows
+    (so some wait for a free row) and engine calls of at most 4 rows: token for token what each gets alone."""
+    sched = make_scheduler(session, rows=6, max_batch=4)
+    seqs = [seq(prompt(3 + (5 * i) % 29, i), 4 + (7 * i) % 21) for i in range(16)]
+    arrivals = {0: seqs[:5], 3: seqs[5:9], 4: seqs[9:10], 11: seqs[10:15], 30: seqs[15:]}
+    done = run_all(sched, arrivals)
+    assert len(done) == 16 and {s.finish_reason for s in done} == {"length"}
+    for s in seqs:
+        assert s.tokens == reference(s.prompt_ids, s.params.max_tokens), (len(s.prompt_ids), s.params.max_tokens)
+    assert sched.free_rows and len(sched.free_rows) == 6 and sched.reserved == 0
+    assert sched.engine.width == 0 and sched.engine.order == []
+
+
+def test_seeded_sampling_is_the_same_alone_and_in_company(session):
+    def sampled(company: int) -> list[int]:
+        sched = make_scheduler(session, rows=8)
+        target = seq(prompt(12, 1), 20, temperature=0.9, top_p=0.95, seed=1234)
+        others = [seq(prompt(5 + i, 9 + i), 15, temperature=1.3, seed=i) for i in range(company)]
+        run_all(sched, {0: others[: company // 2] + [target], 2: others[company // 2 :]})
+        return target.tokens
+
+    alone = sampled(0)
+    assert len(alone) == 20
+    assert sampled(5) == alone
+    other_seed = make_scheduler(session)
+    s = seq(prompt(12, 1), 20, temperature=0.9, top_p=0.95, seed=99)
+    run_all(other_seed, {0: [s]})
+    assert s.tokens != alone  # the seed, not the batch, decides
+
+
+def test_cancelled_request_frees_its_row_at_the_next_step(session):
+    sched = make_scheduler(session, rows=2)
+    a, b, c = seq(prompt(8), 200), seq(prompt(9, 1), 200), seq(prompt(10, 2), 5)
+    for s in (a, b, c):
+        sched.submit(s)
+    sched.step()
+    assert {a.row, b.row} == {0, 1} and c.status == ls.WAITING
+    a.cancelled = True
+    _, done, _ = sched.step()
+    assert done == [a] and a.finish_reason == "cancelled" and a.row is None
+    assert c.status == ls.RUNNING  # took the freed row in the same step
+    c.cancelled = False
+    waiting = seq(prompt(4), 3)
+    sched.submit(waiting)
+    waiting.cancelled = True
+    _, done, _ = sched.step()
+    assert waiting in done and waiting.finish_reason == "cancelled"
+
+
+def test_stop_string_ends_only_its_own_row(session, reference):
+    p = prompt(10, 4)
+    full = reference(p, 20)
+    stop = f"{full[5]} {full[6]}"  # the stand-in tokenizer decodes ids as space-separated numbers
+    sched = make_scheduler(session, rows=4)
+    stopped, other = seq(p, 20, stop=[stop]), seq(p, 20)
+    run_all(sched, {0: [stopped, other]})
+    assert stopped.finish_reason == "stop" and stopped.tokens == full[:7]
+    assert stopped.text.text == " ".join(map(str, full[:5])) + " "
+    assert other.finish_reason == "length" and other.tokens == full
+
+
+def test_eos_ends_a_row_unless_ignore_eos(session, reference):
+    p = prompt(10, 6)
+    full = reference(p, 12)
+    eos = {full[3]}
+    sched = make_scheduler(session, rows=4, eos=eos)
+    ended, ignoring = seq(p, 12), seq(p, 12, ignore_eos=True)
+    run_all(sched, {0: [ended, ignoring]})
+    assert ended.finish_reason == "eos" and ended.tokens == full[: full.index(full[3])]
+    assert ignoring.finish_reason == "length" and ignoring.tokens == full
+
+
+def test_queue_limit_and_kv_budget(session):
+    sched = make_scheduler(session, rows=4, budget=60, queue=2)
+    with pytest.raises(ls.RequestError, match="KV-cache budget of 60"):
+        sched.submit(seq(prompt(30), 31))
+    first, second, third = seq(prompt(20), 20), seq(prompt(20, 1), 20), seq(prompt(5), 5)
+    sched.submit(first)
+    sched.submit(second)
+    with pytest.raises(ls.ServerBusy, match="server busy"):
+        sched.submit(seq(prompt(3), 3))
+    sched.step()
+    # 40 + 40 > 60: the second waits for the budget although a row is free, and FIFO keeps the third behind it
+    assert first.status == ls.RUNNING and second.status == ls.WAITING
+    sched.submit(third)
+    while first.status != ls.FINISHED:
+        sched.step()
+    assert third.status == ls.WAITING or second.status == ls.RUNNING
+    sched.step()
+    assert second.status in (ls.RUNNING, ls.FINISHED) and third.status in (ls.RUNNING, ls.FINISHED)
+
+
+def test_engine_failure_frees_every_row(session):
+    sched = make_scheduler(session, rows=3)
+    for i in range(3):
+        sched.submit(seq(prompt(6, i), 50))
+    sched.step()
+    done = sched.abort_running()
+    assert {s.finish_reason for s in done} == {"error"} and len(done) == 3
+    assert sorted(sched.free_rows) == [0, 1, 2] and sched.reserved == 0 and not sched.running
+
+
+def test_padded_prefill_zeroes_padding_and_matches_alone(session, reference):
+    """Prefill of prompts of different lengths in one call: logits equal each prompt alone; the padding the
+    left-aligned layout adds is zero in every cache slot."""
+    engine = make_engine(session, 4)
+    prompts = [prompt(3), prompt(17, 1), prompt(9, 2)]
+    logits = engine.prefill([0, 1, 2], prompts)
+    for row, p in enumerate(prompts):
+        assert int(np.argmax(logits[row])) == reference(p, 1)[0]
+        pad = engine.width - len(p)
+        assert all(np.all(c[row, :, :pad] == 0) for c in engine.cache)
+    engine.release([1])
+    assert engine.width == 9 and engine.order == [0, 2]
