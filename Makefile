@@ -19,7 +19,11 @@ RUNTIME  ?= tensorrt-rtx
 WORKDIR  ?= build
 R1       := $(BIN)/r1deploy --workdir $(WORKDIR)
 
-.PHONY: all venv pipeline test lint pytest build-engine clean help
+# A real Prometheus (Debian's package, unpacked into the venv) for the test that scrapes the CPU Triton and
+# evaluates the rendered alert and HPA-adapter rules; where it cannot be had that test is skipped, saying so.
+PROMETHEUS    := $(VENV)/prometheus/usr/bin/prometheus
+
+.PHONY: all venv pipeline test lint pytest build-engine clean help prometheus
 
 all: help
 
@@ -48,7 +52,15 @@ build-engine: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check exporter quantize tests benchmarks
 
-pytest: $(STAMP)
+prometheus: $(PROMETHEUS)
+
+$(PROMETHEUS):
+	mkdir -p $(VENV)/prometheus
+	cd $(VENV)/prometheus && { apt-get download prometheus >/dev/null 2>&1 || { apt-get update -qq >/dev/null 2>&1 && apt-get download prometheus >/dev/null 2>&1; }; } \
+		&& dpkg -x prometheus_*.deb . && rm -f prometheus_*.deb \
+		|| echo "Debian's prometheus package is not available here: tests/test_prometheus.py will be skipped"
+
+pytest: $(STAMP) $(PROMETHEUS)
 	$(BIN)/pytest -q tests
 
 test: lint pytest

@@ -13,7 +13,12 @@ import yaml
 from exporter.errors import StageFailed
 from exporter.manifests import ManifestsConfig, checks, render_manifests, render_tree
 from exporter.manifests.config import DEFAULT_TENSORRT_VERSION, triton_image_for
-from exporter.manifests.monitoring import ADAPTER_RULES, QUEUE_TIME_METRIC, promql_metrics
+from exporter.manifests.monitoring import (
+    ADAPTER_RULES,
+    QUEUE_TIME_METRIC,
+    TRITON_QUEUE_TIME_METRIC,
+    promql_metrics,
+)
 from exporter.profiles import load_profiles
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,10 +192,13 @@ def test_s3_storage_syncs_with_secret_reference_only(tmp_path):
 
 
 def test_dashboard_and_adapter_rule_read_only_triton_metrics():
-    for rule in ADAPTER_RULES.values():
-        assert promql_metrics(rule["metricsQuery"]) == {"nv_inference_queue_duration_us", "nv_inference_request_success"}
+    # decoders scale on the generate model's own queue (its scheduler queues inside the model), encoders on Triton's
+    assert promql_metrics(ADAPTER_RULES[QUEUE_TIME_METRIC]["metricsQuery"]) == {
+        "r1deploy_generate_queue_duration_us", "r1deploy_generate_requests_admitted"}
+    assert promql_metrics(ADAPTER_RULES[TRITON_QUEUE_TIME_METRIC]["metricsQuery"]) == {
+        "nv_inference_queue_duration_us", "nv_inference_request_success"}
     rules = yaml.safe_load((COMMITTED / "extras" / "prometheus-adapter-rules.yaml").read_text())
-    assert rules["rules"][0]["name"]["as"] == QUEUE_TIME_METRIC
+    assert sorted(r["name"]["as"] for r in rules["rules"]) == sorted([QUEUE_TIME_METRIC, TRITON_QUEUE_TIME_METRIC])
     deploy_doc = (REPO / "docs" / "deploy.md").read_text()
     assert QUEUE_TIME_METRIC in deploy_doc and "kubectl apply -k k8s/overlays/production" in deploy_doc
 

@@ -1,6 +1,11 @@
 """Everything that reads Triton's Prometheus metrics: the ServiceMonitor that scrapes them, the Prometheus adapter
-rule behind the HPA, the alert rules and the Grafana dashboard. Every metric named here must be one Triton exports
-(`TRITON_METRICS`); `checks.py` enforces it on the rendered objects."""
+rule behind the HPA, the alert rules and the Grafana dashboard. Every metric named here must be one Triton's
+metrics port exports — Triton's own (`TRITON_METRICS`) or the generate model's scheduler metrics
+(`GENERATE_METRICS`, custom metrics of the python backend); `checks.py` enforces it on the rendered objects.
+
+For LLMs (decoders) the queue lives inside the generate model — its in-flight batching scheduler takes every
+request at once and queues it itself — so Triton's `nv_inference_queue_duration_us` no longer sees the wait: the
+HPA and the queue-time alert read the scheduler's `r1deploy_generate_queue_duration_us` instead."""
 
 from __future__ import annotations
 
@@ -34,20 +39,52 @@ TRITON_METRICS: frozenset[str] = frozenset({
     "nv_cpu_memory_used_bytes",
 })
 TRITON_METRIC_PREFIXES = ("nv_cache_",)  # response-cache metrics: nv_cache_num_hits_per_model, …
+# The generate model's scheduler metrics (exporter/repository/python_models/generate.py, `_Metrics`).
+GENERATE_METRICS: frozenset[str] = frozenset({
+    "r1deploy_generate_requests_waiting",
+    "r1deploy_generate_requests_running",
+    "r1deploy_generate_kv_cache_utilization",
+    "r1deploy_generate_kv_cache_tokens",
+    "r1deploy_generate_queue_duration_us",
+    "r1deploy_generate_requests_admitted",
+    "r1deploy_generate_time_to_first_token_us",
+    "r1deploy_generate_first_tokens",
+    "r1deploy_generate_generated_tokens",
+    "r1deploy_generate_requests_rejected",
+    "r1deploy_generate_requests_finished",
+})
 
-# The HPA's Pods metric: mean queue time per successful request (µs), served by the Prometheus adapter rule below.
-QUEUE_TIME_METRIC = "nv_inference_queue_duration_us_per_request"
-ADAPTER_RULES: dict[str, dict] = {
-    QUEUE_TIME_METRIC: {
-        "seriesQuery": 'nv_inference_queue_duration_us{namespace!="",pod!=""}',
-        "resources": {"overrides": {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}},
-        "name": {"matches": "^nv_inference_queue_duration_us$", "as": QUEUE_TIME_METRIC},
-        "metricsQuery": (
-            "sum(rate(nv_inference_queue_duration_us{<<.LabelMatchers>>}[1m])) by (<<.GroupBy>>)"
-            " / clamp_min(sum(rate(nv_inference_request_success{<<.LabelMatchers>>}[1m])) by (<<.GroupBy>>), 0.001)"
-        ),
-    },
+# The HPA's Pods metric: mean queue time per request (µs), served by the Prometheus adapter rules below — the
+# scheduler's for decoders, Triton's for encoders.
+QUEUE_TIME_METRIC = "r1deploy_generate_queue_duration_us_per_request"
+TRITON_QUEUE_TIME_METRIC = "nv_inference_queue_duration_us_per_request"
+# metric name → (queue-time counter, request counter) whose rate ratio is the mean queue time per request
+_QUEUE_SOURCES = {
+    QUEUE_TIME_METRIC: ("r1deploy_generate_queue_duration_us", "r1deploy_generate_requests_admitted"),
+    TRITON_QUEUE_TIME_METRIC: ("nv_inference_queue_duration_us", "nv_inference_request_success"),
 }
+ADAPTER_RULES: dict[str, dict] = {
+    name: {
+        "seriesQuery": f'{queue}{{namespace!="",pod!=""}}',
+        "resources": {"overrides": {"namespace": {"resource": "namespace"}, "pod": {"resource": "pod"}}},
+        "name": {"matches": f"^{queue}$", "as": name},
+        "metricsQuery": (
+            f"sum(rate({queue}{{<<.LabelMatchers>>}}[1m])) by (<<.GroupBy>>)"
+            f" / clamp_min(sum(rate({count}{{<<.LabelMatchers>>}}[1m])) by (<<.GroupBy>>), 0.001)"
+        ),
+    }
+    for name, (queue, count) in _QUEUE_SOURCES.items()
+}
+
+
+def queue_time_metric(kind: str) -> str:
+    """The HPA metric for a model kind: decoders queue inside the generate model, encoders in Triton."""
+    return QUEUE_TIME_METRIC if kind == "decoder" else TRITON_QUEUE_TIME_METRIC
+
+
+def _mean_queue_time(kind: str, sel: str, per: str, window: str) -> str:
+    queue, count = _QUEUE_SOURCES[queue_time_metric(kind)]
+    return f"sum {per} (rate({queue}{{{sel}}}[{window}])) / clamp_min(sum {per} (rate({count}{{{sel}}}[{window}])), 0.001)"
 
 _PROMQL_WORDS = frozenset(
     "sum avg min max count rate irate increase delta idelta by without on ignoring group_left group_right and or "
@@ -57,7 +94,8 @@ _PROMQL_WORDS = frozenset(
 
 
 def is_triton_metric(name: str) -> bool:
-    return name in TRITON_METRICS or name.startswith(TRITON_METRIC_PREFIXES)
+    """Exported on Triton's metrics port: Triton's own, or the generate model's."""
+    return name in TRITON_METRICS or name in GENERATE_METRICS or name.startswith(TRITON_METRIC_PREFIXES)
 
 
 def promql_metrics(expr: str) -> set[str]:
@@ -95,17 +133,14 @@ def _selector(namespace: str) -> str:
     return f'namespace="{namespace}"'
 
 
-def alert_rules(profile: DeploymentProfile, namespace: str) -> list[dict]:
+def alert_rules(profile: DeploymentProfile, namespace: str, kind: str = "decoder") -> list[dict]:
     sel = _selector(namespace)
     queue_us = queue_time_target_us(profile) * 2
     per_pod = "by (namespace, pod)"
-    return [
+    rules = [
         {
             "alert": "TritonQueueTimeHigh",
-            "expr": (
-                f"sum {per_pod} (rate(nv_inference_queue_duration_us{{{sel}}}[5m]))"
-                f" / clamp_min(sum {per_pod} (rate(nv_inference_request_success{{{sel}}}[5m])), 0.001) > {queue_us}"
-            ),
+            "expr": f"{_mean_queue_time(kind, sel, per_pod, '5m')} > {queue_us}",
             "for": "10m",
             "labels": {"severity": "warning"},
             "annotations": {
@@ -140,14 +175,38 @@ def alert_rules(profile: DeploymentProfile, namespace: str) -> list[dict]:
             },
         },
     ]
+    if kind == "decoder":
+        rules += [
+            {
+                "alert": "GenerateRequestsRefused",
+                "expr": f"sum {per_pod} (rate(r1deploy_generate_requests_rejected{{{sel}}}[5m])) > 0",
+                "for": "5m",
+                "labels": {"severity": "warning"},
+                "annotations": {
+                    "summary": "The generate model refuses requests: its queue is full",
+                    "description": "{{ $labels.pod }} answered \"server busy\" for 5 minutes; scale out or raise max_queue.",
+                },
+            },
+            {
+                "alert": "GenerateKvCacheFull",
+                "expr": f"max {per_pod} (r1deploy_generate_kv_cache_utilization{{{sel}}}) > 0.95",
+                "for": "15m",
+                "labels": {"severity": "warning"},
+                "annotations": {
+                    "summary": "The generate model's KV-cache budget is nearly all reserved",
+                    "description": "Over 95% of the KV budget reserved for 15 minutes on {{ $labels.pod }}: requests wait for room.",
+                },
+            },
+        ]
+    return rules
 
 
-def prometheus_rule(name: str, profile: DeploymentProfile, namespace: str) -> dict:
+def prometheus_rule(name: str, profile: DeploymentProfile, namespace: str, kind: str = "decoder") -> dict:
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "PrometheusRule",
         "metadata": {"name": name},
-        "spec": {"groups": [{"name": f"{name}.triton", "rules": alert_rules(profile, namespace)}]},
+        "spec": {"groups": [{"name": f"{name}.triton", "rules": alert_rules(profile, namespace, kind)}]},
     }
 
 
@@ -190,6 +249,21 @@ DASHBOARD_PANELS: tuple[tuple[str, str, str], ...] = (
         ' / clamp_min(sum by (pod) (rate(nv_inference_count{namespace="$namespace"}[1m])), 0.001)',
         "µs",
     ),
+    ("Generate: requests running", 'sum by (pod) (r1deploy_generate_requests_running{namespace="$namespace"})', "short"),
+    ("Generate: requests waiting", 'sum by (pod) (r1deploy_generate_requests_waiting{namespace="$namespace"})', "short"),
+    (
+        "Generate: scheduler queue time per request",
+        'sum by (pod) (rate(r1deploy_generate_queue_duration_us{namespace="$namespace"}[1m]))'
+        ' / clamp_min(sum by (pod) (rate(r1deploy_generate_requests_admitted{namespace="$namespace"}[1m])), 0.001)',
+        "µs",
+    ),
+    (
+        "Generate: time to first token",
+        'sum by (pod) (rate(r1deploy_generate_time_to_first_token_us{namespace="$namespace"}[1m]))'
+        ' / clamp_min(sum by (pod) (rate(r1deploy_generate_first_tokens{namespace="$namespace"}[1m])), 0.001)',
+        "µs",
+    ),
+    ("Generate: tokens per second", 'sum by (pod) (rate(r1deploy_generate_generated_tokens{namespace="$namespace"}[1m]))', "short"),
     ("GPU utilization", 'avg by (pod) (nv_gpu_utilization{namespace="$namespace"})', "percentunit"),
     (
         "GPU memory used",

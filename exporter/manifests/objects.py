@@ -16,7 +16,7 @@ from .config import (
     ManifestsConfig,
     Storage,
 )
-from .monitoring import QUEUE_TIME_METRIC, queue_time_target_us
+from .monitoring import queue_time_metric, queue_time_target_us
 
 UID = 1000  # the non-root user of NVIDIA's Triton image (triton-server); the r1deploy image uses the same
 MODELS_MOUNT = "/models"  # the claim holds r1deploy's workdir: <model>/engines/<profile>/, <model>/model_repository/<profile>/
@@ -375,7 +375,7 @@ def horizontal_pod_autoscaler(cfg: ManifestsConfig, profile: DeploymentProfile) 
                 {
                     "type": "Pods",
                     "pods": {
-                        "metric": {"name": QUEUE_TIME_METRIC},
+                        "metric": {"name": queue_time_metric(cfg.kind)},
                         "target": {"type": "AverageValue", "averageValue": str(queue_time_target_us(profile))},
                     },
                 }

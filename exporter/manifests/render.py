@@ -75,7 +75,7 @@ def overlay_files(cfg: ManifestsConfig, profile: DeploymentProfile) -> dict[str,
     resources = {
         "namespace.yaml": objects.namespace(ns),
         "profile-configmap.yaml": objects.profile_configmap(cfg, profile),
-        "prometheusrule.yaml": monitoring.prometheus_rule(n["prometheusrule"], profile, ns),
+        "prometheusrule.yaml": monitoring.prometheus_rule(n["prometheusrule"], profile, ns, cfg.kind),
     }
     if profile.max_replicas > profile.replicas:
         resources["horizontalpodautoscaler.yaml"] = objects.horizontal_pod_autoscaler(cfg, profile)
