@@ -98,6 +98,59 @@ async def triton_request(session, base: str, prompt: str, max_tokens: int, strea
     return {"latency": time.perf_counter() - start, "tokens": tokens, "stamps": [(t - start, n) for t, n in stamps]}
 
 
+class GrpcStreams:
+    """Triton's gRPC streaming (`ModelStreamInfer`) with grpc.aio and the raw protobuf stubs tritonclient ships —
+    no SDK result objects. One stream per request, as Triton's OpenAI frontend and genai-perf do."""
+
+    def __init__(self, endpoint: str):
+        import grpc
+        from tritonclient.grpc import service_pb2 as pb
+        from tritonclient.grpc import service_pb2_grpc as pb_grpc
+
+        self.pb = pb
+        self.channel = grpc.aio.insecure_channel(endpoint)
+        self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
+
+    def _request(self, prompt: str, max_tokens: int):
+        import struct
+
+        pb = self.pb
+        req = pb.ModelInferRequest(model_name="generate")
+        raw = []
+        for name, dtype, data in (("text_input", "BYTES", struct.pack("<I", len(prompt.encode())) + prompt.encode()),
+                                  ("max_tokens", "INT32", struct.pack("<i", max_tokens)),
+                                  ("ignore_eos", "BOOL", b"\x01"), ("stream", "BOOL", b"\x01")):
+            req.inputs.add(name=name, datatype=dtype, shape=[1, 1])
+            raw.append(data)
+        req.raw_input_contents.extend(raw)
+        return req
+
+    async def __call__(self, prompt: str, max_tokens: int) -> dict:
+        import struct
+
+        start = time.perf_counter()
+        stamps, tokens = [], 0
+
+        async def requests():
+            yield self._request(prompt, max_tokens)
+
+        call = self.stub.ModelStreamInfer(requests())
+        async for msg in call:
+            if msg.error_message:
+                raise RuntimeError(msg.error_message)
+            r = msg.infer_response
+            names = [o.name for o in r.outputs]
+            n = struct.unpack("<I", r.raw_output_contents[names.index("num_output_tokens")])[0]
+            if n:
+                stamps.append((time.perf_counter() - start, n))
+                tokens += n
+            fin = r.raw_output_contents[names.index("finish_reason")]
+            if len(fin) > 4:  # a non-empty finish_reason: the last response
+                break
+        call.cancel()
+        return {"latency": time.perf_counter() - start, "tokens": tokens, "stamps": stamps}
+
+
 async def vllm_request(session, base: str, model: str, prompt: str, max_tokens: int, stream: bool) -> dict:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
             "stream": stream}
@@ -276,6 +329,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=REPO / "build" / "bench-serving")
     ap.add_argument("--vllm-venv", type=Path, default=REPO / "build" / "bench-venvs" / "vllm")
     ap.add_argument("--no-vllm", action="store_true")
+    ap.add_argument("--http-threads", type=int, default=0, help="Triton --http-thread-count (0: its default)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
@@ -322,9 +376,22 @@ def main() -> None:
                       f"  p99 {summary['p99_ms']:7.1f} ms  ttft p50 {summary['ttft_p50_ms']:6.1f} ms  itl p50 "
                       f"{summary['itl_p50_ms']:5.2f} ms  cpu {summary['cpu_cores']:.2f}", flush=True)
 
-    with TritonServer(ServerConfig(model_repository=repo.out)) as srv:
+    http_threads = [f"--http-thread-count={args.http_threads}"] if args.http_threads else []
+    with TritonServer(ServerConfig(model_repository=repo.out, extra_args=http_threads)) as srv:
         base = f"http://{srv.endpoints.http}"
-        run_server("r1deploy", lambda s, t, stream: triton_request(s, base, t, args.max_tokens, stream), srv.pid)
+        streams: dict = {}  # one grpc.aio channel per event loop (each level runs its own loop)
+
+        async def send(session, text, stream):
+            # whole completions over HTTP /generate; streams over gRPC (Triton's HTTP generate_stream delivers
+            # SSE events in bursts under load, which would measure its HTTP frontend, not the model)
+            if not stream:
+                return await triton_request(session, base, text, args.max_tokens, False)
+            loop = id(asyncio.get_running_loop())
+            if loop not in streams:
+                streams[loop] = GrpcStreams(srv.endpoints.grpc)
+            return await streams[loop](text, args.max_tokens)
+
+        run_server("r1deploy", send, srv.pid)
 
     if not args.no_vllm:
         exe = ensure_vllm(args.vllm_venv)
