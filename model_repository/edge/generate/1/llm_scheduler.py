@@ -106,6 +106,7 @@ class TextStream:
         self.emitted = 0
         self.stopped = False
         self.longest_stop = max((len(s) for s in self.stop), default=0)
+        self._before: tuple = (None, "")  # ((prefix, read), decode of tokens[prefix:read])
 
     def _held(self, text: str) -> int:
         for k in range(min(len(text), self.longest_stop - 1), 0, -1):
@@ -116,7 +117,10 @@ class TextStream:
     def _extend(self, final: bool) -> None:
         """Move the text that the tokens past `read` complete (all of it when `final`) into `text`."""
         window = self.decode(self.tokens[self.prefix :])
-        before = self.decode(self.tokens[self.prefix : self.read]) if self.read > self.prefix else ""
+        if self._before[0] != (self.prefix, self.read):  # constant while the window stays open: decoded once
+            text = self.decode(self.tokens[self.prefix : self.read]) if self.read > self.prefix else ""
+            self._before = ((self.prefix, self.read), text)
+        before = self._before[1]
         new = window[len(before) :] if len(window) > len(before) else ""
         start = len(self.text)
         if new.endswith("\ufffd") and not final:
@@ -229,6 +233,7 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}  # row → sequence
         self.free_rows = list(range(limits.max_rows - 1, -1, -1))
+        self.releasing: list[int] = []  # rows of sequences that finished this step
         self.reserved = 0
         self.lock = threading.Lock()
         self.wakeup = threading.Condition(self.lock)
@@ -277,13 +282,20 @@ class Scheduler:
         seq.status, seq.finish_reason = FINISHED, reason
         seq.pending_text += seq.text.finish() if reason in ("length", "eos", "stop") else ""
         if seq.row is not None:
-            if release:
-                self.engine.release([seq.row])
             del self.running[seq.row]
-            self.free_rows.append(seq.row)
+            if release:
+                self.releasing.append(seq.row)  # released together at `_release` (each release copies the cache)
+            else:
+                self.free_rows.append(seq.row)
             self.reserved -= seq.reserved_tokens
             seq.row = None
         done.append(seq)
+
+    def _release(self) -> None:
+        if self.releasing:
+            self.engine.release(self.releasing)
+            self.free_rows.extend(self.releasing)
+            self.releasing = []
 
     def _accept(self, seq: Sequence, token: int, done: list[Sequence], stats: StepStats) -> None:
         """Sampled `token` for a running sequence: emit it or end the sequence."""
@@ -333,6 +345,7 @@ class Scheduler:
                 self.waiting = kept
         for seq in [s for s in self.running.values() if s.cancelled or shutting_down]:
             self._finish(seq, "shutdown" if shutting_down else "cancelled", done)
+        self._release()
 
         admitted = self._admit()
         stats.admitted = len(admitted)
@@ -342,6 +355,7 @@ class Scheduler:
             stats.prefilled = len(admitted)
             for seq, token in zip(admitted, self._sample(admitted, logits), strict=True):
                 self._accept(seq, token, done, stats)
+        self._release()
         # rows that got their first token in this step's prefill decode it in the same step: one call for all
         batch = [s for s in self.running.values() if s.status == RUNNING]
         if batch:
@@ -350,6 +364,7 @@ class Scheduler:
             stats.decoded = len(batch)
             for seq, token in zip(batch, self._sample(batch, logits), strict=True):
                 self._accept(seq, token, done, stats)
+        self._release()
         stats.finished = len(done)
         ready = [s for s in self.running.values() if s.pending_tokens or s.pending_text]
         return ready, done, stats
