@@ -329,7 +329,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=REPO / "build" / "bench-serving")
     ap.add_argument("--vllm-venv", type=Path, default=REPO / "build" / "bench-venvs" / "vllm")
     ap.add_argument("--no-vllm", action="store_true")
-    ap.add_argument("--http-threads", type=int, default=0, help="Triton --http-thread-count (0: its default)")
+    ap.add_argument("--http-threads", type=int, default=0, help="Triton --http-thread-count (0: r1deploy serve's default)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
@@ -376,8 +376,8 @@ def main() -> None:
                       f"  p99 {summary['p99_ms']:7.1f} ms  ttft p50 {summary['ttft_p50_ms']:6.1f} ms  itl p50 "
                       f"{summary['itl_p50_ms']:5.2f} ms  cpu {summary['cpu_cores']:.2f}", flush=True)
 
-    http_threads = [f"--http-thread-count={args.http_threads}"] if args.http_threads else []
-    with TritonServer(ServerConfig(model_repository=repo.out, extra_args=http_threads)) as srv:
+    threads = {"http_thread_count": args.http_threads} if args.http_threads else {}
+    with TritonServer(ServerConfig(model_repository=repo.out, **threads)) as srv:
         base = f"http://{srv.endpoints.http}"
         streams: dict = {}  # one grpc.aio channel per event loop (each level runs its own loop)
 

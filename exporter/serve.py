@@ -45,6 +45,10 @@ class ServerConfig:
     log_verbose: int = 0
     response_cache_bytes: int = 0  # > 0: a local response cache of that size (models opt in per config)
     log_file: Optional[Path] = None
+    # Triton's HTTP frontend blocks one thread per in-flight request to a decoupled model (the generate model's
+    # whole completions over /generate): its default of 8 capped served concurrency at 8 (measured: c=32 whole
+    # completions 4.3k → 5.6–6.9k tokens/s with 64)
+    http_thread_count: int = 64
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -159,6 +163,7 @@ class TritonServer:
             f"--model-repository={Path(cfg.model_repository).resolve()}",
             f"--http-address={cfg.host}",
             f"--http-port={self.ports['http']}",
+            f"--http-thread-count={cfg.http_thread_count}",
             f"--grpc-address={cfg.host}",
             f"--grpc-port={self.ports['grpc']}",
             f"--metrics-address={cfg.host}",

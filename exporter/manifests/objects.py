@@ -281,6 +281,12 @@ def deployment(cfg: ManifestsConfig) -> dict:
     }
 
 
+def http_thread_count(profile: DeploymentProfile) -> int:
+    """Triton's HTTP frontend holds a thread per in-flight request to a decoupled model: enough for every running
+    sequence of the pod's generate instances and as many again waiting (gRPC streams hold none)."""
+    return max(16, 2 * profile.max_batch_size * max(1, profile.gpus_per_pod))
+
+
 def triton_args(cfg: ManifestsConfig, profile: DeploymentProfile, exit_timeout_s: int) -> list[str]:
     explicit = profile.name in EXPLICIT_MODEL_CONTROL_PROFILES
     args = [
@@ -292,6 +298,8 @@ def triton_args(cfg: ManifestsConfig, profile: DeploymentProfile, exit_timeout_s
     args += [
         "--strict-readiness=true",
         f"--http-port={HTTP}",
+        # one HTTP thread is held by each in-flight /generate request to the decoupled generate model
+        f"--http-thread-count={http_thread_count(profile)}",
         f"--grpc-port={GRPC}",
         "--allow-metrics=true",
         "--allow-gpu-metrics=true",
