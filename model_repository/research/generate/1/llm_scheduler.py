@@ -372,6 +372,9 @@ class Scheduler:
     def _admit(self) -> list[Sequence]:
         admitted: list[Sequence] = []
         prefill_tokens = 0
+        # lowest free row first: running rows stay packed at the low ids (an engine over one buffer calls a
+        # contiguous span of rows)
+        self.free_rows.sort(reverse=True)
         with self.lock:
             while self.waiting and self.free_rows:
                 seq = self.waiting[0]

@@ -187,10 +187,17 @@ class TritonPythonModel:
             max_prefill_tokens=int(sched.get("max_prefill_tokens", 8192)),
         )
         self.stream_interval = max(1, int(sched.get("stream_interval_steps", 1)))
-        cache = json.loads(_param(config, "kv_cache"))
-        slots = [CacheSlot(**s) for s in cache["slots"]]
         engine_call = _param(config, "engine_call", "bls")
-        if engine_call == "inprocess":
+        layout = _param(config, "kv_layout", "padded")
+        if layout == "shared":
+            # the fused graph (GroupQueryAttention over one in-place buffer per cache slot): ONNX Runtime only
+            from kv_shared import SharedKVEngine
+
+            engine = SharedKVEngine.from_path(model_dir.parent / _param(config, "engine_file"), limits.max_rows,
+                                              limits.max_sequence_len, int(_param(config, "intra_op_num_threads", "1")))
+        elif layout != "padded":
+            raise ValueError(f"kv_layout must be padded or shared, not {layout!r}")
+        elif engine_call == "inprocess":
             from engine_runtimes import load_runner
 
             runtime = _param(config, "engine_runtime", "onnxruntime")
@@ -201,8 +208,11 @@ class TritonPythonModel:
             run, max_batch = self._bls, int(sched.get("engine_max_batch", limits.max_rows))
         else:
             raise ValueError(f"engine_call must be bls or inprocess, not {engine_call!r}")
-        engine = PaddedKVEngine(run, slots, cache["dtype"], limits.max_rows, cache.get("logits", "logits"),
-                                pad_id=int(cache.get("pad_id", 0)), max_batch=max_batch)
+        if layout == "padded":
+            cache = json.loads(_param(config, "kv_cache"))
+            slots = [CacheSlot(**s) for s in cache["slots"]]
+            engine = PaddedKVEngine(run, slots, cache["dtype"], limits.max_rows, cache.get("logits", "logits"),
+                                    pad_id=int(cache.get("pad_id", 0)), max_batch=max_batch)
         self.scheduler = Scheduler(engine, limits, self.eos)
         self.metrics = _Metrics({"model": args["model_name"], "version": args["model_version"]})
         self.shutdown = threading.Event()
