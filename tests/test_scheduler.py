@@ -14,6 +14,7 @@ from conftest import REPO
 from exporter.repository.reference import GreedyLoop
 
 sys.path.insert(0, str(REPO / "exporter/repository/python_models"))
+import engine_runtimes  # noqa: E402, F401
 import kv_padded  # noqa: E402
 import llm_scheduler as ls  # noqa: E402
 
@@ -192,3 +193,36 @@ def test_padded_prefill_zeroes_padding_and_matches_alone(session, reference):
         assert all(np.all(c[row, :, :pad] == 0) for c in engine.cache)
     engine.release([1])
     assert engine.width == 9 and engine.order == [0, 2]
+
+
+def test_engine_runners_fail_at_load_with_one_line_naming_what_is_missing(tmp_path, onnx_path):
+    """The GPU runners cannot run here (no GPU, no full TensorRT): loading one fails with one line that names
+    what is missing — the package, or the GPU — instead of a traceback at the first request. The ONNX Runtime
+    runner loads and runs."""
+    import engine_runtimes as er
+
+    plan = tmp_path / "model.plan"
+    plan.write_bytes(b"not an engine")
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(er.MissingRuntime, match=r"^the tensorrt Python runtime is not installed .*pip install tensorrt"):
+            er.load_runner("tensorrt", plan, {})
+    pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX (r1deploy[rtx]) is the runtime checked here")
+    with pytest.raises(er.MissingRuntime) as info:
+        er.load_runner("tensorrt_rtx", plan, {})
+    message = str(info.value)
+    assert "\n" not in message and ("no CUDA device" in message or "cuda-python" in message), message
+    with pytest.raises(er.MissingRuntime, match="CUDAExecutionProvider"):
+        er.load_runner("onnxruntime", onnx_path, {"parameters": {"ort_providers": {"string_value": '["CUDAExecutionProvider"]'}}})
+    run, max_batch = er.load_runner("onnxruntime", onnx_path, {})
+    assert max_batch is None
+    ids = np.array([[5, 6, 7]], dtype=np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(3)[None]}
+    import onnxruntime as ort
+
+    for i in ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"]).get_inputs():
+        if i.name.startswith("past_key_values."):
+            feeds[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
+    (logits,) = run(feeds, ["logits"])
+    assert logits.shape[:2] == (1, 3)

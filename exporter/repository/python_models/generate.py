@@ -202,7 +202,7 @@ class TritonPythonModel:
 
             runtime = _param(config, "engine_runtime", "onnxruntime")
             engine_file = model_dir.parent / _param(config, "engine_file")
-            run, max_batch = load_runner(runtime, engine_file, config)
+            run, max_batch = load_runner(runtime, engine_file, config, int(args.get("model_instance_device_id", 0) or 0))
         elif engine_call == "bls":
             self.engine_model = _param(config, "engine_model")
             run, max_batch = self._bls, int(sched.get("engine_max_batch", limits.max_rows))

@@ -27,7 +27,7 @@ class MissingRuntime(RuntimeError):
     pass
 
 
-def load_runner(runtime: str, engine_file: Path, config: dict):
+def load_runner(runtime: str, engine_file: Path, config: dict, device_id: int = 0):
     params = config.get("parameters", {})
 
     def param(key: str, default: str) -> str:
@@ -37,7 +37,7 @@ def load_runner(runtime: str, engine_file: Path, config: dict):
         return _onnxruntime(engine_file, int(param("intra_op_num_threads", "1")),
                             json.loads(param("ort_providers", '["CPUExecutionProvider"]'))), None
     if runtime in ("tensorrt", "tensorrt_rtx"):
-        runner = TensorRTRunner(runtime, engine_file)
+        runner = TensorRTRunner(runtime, engine_file, device_id)
         return runner, runner.max_batch
     raise ValueError(f"engine_runtime must be onnxruntime, tensorrt or tensorrt_rtx, not {runtime!r}")
 
@@ -87,10 +87,17 @@ class TensorRTRunner:
     hold every input shape (the engine stage builds `context` — prompt, empty past — and `generation` — one
     token, past ≥ 1)."""
 
-    def __init__(self, runtime: str, plan: Path):
+    def __init__(self, runtime: str, plan: Path, device_id: int = 0):
         trt = _import_trt(runtime)
         self.cudart = _import_cudart()
         self.trt = trt
+        err, count = self.cudart.cudaGetDeviceCount()
+        if int(err) != 0 or count < 1:
+            raise MissingRuntime(f"no CUDA device is visible to this model instance (cudaGetDeviceCount: {err!s}); "
+                                 f"{runtime} plans run only on a GPU")
+        if device_id >= count:
+            raise MissingRuntime(f"GPU {device_id} asked for, {count} visible")
+        _check(self.cudart.cudaSetDevice(device_id))
         logger = trt.Logger(trt.Logger.WARNING)
         self.engine = trt.Runtime(logger).deserialize_cuda_engine(Path(plan).read_bytes())
         if self.engine is None:
