@@ -252,7 +252,14 @@ def build(checkpoint: Path, out: Path) -> FusedSpec:
             inputs.append(_value(f"past_key_values.{i}.{slot}", TensorProto.FLOAT, cache_dims))
             outputs.append(_value(f"present.{i}.{slot}", TensorProto.FLOAT, cache_dims))
     weight_inputs = [_value(n, TensorProto.FLOAT, list(shape)) for n, (shape, _) in lazy.items()]
-    graph = helper.make_graph(nodes, f"{spec.model_type}-fused", inputs + weight_inputs, outputs, initializers)
+    # Every intermediate tensor's type, written out: ONNX's shape inference does not know the com.microsoft ops,
+    # and tools that retype the graph (the FP16 converter) read value_info to place their Casts.
+    known = {v.name for v in inputs + outputs} | set(lazy) | {t.name for t in initializers}
+    ints = {"logits_index_nd"}
+    value_info = [helper.make_tensor_value_info(o, TensorProto.INT64 if o in ints else TensorProto.FLOAT, None)
+                  for n in nodes for o in n.output if o and o not in known]
+    graph = helper.make_graph(nodes, f"{spec.model_type}-fused", inputs + weight_inputs, outputs, initializers,
+                              value_info=value_info)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)],
                               producer_name="r1deploy")
     model.ir_version = 10
