@@ -140,6 +140,9 @@ class _Weights:
     def has(self, name: str) -> bool:
         return name in self._where
 
+    def nonzero(self, name: str) -> bool:
+        return bool(self._where[name].get_tensor(name).any())
+
     def get(self, name: str) -> np.ndarray:
         t = self._where[name].get_tensor(name)
         return t.float().numpy()
@@ -195,9 +198,12 @@ def build(checkpoint: Path, out: Path) -> FusedSpec:
             [linear_t(f"{a}.{n}_proj.weight") for n in "qkv"], axis=1))
         nodes.append(helper.make_node("MatMul", [x, qkv_w], [f"{a}.qkv"], name=f"{a}.qkv_proj"))
         qkv = f"{a}.qkv"
-        if w.has(f"{a}.q_proj.bias"):
+        # An all-zero bias (a checkpoint that declares q/k/v biases but never trained them) is left out: the
+        # result is the same and the Add costs a pass over [B, S, q+2kv] per layer.
+        if any(w.has(f"{a}.{n}_proj.bias") and w.nonzero(f"{a}.{n}_proj.bias") for n in "qkv"):
             bias = weight(f"{a}.qkv_proj.bias", (q_dim + 2 * kv_dim,), lambda a=a: np.concatenate(
-                [w.get(f"{a}.{n}_proj.bias") for n in "qkv"]))
+                [w.get(f"{a}.{n}_proj.bias") if w.has(f"{a}.{n}_proj.bias") else np.zeros(d * (spec.heads if n == "q" else kv),
+                                                                                          np.float32) for n in "qkv"]))
             nodes.append(helper.make_node("Add", [qkv, bias], [f"{a}.qkv_biased"], name=f"{a}.qkv_bias"))
             qkv = f"{a}.qkv_biased"
         gqa_inputs = [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",

@@ -45,7 +45,9 @@ class SharedKVEngine:
         self.logits_dtype = _NUMPY[logits.type]
         self._lengths = np.zeros(max_rows, np.int64)
         self._total = np.array(self.capacity, np.int32)
-        self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
+        self._steps: dict[tuple[int, int, int], _Step] = {}
+        self._steady: _Step | None = None  # the last decode step, reused while the same rows decode
+        self._epoch = 0  # bumped by prefill and release: a reused step must see the lengths they changed
 
     @classmethod
     def from_path(cls, onnx_path, max_rows: int, max_seq: int, threads: int = 0) -> "SharedKVEngine":
@@ -84,31 +86,55 @@ class SharedKVEngine:
             for r in range(lo, hi):
                 out[where[r]] = logits[r - lo]
             self._lengths[lo:hi] += new
+        self._epoch += 1
         return out
 
     def decode(self, rows: list[int], tokens: list[int]) -> np.ndarray:
         """One token for each listed running row, in ONE call over the span of their row ids."""
-        if len(rows) != len(tokens):
+        n = len(rows)
+        if n != len(tokens):
             raise ValueError("decode: one token per row")
-        if not rows:
+        if not n:
             return np.empty((0, self.vocab), np.float32)
-        for r in rows:
-            self._check_row(r)
-            if not self._lengths[r]:
-                raise ValueError(f"decode: row {r} has no prompt (prefill it first)")
-            if self._lengths[r] >= self.max_seq:
-                raise ValueError(f"decode: row {r} is full ({self.max_seq} positions)")
-        if len(set(rows)) != len(rows):
+        step = self._steady
+        if step is not None and step.rows == rows and step.epoch == self._epoch:
+            # The same rows as the previous step and nothing prefilled or released since: each listed row is one
+            # longer, so the lengths move by `query` (a handful of array operations per step, whatever B is).
+            if step.longest >= self.max_seq:
+                raise ValueError(f"decode: a row is full ({self.max_seq} positions)")
+            step.seqlens += step.query
+        else:
+            step = self._prepare_decode(rows)
+        step.ids[step.at, 0] = tokens
+        self.session.run_with_iobinding(step.io)
+        self._lengths[step.lo : step.hi] += step.query
+        step.longest += 1
+        self._steady = step
+        return step.logits[step.at, 0].astype(np.float32)
+
+    def _prepare_decode(self, rows: list[int]) -> "_Step":
+        at = np.asarray(rows, np.int64)
+        lo, hi = int(at.min()), int(at.max()) + 1
+        self._check_row(lo)
+        self._check_row(hi - 1)
+        at -= lo
+        lengths = self._lengths[lo:hi]
+        mine = lengths[at]
+        if mine.min() == 0 or mine.max() >= self.max_seq:
+            bad = rows[int(np.argmax((mine == 0) | (mine >= self.max_seq)))]
+            raise ValueError(f"decode: row {bad} " + ("has no prompt (prefill it first)" if self._lengths[bad] == 0
+                                                        else f"is full ({self.max_seq} positions)"))
+        step = self._step(lo, hi, 1)
+        step.query.fill(0)
+        step.query[at] = 1
+        if int(step.query.sum()) != len(rows):
             raise ValueError("decode: a row is listed twice")
-        lo, hi = min(rows), max(rows) + 1
-        ids = np.zeros((hi - lo, 1), np.int64)
-        new = np.zeros(hi - lo, np.int32)
-        idx = np.asarray(rows) - lo
-        ids[idx, 0] = tokens
-        new[idx] = 1
-        logits = self._run(lo, hi, ids, new)
-        self._lengths[np.asarray(rows)] += 1
-        return logits[idx]
+        step.last.fill(0)
+        # seqlens_k: cached after the step minus one; an idle row (query 0) claims its own length, at least 1.
+        np.maximum(lengths + step.query, 1, out=step.seqlens, casting="unsafe")
+        step.seqlens -= 1
+        step.rows, step.at, step.epoch, step.longest = list(rows), at, self._epoch, int(mine.max())
+        return step
 
     def release(self, rows: list[int]) -> None:
         # Nothing to clear: a row's stale positions beyond its length are never read, and the next prompt
@@ -116,6 +142,7 @@ class SharedKVEngine:
         for r in rows:
             self._check_row(r)
             self._lengths[r] = 0
+        self._epoch += 1
 
     def cached(self, row: int) -> int:
         self._check_row(row)
@@ -127,38 +154,58 @@ class SharedKVEngine:
         if not 0 <= r < self.max_rows:
             raise ValueError(f"row {r} is outside 0..{self.max_rows - 1}")
 
-    def _binding(self, lo: int, hi: int) -> "ort.IOBinding":
-        """An IOBinding with rows [lo, hi) of every buffer bound as both past and present (kept per span: in
-        steady decoding the span stays the same, and binding the cache costs more than the step's own inputs)."""
-        io = self._bindings.get((lo, hi))
-        if io is None:
-            if len(self._bindings) >= 16:
-                self._bindings.pop(next(iter(self._bindings)))
-            io = self.session.io_binding()
-            for name, buf in self.buffers.items():
-                view = buf[lo:hi]
-                ptr = view.ctypes.data
-                io.bind_input(name, "cpu", 0, buf.dtype, list(view.shape), ptr)
-                io.bind_output(name.replace("past_key_values.", "present.", 1), "cpu", 0, buf.dtype, list(view.shape), ptr)
-            self._bindings[(lo, hi)] = io
-        return io
+    def _step(self, lo: int, hi: int, width: int) -> "_Step":
+        """The binding of a call over rows [lo, hi) with `width` new positions, kept: in steady decoding the span
+        stays the same from step to step, and a step then only writes its token ids and lengths into arrays
+        ONNX Runtime already reads (binding the cache anew would cost more than the step's own inputs)."""
+        key = (lo, hi, width)
+        step = self._steps.get(key)
+        if step is None:
+            if len(self._steps) >= 16:
+                self._steps.pop(next(iter(self._steps)))
+            step = self._steps[key] = _Step(self, lo, hi, width)
+        return step
 
     def _run(self, lo: int, hi: int, ids: np.ndarray, new: np.ndarray) -> np.ndarray:
         """Rows [lo, hi): row r gets new[r - lo] tokens (0: idle this call). Returns [hi - lo, vocab] float32,
         the logits of each row's last new token (undefined for idle rows)."""
-        lengths = self._lengths[lo:hi]
+        step = self._step(lo, hi, ids.shape[1])
+        step.ids[:] = ids
+        step.query[:] = new
         # An idle row claims max(length, 1) cached tokens (seqlens_k >= 0 is required even for an empty row).
-        seqlens = np.maximum(lengths + new, 1).astype(np.int32) - 1
-        io = self._binding(lo, hi)
-        io.bind_cpu_input("input_ids", ids)
-        io.bind_cpu_input("seqlens_k", seqlens)
-        io.bind_cpu_input("query_seqlens", new)
-        io.bind_cpu_input("total_sequence_length", self._total)
-        io.bind_cpu_input("logits_index", np.maximum(new.astype(np.int64) - 1, 0)[:, None])
-        logits = np.empty((hi - lo, 1, self.vocab), self.logits_dtype)
-        io.bind_output("logits", "cpu", 0, logits.dtype, list(logits.shape), logits.ctypes.data)
-        self.session.run_with_iobinding(io)
-        return logits[:, 0].astype(np.float32, copy=False)
+        np.maximum(self._lengths[lo:hi] + new, 1, out=step.seqlens, casting="unsafe")
+        step.seqlens -= 1
+        np.maximum(new - 1, 0, out=step.last[:, 0], casting="unsafe")
+        self.session.run_with_iobinding(step.io)
+        return step.logits[:, 0].astype(np.float32)
+
+
+class _Step:
+    """One IOBinding and the arrays it reads and writes, all owned here (bound by address, so they must live
+    as long as the binding): rows [lo, hi) of every cache buffer as both past and present, the token ids, the
+    per-row lengths and the logits."""
+
+    def __init__(self, engine: SharedKVEngine, lo: int, hi: int, width: int):
+        self.lo, self.hi = lo, hi
+        self.rows: list[int] = []  # decode: the rows it was prepared for, their offsets, the engine's epoch then
+        self.at = np.zeros(0, np.int64)
+        self.epoch, self.longest = -1, 0
+        rows = hi - lo
+        self.ids = np.zeros((rows, width), np.int64)
+        self.seqlens = np.zeros(rows, np.int32)
+        self.query = np.zeros(rows, np.int32)
+        self.last = np.zeros((rows, 1), np.int64)
+        self.logits = np.zeros((rows, 1, engine.vocab), engine.logits_dtype)
+        self.io = io = engine.session.io_binding()
+        for name, arr in (("input_ids", self.ids), ("seqlens_k", self.seqlens), ("query_seqlens", self.query),
+                          ("total_sequence_length", engine._total), ("logits_index", self.last)):
+            io.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
+        io.bind_output("logits", "cpu", 0, self.logits.dtype, list(self.logits.shape), self.logits.ctypes.data)
+        for name, buf in engine.buffers.items():
+            view = buf[lo:hi]
+            io.bind_input(name, "cpu", 0, buf.dtype, list(view.shape), view.ctypes.data)
+            io.bind_output(name.replace("past_key_values.", "present.", 1), "cpu", 0, buf.dtype, list(view.shape),
+                           view.ctypes.data)
 
 
 def _runs(rows: list[int]) -> list[tuple[int, int]]:
