@@ -122,11 +122,14 @@ def rotary_tables(checkpoint: Path, spec: FusedSpec) -> tuple[np.ndarray, np.nda
 
 
 class _Weights:
-    """Lazy access to a checkpoint's tensors (safetensors only), loaded one at a time when written."""
+    """A checkpoint's tensors (safetensors only), each read from its file when it is written and then dropped.
+
+    Read with plain file reads, not through safetensors' memory map: every page of a mapped file that is read
+    stays resident and counts towards the process's memory (a 125M model's 0.5 GB file would be held whole)."""
+
+    _DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
 
     def __init__(self, checkpoint: Path):
-        from safetensors import safe_open
-
         index = checkpoint / "model.safetensors.index.json"
         if index.is_file():
             files = sorted({checkpoint / f for f in json.loads(index.read_text())["weight_map"].values()})
@@ -134,18 +137,33 @@ class _Weights:
             files = sorted(checkpoint.glob("*.safetensors"))
         if not files:
             raise BadInput(f"no safetensors weights in {checkpoint}: the fused graph reads safetensors only")
-        self._handles = [safe_open(str(f), framework="pt") for f in files]
-        self._where = {k: h for h in self._handles for k in h.keys()}
+        self._where: dict[str, tuple[Path, int, dict]] = {}
+        for f in files:
+            with open(f, "rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                header = json.loads(fh.read(size))
+            for name, info in header.items():
+                if name != "__metadata__":
+                    self._where[name] = (f, 8 + size, info)
 
     def has(self, name: str) -> bool:
         return name in self._where
 
     def nonzero(self, name: str) -> bool:
-        return bool(self._where[name].get_tensor(name).any())
+        return bool(np.any(self.get(name)))
 
     def get(self, name: str) -> np.ndarray:
-        t = self._where[name].get_tensor(name)
-        return t.float().numpy()
+        path, base, info = self._where[name]
+        dtype = self._DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise BadInput(f"{path.name}: tensor {name} has dtype {info['dtype']}; the fused graph reads float weights")
+        start, stop = info["data_offsets"]
+        with open(path, "rb") as fh:
+            fh.seek(base + start)
+            raw = np.frombuffer(fh.read(stop - start), dtype=dtype).reshape(info["shape"])
+        if info["dtype"] == "BF16":  # bfloat16 is the top half of a float32
+            return (raw.astype(np.uint32) << 16).view(np.float32)
+        return raw.astype(np.float32)
 
 
 def _value(name: str, elem: int, dims: list) -> onnx.ValueInfoProto:
@@ -155,6 +173,8 @@ def _value(name: str, elem: int, dims: list) -> onnx.ValueInfoProto:
 def build(checkpoint: Path, out: Path) -> FusedSpec:
     """Write `out` (model.onnx) and `model.onnx.data` beside it for the checkpoint directory."""
     checkpoint = Path(checkpoint)
+    if (Path(out).parent / "model.onnx.data").exists():  # the weights are appended to it
+        raise ValueError(f"{Path(out).parent / 'model.onnx.data'} exists: build into an empty directory")
     spec = spec_from_config(json.loads((checkpoint / "config.json").read_text()))
     w = _Weights(checkpoint)
     cos, sin = rotary_tables(checkpoint, spec)

@@ -44,7 +44,7 @@ def test_fused_export_matches_pytorch_on_rows_of_different_lengths(exported_fuse
     assert report["graph"] == "fused" and "query_seqlens" in report["input_names"]
 
 
-def _tiny_checkpoint(path: Path, kind: str) -> Path:
+def _tiny_checkpoint(path: Path, kind: str, bf16: bool = False) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
@@ -65,13 +65,17 @@ def _tiny_checkpoint(path: Path, kind: str) -> Path:
                 p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
             elif name.endswith("bias"):
                 p.copy_(torch.randn_like(p) * 0.3)
+    if bf16:  # how R1-Distill checkpoints are published
+        model = model.to(torch.bfloat16)
     model.save_pretrained(str(path))
     return path
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "llama"])
-def test_fused_export_of_local_qwen2_and_llama_checkpoints(tmp_path, kind):
-    ckpt = _tiny_checkpoint(tmp_path / f"{kind}-ckpt", kind)
+@pytest.mark.parametrize("kind,bf16", [("qwen2", False), ("llama", False), ("llama", True)])
+def test_fused_export_of_local_qwen2_and_llama_checkpoints(tmp_path, kind, bf16):
+    ckpt = _tiny_checkpoint(tmp_path / f"{kind}-ckpt", kind, bf16)
+    if bf16:
+        assert '"BF16"' in (ckpt / "model.safetensors").read_bytes()[:4096].decode("latin-1")
     r = export_model(ExportConfig(model=str(ckpt), workdir=tmp_path / "build", graph="fused"))
     assert r.max_abs_diff and max(r.max_abs_diff.values()) <= 1e-4
     assert ("Add" in _ops(r.onnx_path)) == (kind == "qwen2")  # the bias is kept only where it is not zero
