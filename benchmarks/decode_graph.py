@@ -126,10 +126,16 @@ def bench_model(name: str, ckpt: Path, work: Path, args) -> dict:
     }
     genai_dir = work / "genai"
     try:
-        builds["onnxruntime-genai builder"] = genai_build(ckpt, genai_dir, args.threads)
-    except SystemExit as exc:  # the peer failed: say so, measure the rest
-        print(f"onnxruntime-genai builder failed: {str(exc)[:400]}")
+        import onnxruntime_genai  # noqa: F401
+    except ImportError:
+        print("onnxruntime-genai: skipped (not installed: pip install 'r1deploy[bench]' or onnxruntime-genai)")
         genai_dir = None
+    if genai_dir is not None:
+        try:
+            builds["onnxruntime-genai builder"] = genai_build(ckpt, genai_dir, args.threads)
+        except SystemExit as exc:  # the peer failed: say so, measure the rest
+            print(f"onnxruntime-genai builder failed: {str(exc)[:400]}")
+            genai_dir = None
     model_name = ckpt.name
     sides = {
         "generic graph, ORT loop": generic_side(work / "r1g" / model_name / "onnx" / "fp32" / "model.onnx", args.threads),
