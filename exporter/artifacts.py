@@ -185,13 +185,18 @@ def atomic_dir(final: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def onnx_variant(precision: str, method: str | None = None, block_size: int | None = None, fmt: str | None = None) -> str:
-    """Directory name of an ONNX variant under `<model>/onnx/`: fp32, fp16, int4-awq-b128-qdq, ..."""
+def onnx_variant(precision: str, method: str | None = None, block_size: int | None = None, fmt: str | None = None,
+                 graph: str = "generic") -> str:
+    """Directory name of an ONNX variant under `<model>/onnx/`: fp32, fp16, int4-awq-b128-qdq, ...; the fused
+    graph (exporter.fused_graph) has its own directories (fp32-fused, int4-awq-b32-ort-fused), so generic
+    artifacts are never touched by it."""
     precision = getattr(precision, "value", precision)
+    graph = getattr(graph, "value", graph)
+    suffix = "" if graph == "generic" else f"-{graph}"
     if precision in ("fp32", "fp16"):
-        return precision
+        return precision + suffix
     if precision == "int4":
-        return f"int4-{method}-b{block_size}-{fmt}"
+        return f"int4-{method}-b{block_size}-{fmt}{suffix}"
     raise ValueError(f"unknown precision {precision!r}")
 
 
@@ -201,9 +206,10 @@ def profile_onnx_variant(profile) -> str:
     return onnx_variant(profile.precision, q.method, q.block_size, q.format)
 
 
-def read_export_report(layout: ModelLayout) -> dict:
+def read_export_report(layout: ModelLayout, variant: str = "fp32") -> dict:
     """The export stage's report (kind, input/output names, cache layout); BadInput if not exported yet."""
-    path = layout.onnx_dir("fp32") / EXPORT_REPORT
+    path = layout.onnx_dir(variant) / EXPORT_REPORT
     if not path.is_file():
-        raise BadInput(f"{layout.model} has not been exported yet (no {path}); run `r1deploy export --model {layout.model}` first")
+        flag = " --graph fused" if variant.endswith("-fused") else ""
+        raise BadInput(f"{layout.model} has not been exported yet (no {path}); run `r1deploy export --model {layout.model}{flag}` first")
     return json.loads(path.read_text())

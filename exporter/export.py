@@ -32,12 +32,18 @@ class Exporter(str, enum.Enum):
     LEGACY = "legacy"  # TorchScript-based torch.onnx exporter
 
 
+class GraphForm(str, enum.Enum):
+    GENERIC = "generic"  # what torch emits: standard ONNX ops, every runtime (TensorRT included)
+    FUSED = "fused"  # exporter.fused_graph: ONNX Runtime's fused attention, in-place KV buffer (Qwen2/Llama)
+
+
 @dataclass
 class ExportConfig:
     model: str = "r1-distill-tiny"
     workdir: Path = Path("build")
     opset: int = 21  # INT4 blocked DequantizeLinear needs 21
     exporter: Exporter = Exporter.DYNAMO
+    graph: GraphForm = GraphForm.GENERIC
     external_data_threshold_mib: float = 2048.0  # above this the weights go to model.onnx.data
     verify: bool = True
     tolerance: float = 1e-4
@@ -48,10 +54,14 @@ class ExportConfig:
     def __post_init__(self):
         self.workdir = Path(self.workdir)
         self.exporter = Exporter(self.exporter)
+        self.graph = GraphForm(self.graph)
         if not 17 <= self.opset <= 23:
             raise BadInput(f"opset {self.opset} is outside the supported range 17..23")
 
     def fingerprint_config(self) -> dict:
+        if self.graph is GraphForm.FUSED:  # built from the weights: opset and exporter do not apply
+            return {"graph": self.graph.value, "external_data_threshold_mib": self.external_data_threshold_mib,
+                    "verify": self.verify, "tolerance": self.tolerance}
         return {
             "opset": self.opset,
             "exporter": self.exporter.value,
@@ -59,6 +69,10 @@ class ExportConfig:
             "verify": self.verify,
             "tolerance": self.tolerance,
         }
+
+    @property
+    def variant(self) -> str:
+        return artifacts.onnx_variant("fp32", graph=self.graph.value)
 
 
 @dataclass
@@ -210,7 +224,7 @@ def export_model(cfg: ExportConfig, source: ModelSource | None = None) -> Export
         cfg.model, cfg.workdir, allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code
     )
     layout_dirs = artifacts.ModelLayout(cfg.workdir, source.name)
-    final = layout_dirs.onnx_dir("fp32")
+    final = layout_dirs.onnx_dir(cfg.variant)
     inputs = artifacts.sha256_files(
         [p for p in source.path.iterdir() if p.is_file() and not p.name.startswith("r1deploy-")], root=source.path
     )
@@ -218,7 +232,7 @@ def export_model(cfg: ExportConfig, source: ModelSource | None = None) -> Export
     fp = artifacts.fingerprint(inputs, {"export": cfg.fingerprint_config(), "architecture": source.architecture}, tools)
     report_path = final / artifacts.EXPORT_REPORT
     if not cfg.force and artifacts.is_up_to_date(final, fp) and layout_dirs.tokenizer_dir.is_dir():
-        report = artifacts.read_export_report(layout_dirs)
+        report = artifacts.read_export_report(layout_dirs, cfg.variant)
         return ExportResult(
             model=source.name, kind=source.kind, architecture=source.architecture, onnx_path=final / "model.onnx",
             report_path=report_path, skipped=True, external_data=report["external_data"],
@@ -227,6 +241,8 @@ def export_model(cfg: ExportConfig, source: ModelSource | None = None) -> Export
             max_abs_diff=report.get("max_abs_diff", {}),
         )
 
+    if cfg.graph is GraphForm.FUSED:
+        return _export_fused(cfg, source, layout_dirs, final, fp, inputs, tools, started)
     with status(f"loading {source.name} ({source.architecture})"):
         model, _tokenizer = load_model(source)
     n_params = sum(p.numel() for p in model.parameters())
@@ -262,15 +278,13 @@ def export_model(cfg: ExportConfig, source: ModelSource | None = None) -> Export
                 cases = compare_onnx(out, refs, output_names, tolerances=dict.fromkeys(output_names, cfg.tolerance))
         if not external:
             inline_external_data(out)
-        max_diff: dict[str, float] = {}
-        for case in cases:
-            for o in case.outputs:
-                max_diff[o.output] = max(max_diff.get(o.output, 0.0), o.max_abs_diff)
+        max_diff = _max_diffs(cases)
         report = {
             "model": source.name,
             "source": str(source.path),
             "architecture": source.architecture,
             "kind": source.kind.value,
+            "graph": GraphForm.GENERIC.value,
             "parameters": n_params,
             "opset": cfg.opset,
             "exporter": cfg.exporter.value,
@@ -293,3 +307,95 @@ def export_model(cfg: ExportConfig, source: ModelSource | None = None) -> Export
         output_names=output_names, parameters=n_params, onnx_bytes=artifacts.onnx_bytes(final / "model.onnx"),
         seconds=time.perf_counter() - started, max_abs_diff=max_diff, cases=cases,
     )
+
+
+def _max_diffs(cases: list[CaseCheck]) -> dict[str, float]:
+    max_diff: dict[str, float] = {}
+    for case in cases:
+        for o in case.outputs:
+            max_diff[o.output] = max(max_diff.get(o.output, 0.0), o.max_abs_diff)
+    return max_diff
+
+
+def _export_fused(cfg: ExportConfig, source: ModelSource, layout_dirs: artifacts.ModelLayout, final: Path, fp: str,
+                  inputs: dict, tools: dict, started: float) -> ExportResult:
+    """The fused graph (exporter.fused_graph), written from the checkpoint's weights and verified against
+    PyTorch on rows of different lengths in one call."""
+    import torch
+
+    from . import fused_graph
+    from .verify import compare_fused, fused_references
+
+    if source.kind is not ModelKind.DECODER:
+        raise BadInput(f"the fused graph is for decoders; {source.name} is an {source.kind.value}: use --graph generic")
+    spec = fused_graph.spec_from_config(source.config)
+    layout = CacheLayout(spec.layers, spec.cache_shape, spec.cache_shape)
+    input_names = [*fused_graph.INPUTS, *layout.names("past_key_values")]
+    output_names = ["logits", *layout.names("present")]
+    with artifacts.atomic_dir(final) as tmp:
+        out = tmp / "model.onnx"
+        with status(f"writing the fused graph of {source.name} from its weights"):
+            fused_graph.build(source.path, out)
+        n_params = 0
+        refs = []
+        if cfg.verify:
+            with status(f"loading {source.name} ({source.architecture}) for verification"):
+                model, _tokenizer = load_model(source)
+            n_params = sum(p.numel() for p in model.parameters())
+            with torch.no_grad():
+                refs = fused_references(DecoderWithPast(model).eval(), layout, spec.vocab)
+            del model
+            gc.collect()
+        cases: list[CaseCheck] = []
+        if cfg.verify:
+            with status("verifying ONNX Runtime (fused graph) against PyTorch"):
+                cases = compare_fused(out, refs, output_names, cfg.tolerance)
+        n_params = n_params or _checkpoint_parameters(source)
+        external = n_params * 4 > cfg.external_data_threshold_mib * (1 << 20)
+        if not external:
+            inline_external_data(out)
+        max_diff = _max_diffs(cases)
+        report = {
+            "model": source.name,
+            "source": str(source.path),
+            "architecture": source.architecture,
+            "kind": source.kind.value,
+            "graph": GraphForm.FUSED.value,
+            "parameters": n_params,
+            "opset": 21,
+            "exporter": "r1deploy-fused",
+            "external_data": external,
+            "input_names": input_names,
+            "output_names": output_names,
+            "cache": to_data(layout),
+            "vocab_size": spec.vocab,
+            "max_sequence_length": spec.max_positions,
+            "max_abs_diff": max_diff,
+            "cases": to_data(cases),
+        }
+        artifacts.write_json(tmp / artifacts.EXPORT_REPORT, report)
+        artifacts.write_manifest(tmp, stage="export", fp=fp, inputs=inputs, config=cfg.fingerprint_config(), tools=tools)
+    _copy_tokenizer(source, layout_dirs.tokenizer_dir)
+    return ExportResult(
+        model=source.name, kind=source.kind, architecture=source.architecture, onnx_path=final / "model.onnx",
+        report_path=final / artifacts.EXPORT_REPORT, skipped=False, external_data=external, input_names=input_names,
+        output_names=output_names, parameters=n_params, onnx_bytes=artifacts.onnx_bytes(final / "model.onnx"),
+        seconds=time.perf_counter() - started, max_abs_diff=max_diff, cases=cases,
+    )
+
+
+def _checkpoint_parameters(source: ModelSource) -> int:
+    """Parameter count from the safetensors headers (no weights read), for --no-verify."""
+    import json as _json
+
+    total = 0
+    for f in source.weight_files:
+        with open(f, "rb") as fh:
+            header = _json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        for k, v in header.items():
+            if k != "__metadata__":
+                n = 1
+                for d in v["shape"]:
+                    n *= d
+                total += n
+    return total

@@ -126,3 +126,109 @@ def compare_onnx(
         more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
         raise StageFailed(f"ONNX Runtime does not match PyTorch: {failures[0]}{more}")
     return results
+
+
+# The fused graph (exporter.fused_graph) takes rows of different lengths in one call: each case lists
+# (cached positions, new positions) per row; padded rows are the shorter ones (right padding, the graph's form).
+@dataclass(frozen=True)
+class FusedCase:
+    name: str
+    rows: tuple[tuple[int, int], ...]  # (past, new) per row
+
+    @property
+    def seq(self) -> int:
+        return max(q for _, q in self.rows)
+
+
+FUSED_CASES = (
+    FusedCase("prefill-b3-s7", ((0, 7), (0, 7), (0, 7))),
+    FusedCase("padded-b3-s6-rows-6-3-1", ((0, 6), (0, 3), (0, 1))),
+    FusedCase("decode-b3-s1-past-9-4-1", ((9, 1), (4, 1), (1, 1))),
+    FusedCase("chunk-b2-s4-past-5-2", ((5, 4), (2, 2))),
+)
+
+
+def fused_feeds(case: FusedCase, layout: CacheLayout, capacity: int, past: list[list[np.ndarray]],
+                ids: list[np.ndarray], all_positions: bool = True) -> dict[str, np.ndarray]:
+    """Feeds of the fused graph for `case`: row b's past (one array per cache slot) at the start of its buffer
+    row, its new tokens right-padded to the case's width."""
+    b, s = len(case.rows), case.seq
+    feeds: dict[str, np.ndarray] = {
+        "input_ids": np.zeros((b, s), np.int64),
+        "seqlens_k": np.array([p + q - 1 for p, q in case.rows], np.int32),
+        "query_seqlens": np.array([q for _, q in case.rows], np.int32),
+        "total_sequence_length": np.array(capacity, np.int32),
+        "logits_index": np.tile(np.arange(s, dtype=np.int64), (b, 1)) if all_positions
+        else np.array([[max(q - 1, 0)] for _, q in case.rows], np.int64),
+    }
+    for j, name in enumerate(layout.names("past_key_values")):
+        heads, dim = layout.key_shape if name.endswith(".key") else layout.value_shape
+        buf = np.zeros((b, heads, capacity, dim), np.float32)
+        for r, (p, _) in enumerate(case.rows):
+            buf[r, :, :p] = past[r][j][0]
+        feeds[name] = buf
+    for r, (_, q) in enumerate(case.rows):
+        feeds["input_ids"][r, :q] = ids[r]
+    return feeds
+
+
+@dataclass
+class FusedReference:
+    case: FusedCase
+    feeds: dict[str, np.ndarray]
+    logits: list[np.ndarray]  # per row [q, vocab]
+    presents: list[list[np.ndarray]]  # per row, per cache slot [heads, past + q, dim]
+
+
+def fused_references(torch_module: torch.nn.Module, layout: CacheLayout, vocab: int,
+                     cases: tuple[FusedCase, ...] = FUSED_CASES, capacity: int = 16) -> list[FusedReference]:
+    """PyTorch (the generic wrapper, one row at a time) for each row of each case."""
+    refs = []
+    for i, case in enumerate(cases):
+        g = torch.Generator().manual_seed(200 + i)
+        past, ids, logits, presents = [], [], [], []
+        for p, q in case.rows:
+            row_past = [torch.randn(t.shape, generator=g) for t in layout.empty(1, p)]
+            row_ids = torch.randint(3, vocab, (1, q), generator=g)
+            with torch.no_grad():
+                out = torch_module(row_ids, torch.ones(1, p + q, dtype=torch.long),
+                                   torch.arange(p, p + q).unsqueeze(0), *row_past)
+            past.append([t.numpy() for t in row_past])
+            ids.append(row_ids.numpy()[0])
+            logits.append(out[0].numpy()[0])
+            presents.append([t.numpy()[0] for t in out[1:]])
+        refs.append(FusedReference(case, fused_feeds(case, layout, capacity, past, ids), logits, presents))
+    return refs
+
+
+def compare_fused(onnx_path, refs: list[FusedReference], output_names: list[str], tolerance: float) -> list[CaseCheck]:
+    """Run the fused graph on each case (all rows in one call) and compare each row's valid positions — its
+    new tokens' logits and its cache up to its own length — with PyTorch; raise `StageFailed` on a miss."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    results, failures = [], []
+    for ref in refs:
+        got = dict(zip(output_names, session.run(output_names, ref.feeds), strict=True))
+        check = CaseCheck(ref.case.name, {k: list(v.shape) for k, v in ref.feeds.items() if not k.startswith("past_key_values")})
+        for name in output_names:
+            if name == "logits":
+                r = np.concatenate(ref.logits)
+                gv = np.concatenate([got[name][b, :q] for b, (_, q) in enumerate(ref.case.rows)])
+            else:
+                j = output_names.index(name) - 1
+                r = np.concatenate([pres[j].transpose(1, 0, 2) for pres in ref.presents])
+                gv = np.concatenate([got[name][b, :, : p + q].transpose(1, 0, 2) for b, (p, q) in enumerate(ref.case.rows)])
+            diff = float(np.max(np.abs(r - gv))) if r.size else 0.0
+            top1 = float(np.mean(r.argmax(-1) == gv.argmax(-1))) if name == "logits" else None
+            ok = bool(np.isfinite(diff) and diff <= tolerance)
+            check.outputs.append(OutputCheck(name, diff, _cos(r, gv), top1, tolerance, ok))
+            if not ok:
+                failures.append(f"output {name!r} on {ref.case.name}: max abs diff {diff:.3g} > tolerance {tolerance:g}")
+        results.append(check)
+    if failures:
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        raise StageFailed(f"ONNX Runtime (fused graph) does not match PyTorch: {failures[0]}{more}")
+    return results

@@ -39,6 +39,7 @@ class QuantizeConfig:
     quantize_embeddings: bool = False  # Gather-ed tables (word/position embeddings)
     quantize_lm_head: bool = False  # the output projection: the most error-sensitive MatMul of an LLM
     keep_io_fp32: bool = True  # FP16: graph inputs/outputs stay FP32 so callers feed the same arrays
+    graph: str = "generic"  # which export to start from: generic (onnx/fp32) or fused (onnx/fp32-fused)
     # Gate overrides; given explicitly they also turn on the mixed-precision search (INT4).
     min_cosine: Optional[float] = None
     min_top1: Optional[float] = None
@@ -55,6 +56,8 @@ class QuantizeConfig:
             self.format = Format(self.format) if self.format is not None else None
         except ValueError as exc:
             raise BadInput(str(exc)) from None
+        if self.graph not in ("generic", "fused"):
+            raise BadInput(f"graph must be generic or fused, got {self.graph!r}")
         if self.block_size is not None and self.block_size not in BLOCK_SIZES:
             raise BadInput(f"block size {self.block_size} is not one of {', '.join(map(str, BLOCK_SIZES))}")
         for name in ("min_cosine", "min_top1"):
@@ -78,10 +81,13 @@ class Settings:
     gate: Optional[AccuracyGate]  # None: no profile and no flags, accuracy is reported but not enforced
     gate_source: str  # "profile <name>" | "flags" | "none"
     mixed_precision: bool
+    graph: str = "generic"
 
     def fingerprint(self) -> dict:
         """Only what changes the written model; the gate is re-checked even when the model is up to date."""
         out: dict = {"precision": self.precision.value, "keep_io_fp32": self.keep_io_fp32}
+        if self.graph != "generic":  # generic fingerprints stay what they were
+            out["graph"] = self.graph
         if self.precision is Precision.INT4:
             out.update(
                 method=self.method.value, block_size=self.block_size, format=self.format.value,

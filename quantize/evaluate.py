@@ -95,7 +95,9 @@ def tokenize(tokenizer_dir: Path, sentences: tuple[str, ...], export_report: dic
     ids, mask = _encode(tokenizer_dir, sentences)
     names = export_report["input_names"]
     feeds = {"input_ids": ids, "attention_mask": mask}
-    if export_report["kind"] == "decoder":
+    if export_report.get("graph") == "fused":
+        feeds.update(fused_feeds(mask, export_report["cache"]))
+    elif export_report["kind"] == "decoder":
         feeds["position_ids"] = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
         cache = export_report["cache"]
         for i in range(cache["num_layers"]):
@@ -104,6 +106,24 @@ def tokenize(tokenizer_dir: Path, sentences: tuple[str, ...], export_report: dic
     elif "token_type_ids" in names:
         feeds["token_type_ids"] = np.zeros_like(ids)  # single-segment sentences
     return TextBatch({k: v for k, v in feeds.items() if k in names}, mask.astype(bool))
+
+
+def fused_feeds(mask: np.ndarray, cache: dict) -> dict[str, np.ndarray]:
+    """The fused graph's length inputs for right-padded text (exporter.fused_graph): each row is a first prompt
+    of its own length with an empty cache of the batch's width, and logits are asked for at every position, so
+    the figures cover the same tokens as the generic graph's."""
+    batch, width = mask.shape
+    lengths = mask.sum(axis=1).astype(np.int32)
+    feeds = {
+        "seqlens_k": lengths - 1,
+        "query_seqlens": lengths,
+        "total_sequence_length": np.array(width, np.int32),
+        "logits_index": np.broadcast_to(np.arange(width, dtype=np.int64), (batch, width)).copy(),
+    }
+    for i in range(cache["num_layers"]):
+        for slot, (heads, dim) in (("key", cache["key_shape"]), ("value", cache["value_shape"])):
+            feeds[f"past_key_values.{i}.{slot}"] = np.zeros((batch, heads, width, dim), np.float32)
+    return feeds
 
 
 def run(sess, batch: TextBatch, outputs: list[str], extra: Optional[dict[str, np.ndarray]] = None) -> dict[str, np.ndarray]:

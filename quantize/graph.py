@@ -249,13 +249,18 @@ def write_probe(
     return model, gates
 
 
-def to_fp16(model: onnx.ModelProto, keep_io_fp32: bool) -> onnx.ModelProto:
+def to_fp16(model: onnx.ModelProto, keep_io_fp32: bool, kv_cache_fp16: bool = False) -> onnx.ModelProto:
     """Whole-graph FP16 with the numerically fragile parts left in FP32.
 
     FP16 tops out at 65504: squares and means of hidden states (RMSNorm/LayerNorm statistics), exponentials
     (Softmax, Exp) and rotary angles (position × frequency lose integer precision above 2048) overflow or
     round badly. Those ops, the normalisation chain after a reduction (eps Add, Sqrt, Reciprocal, Div) and
     everything that computes the rotary Cos/Sin stay FP32; ONNX Runtime's converter adds the Casts.
+
+    `kv_cache_fp16` (the fused graph): the KV cache inputs and outputs become FP16 even when the other IO stays
+    FP32 — a Cast between the caller's buffer and GroupQueryAttention would be a copy of the whole cache per step
+    and would break the in-place update. The fused graph's rotary tables are precomputed in float64 and rounded
+    once, so they need no FP32 cone.
     """
     from onnxruntime.transformers.float16 import DEFAULT_OP_BLOCK_LIST, convert_float_to_float16
 
@@ -289,9 +294,13 @@ def to_fp16(model: onnx.ModelProto, keep_io_fp32: bool) -> onnx.ModelProto:
                 if prod is not None and prod.name not in blocked_nodes:
                     blocked_nodes.add(prod.name)
                     stack.extend(prod.input)
+    keep_io: bool | list[str] = keep_io_fp32
+    if kv_cache_fp16 and keep_io_fp32:
+        keep_io = [v.name for v in [*graph.input, *graph.output]
+                   if not v.name.startswith(("past_key_values.", "present."))]
     return convert_float_to_float16(
         model,
-        keep_io_types=keep_io_fp32,
+        keep_io_types=keep_io,
         op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | fragile_ops),
         node_block_list=sorted(blocked_nodes),
     )

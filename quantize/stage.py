@@ -62,11 +62,12 @@ def resolve(cfg: QuantizeConfig) -> Settings:
         gate=gate,
         gate_source=source,
         mixed_precision=mixed and precision is Precision.INT4 and gate is not None,
+        graph=cfg.graph,
     )
 
 
 def variant_name(s: Settings) -> str:
-    return artifacts.onnx_variant(s.precision.value, s.method.value, s.block_size, s.format.value)
+    return artifacts.onnx_variant(s.precision.value, s.method.value, s.block_size, s.format.value, graph=s.graph)
 
 
 def _ensure_exported(cfg: QuantizeConfig) -> artifacts.ModelLayout:
@@ -77,12 +78,14 @@ def _ensure_exported(cfg: QuantizeConfig) -> artifacts.ModelLayout:
     from exporter.sources import model_dir_name
 
     layout = artifacts.ModelLayout(cfg.workdir, model_dir_name(cfg.model))
-    if (layout.onnx_dir("fp32") / artifacts.EXPORT_REPORT).is_file() and layout.tokenizer_dir.is_dir():
+    base = artifacts.onnx_variant("fp32", graph=cfg.graph)
+    if (layout.onnx_dir(base) / artifacts.EXPORT_REPORT).is_file() and layout.tokenizer_dir.is_dir():
         return layout
     from exporter.export import ExportConfig, export_model
 
     result = export_model(
-        ExportConfig(model=cfg.model, workdir=cfg.workdir, allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code)
+        ExportConfig(model=cfg.model, workdir=cfg.workdir, graph=cfg.graph, allow_pickle=cfg.allow_pickle,
+                     trust_remote_code=cfg.trust_remote_code)
     )
     return artifacts.ModelLayout(cfg.workdir, result.model)
 
@@ -247,12 +250,13 @@ def quantize_model(cfg: QuantizeConfig) -> QuantizeResult:
     started = time.perf_counter()
     s = resolve(cfg)
     layout = _ensure_exported(cfg)
-    export_report = artifacts.read_export_report(layout)
+    base_variant = artifacts.onnx_variant("fp32", graph=s.graph)
+    export_report = artifacts.read_export_report(layout, base_variant)
     kind = export_report["kind"]
     variant = variant_name(s)
     final = layout.onnx_dir(variant)
     rejected = final.parent / f"{variant}.rejected.json"
-    fp32_path = layout.onnx_path("fp32")
+    fp32_path = layout.onnx_path(base_variant)
     fp32_files = [p for p in fp32_path.parent.iterdir() if p.name.startswith("model.onnx")]
     inputs = artifacts.sha256_files(fp32_files, root=layout.root)
     inputs.update(artifacts.sha256_files([p for p in layout.tokenizer_dir.iterdir() if p.is_file()], root=layout.root))
@@ -275,7 +279,7 @@ def quantize_model(cfg: QuantizeConfig) -> QuantizeResult:
     evaluations = 0
     if s.precision is Precision.FP16:
         with status("converting to FP16 (norms, softmax, exp, rotary angles stay FP32)"):
-            model = graph.to_fp16(base, s.keep_io_fp32)
+            model = graph.to_fp16(base, s.keep_io_fp32, kv_cache_fp16=export_report.get("graph") == "fused")
     else:
         build = _build_int4(base, s, export_report, layout.tokenizer_dir, ref)
         model, layers, skipped, kept, evaluations = build.model, build.layers, build.skipped, build.kept, build.evaluations

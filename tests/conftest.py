@@ -47,3 +47,18 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 600, env: dict
 @pytest.fixture
 def r1():
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def exported_fused(session_workdir):
+    """`exported_fused("r1-distill-tiny")` → ExportResult of `export --graph fused`, at most once per session."""
+    from exporter.export import ExportConfig, export_model
+
+    cache: dict = {}
+
+    def get(model: str):
+        if model not in cache:
+            cache[model] = export_model(ExportConfig(model=model, workdir=session_workdir, graph="fused"))
+        return cache[model]
+
+    return get

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import click
 
-from ..export import ExportConfig, Exporter, ExportResult, export_model
+from ..export import ExportConfig, Exporter, ExportResult, GraphForm, export_model
 from ..ui import out as console
 from .common import App, emit, force_option, model_options, pass_app
 
@@ -22,17 +22,20 @@ def _human(r: ExportResult) -> None:
 @click.option("--exporter", "exporter_", type=click.Choice([e.value for e in Exporter]), default="dynamo", show_default=True,
               help="dynamo: torch.export (maintained upstream). legacy: TorchScript, ~3x faster and ~0.6x the peak "
                    "memory here (docs/benchmarks.md).")
+@click.option("--graph", "graph", type=click.Choice([g.value for g in GraphForm]), default="generic", show_default=True,
+              help="generic: the graph torch emits (standard ops; every runtime, TensorRT included). fused: ONNX "
+                   "Runtime's fused attention and an in-place KV buffer, Qwen2/Llama only, written to onnx/fp32-fused.")
 @click.option("--external-data-threshold-mib", type=float, default=2048.0, show_default=True,
               help="Weights above this size go to model.onnx.data.")
 @click.option("--tolerance", type=float, default=1e-4, show_default=True, help="Max abs diff allowed per output.")
 @click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime vs PyTorch comparison.")
 @force_option
 @pass_app
-def command(app: App, model, allow_pickle, trust_remote_code, opset, exporter_, external_data_threshold_mib,
+def command(app: App, model, allow_pickle, trust_remote_code, opset, exporter_, graph, external_data_threshold_mib,
             tolerance, no_verify, force):
     """Export a model to ONNX (decoders with KV cache) and verify it against PyTorch."""
     cfg = ExportConfig(
-        model=model, workdir=app.workdir, opset=opset, exporter=Exporter(exporter_),
+        model=model, workdir=app.workdir, opset=opset, exporter=Exporter(exporter_), graph=GraphForm(graph),
         external_data_threshold_mib=external_data_threshold_mib, verify=not no_verify, tolerance=tolerance,
         force=force, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
     )

@@ -68,6 +68,8 @@ def _human(r: QuantizeResult) -> None:
 @click.option("--quantize-embeddings", is_flag=True, help="INT4: also the Gather-ed embedding tables.")
 @click.option("--quantize-lm-head", is_flag=True, help="INT4: also the output projection.")
 @click.option("--fp16-io", is_flag=True, help="FP16: make graph inputs/outputs FP16 too (default: keep FP32).")
+@click.option("--graph", "graph", type=click.Choice(["generic", "fused"]), default="generic", show_default=True,
+              help="Which export to quantize: generic (onnx/fp32) or fused (onnx/fp32-fused; written to *-fused).")
 @click.option("--min-cosine", type=float, help="Accuracy gate override; with int4 keeps sensitive layers FP32 to meet it.")
 @click.option("--min-top1", type=float, help="Top-1 agreement gate override (decoders).")
 @click.option("--mixed-precision/--no-mixed-precision", default=None,
@@ -75,13 +77,13 @@ def _human(r: QuantizeResult) -> None:
 @force_option
 @pass_app
 def command(app: App, model, allow_pickle, trust_remote_code, profile_name, precision, method, block_size, fmt,
-            symmetric, quantize_embeddings, quantize_lm_head, fp16_io, min_cosine, min_top1, mixed_precision, force):
+            symmetric, quantize_embeddings, quantize_lm_head, fp16_io, graph, min_cosine, min_top1, mixed_precision, force):
     """Quantize the exported FP32 ONNX model to FP16 or INT4, measure it against FP32 and apply the accuracy gate."""
     cfg = QuantizeConfig(
         model=model, workdir=app.workdir, profile=app.profile(profile_name) if profile_name else None,
         precision=precision, method=method, block_size=int(block_size) if block_size else None, format=fmt,
         symmetric=symmetric, quantize_embeddings=quantize_embeddings, quantize_lm_head=quantize_lm_head,
-        keep_io_fp32=not fp16_io, min_cosine=min_cosine, min_top1=min_top1, mixed_precision=mixed_precision,
+        keep_io_fp32=not fp16_io, graph=graph, min_cosine=min_cosine, min_top1=min_top1, mixed_precision=mixed_precision,
         force=force, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
     )
     emit(app, quantize_model(cfg), _human)

@@ -1,0 +1,133 @@
+"""SharedKVEngine (exporter/repository/python_models/kv_shared.py) on the real fused graph of r1-distill-tiny in
+ONNX Runtime: rows of different lengths joining and leaving one buffer give each row the greedy tokens it gets
+alone, from the generic graph, and from PyTorch."""
+
+from __future__ import annotations
+
+import ast
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+MODELS_DIR = Path(__file__).resolve().parents[1] / "exporter" / "repository" / "python_models"
+sys.path.insert(0, str(MODELS_DIR))
+
+from kv_shared import SharedKVEngine  # noqa: E402
+
+VOCAB_LOW = 3
+
+
+@pytest.fixture(scope="module")
+def fused_path(exported_fused):
+    return exported_fused("r1-distill-tiny").onnx_path
+
+
+@pytest.fixture(scope="module")
+def generic_path(exported):
+    return exported("r1-distill-tiny").onnx_path
+
+
+def _prompts(seed: int, lengths: list[int], vocab: int = 772) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(VOCAB_LOW, vocab, n).tolist() for n in lengths]
+
+
+def _alone(path: Path, prompt: list[int], n: int) -> list[int]:
+    engine = SharedKVEngine.from_path(path, max_rows=1, max_seq=64, threads=1)
+    tokens = [int(engine.prefill([0], [prompt])[0].argmax())]
+    while len(tokens) < n:
+        tokens.append(int(engine.decode([0], [tokens[-1]])[0].argmax()))
+    return tokens
+
+
+def _torch_greedy(checkpoint: Path, prompt: list[int], n: int) -> list[int]:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32, attn_implementation="sdpa").eval()
+    ids = list(prompt)
+    with torch.no_grad():
+        for _ in range(n):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_rows_joining_and_leaving_get_the_tokens_they_get_alone(fused_path, generic_path, session_workdir):
+    from exporter.repository.reference import GreedyLoop
+
+    engine = SharedKVEngine.from_path(fused_path, max_rows=5, max_seq=64, threads=1)
+    prompts = dict(zip([0, 1, 2], _prompts(1, [5, 11, 3]), strict=True))
+    out: dict[int, list[int]] = {r: [] for r in prompts}
+    logits = engine.prefill([2, 0, 1], [prompts[2], prompts[0], prompts[1]])  # any order
+    for i, r in enumerate([2, 0, 1]):
+        out[r].append(int(logits[i].argmax()))
+    finished: list[tuple[list[int], list[int]]] = []
+    for step in range(9):
+        if step == 2:  # row 1 leaves; row 4 joins with a row between it and the others that is free
+            engine.release([1])
+            finished.append((prompts.pop(1), out.pop(1)))
+            prompts[4] = _prompts(2, [7])[0]
+            out[4] = [int(engine.prefill([4], [prompts[4]])[0].argmax())]
+        if step == 4:  # row 1 is reused at once for a shorter prompt
+            prompts[1] = _prompts(3, [2])[0]
+            out[1] = [int(engine.prefill([1], [prompts[1]])[0].argmax())]
+        # row 2 sits out step 5: it stays inside the call's span, its cache must not move
+        rows = [r for r in sorted(out) if not (step == 5 and r == 2)]
+        logits = engine.decode(rows, [out[r][-1] for r in rows])
+        for i, r in enumerate(rows):
+            out[r].append(int(logits[i].argmax()))
+    finished += [(prompts[r], out[r]) for r in out]
+    for r in out:
+        assert engine.cached(r) == len(prompts[r]) + len(out[r]) - 1
+    loop = GreedyLoop(generic_path)
+    checkpoint = session_workdir / "models" / "r1-distill-tiny"
+    for prompt, tokens in finished:
+        assert tokens == _alone(fused_path, prompt, len(tokens))
+        assert tokens == loop(prompt, len(tokens))
+        assert tokens == _torch_greedy(checkpoint, prompt, len(tokens))
+
+
+def test_the_cache_is_updated_in_place_and_idle_rows_are_untouched(fused_path):
+    engine = SharedKVEngine.from_path(fused_path, max_rows=3, max_seq=32, threads=1)
+    addresses = {n: b.ctypes.data for n, b in engine.buffers.items()}
+    engine.prefill([0, 1, 2], _prompts(4, [4, 6, 2]))
+    before = {n: b[1].copy() for n, b in engine.buffers.items()}
+    engine.decode([0, 2], [10, 11])  # row 1 lies inside the span [0, 3) but takes no part
+    for name, buf in engine.buffers.items():
+        assert buf.ctypes.data == addresses[name]  # ONNX Runtime wrote into the engine's own memory
+        assert np.array_equal(buf[1], before[name])
+        assert np.any(buf[0, :, 4]) and not np.any(buf[0, :, 5])  # row 0's new token went to position 4
+        assert np.any(buf[2, :, 2]) and not np.any(buf[2, :, 3])
+    assert [engine.cached(r) for r in range(3)] == [5, 6, 3]
+
+
+def test_bad_calls_are_refused(fused_path, generic_path):
+    engine = SharedKVEngine.from_path(fused_path, max_rows=2, max_seq=8, threads=1)
+    with pytest.raises(ValueError, match="does not fit"):
+        engine.prefill([0], [list(range(3, 12))])
+    engine.prefill([0], [[5, 6, 7, 8, 9, 10, 11]])
+    with pytest.raises(ValueError, match="in use"):
+        engine.prefill([0], [[5]])
+    with pytest.raises(ValueError, match="has no prompt"):
+        engine.decode([1], [5])
+    with pytest.raises(ValueError, match="twice"):
+        engine.decode([0, 0], [5, 5])
+    with pytest.raises(ValueError, match="outside"):
+        engine.decode([2], [5])
+    engine.decode([0], [5])  # the 8th position
+    with pytest.raises(ValueError, match="full"):
+        engine.decode([0], [5])
+    engine.release([0])
+    assert engine.cached(0) == 0
+    with pytest.raises(ValueError, match="--graph fused"):
+        SharedKVEngine.from_path(generic_path, max_rows=1, max_seq=8)
+
+
+def test_kv_shared_imports_only_numpy_and_onnxruntime():
+    """It is copied alone into the Triton model directory."""
+    tree = ast.parse((MODELS_DIR / "kv_shared.py").read_text())
+    modules = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    modules |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert modules == {"numpy", "onnxruntime"}
