@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from conftest import R1DEPLOY, REPO
 
-from exporter.repository import RepositoryConfig, write_repository
+from exporter.repository import RepositoryConfig, parse, write_repository
 from exporter.repository.reference import GreedyLoop
 from exporter.serve import ServerConfig, TritonServer
 
@@ -431,3 +431,28 @@ def test_queue_limit_answers_server_busy(exported, session_workdir, tmp_path):
         assert errors and all("server busy" in e for e in errors), errors
         assert len(served) >= 2 and all(len(c[-1]["tokens"]) == 200 for c in served)
         assert sum(metric_values(srv, "r1deploy_generate_requests_rejected").values()) == len(errors)
+
+
+def test_fused_graph_served_by_the_scheduler(exported, session_workdir, tmp_path, tokenizer, greedy):
+    """The fused graph (`export --graph fused`: GroupQueryAttention over an in-place KV buffer) served by the
+    generate model's scheduler through its shared-buffer engine: concurrent requests of different lengths, streamed
+    and whole, equal the generic graph's greedy loop token for token."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from exporter.export import ExportConfig, export_model
+
+    export_model(ExportConfig(model="r1-distill-tiny", workdir=session_workdir, graph="fused"))
+    repo = write_repository(RepositoryConfig(
+        model="r1-distill-tiny", profile="edge", variant="python_ort", workdir=session_workdir, out=tmp_path / "fused",
+        graph="fused", max_rows=4,
+    ))
+    gen = parse((repo.out / "generate/config.pbtxt").read_text(), "generate")
+    assert gen.parameters["kv_layout"].string_value == "shared" and not (repo.out / "llm").exists()
+    assert (repo.out / gen.parameters["engine_file"].string_value).is_file()
+    cases = [(f"{PROMPT} {'and more ' * i}", 4 + 3 * i, i % 2 == 0) for i in range(8)]
+    with TritonServer(ServerConfig(model_repository=repo.out)) as srv:
+        with ThreadPoolExecutor(8) as pool:
+            runs = list(pool.map(lambda c: grpc_stream(srv, grpc_inputs(c[0], max_tokens=c[1], stream=c[2])), cases))
+    for (prompt, max_tokens, _), (chunks, error) in zip(cases, runs, strict=True):
+        assert error is None, error
+        assert [t for c in chunks for t in c["tokens"]] == greedy(tokenizer.encode(prompt).ids, max_tokens, {1}), prompt

@@ -33,12 +33,16 @@ def _human(r: RepositoryResult) -> None:
 @click.option("--engine-call", type=click.Choice(["bls", "inprocess"]),
               help="How `generate` reaches the engine [default: inprocess for python_ort, else bls].")
 @click.option("--onnx-variant", help="ONNX variant to place (fp32, fp16, …) [default: the profile's, else fp32].")
+@click.option("--graph", type=click.Choice(["generic", "fused"]), default="generic", show_default=True,
+              help="Decoder graph: fused = `export --graph fused`, served in-process with an in-place KV buffer (python_ort).")
+@click.option("--max-rows", type=click.IntRange(min=1), help="Sequences the generate scheduler decodes together [default: the profile's max_batch_size].")
+@click.option("--max-queue", type=click.IntRange(min=0), help="Waiting requests before 'server busy' [default: 8 × max rows].")
 @pass_app
-def command(app: App, model, profile_name, out, variant, device, engine_call, onnx_variant):
+def command(app: App, model, profile_name, out, variant, device, engine_call, onnx_variant, graph, max_rows, max_queue):
     """Write a Triton model repository (config.pbtxt + model files) for a model under a deployment profile."""
     cfg = RepositoryConfig(
         model=model, profile=app.profile(profile_name), workdir=app.workdir, out=out,
         variant=ServingVariant(variant) if variant else None, device=device, engine_call=engine_call,
-        onnx_variant=onnx_variant,
+        onnx_variant=onnx_variant, graph=graph, max_rows=max_rows, max_queue=max_queue,
     )
     emit(app, write_repository(cfg), _human)

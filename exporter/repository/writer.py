@@ -34,6 +34,9 @@ class RepositoryConfig:
     device: Optional[str] = None  # gpu | cpu; default gpu for tensorrt_plan / onnxruntime_onnx, cpu for python_ort
     engine_call: Optional[str] = None  # bls | inprocess (python_ort only); default inprocess for python_ort
     onnx_variant: Optional[str] = None  # default: the profile's (fp16, int4-awq-b128-qdq…), else fp32 with a note
+    # generic: the graph torch exports (concatenated KV cache); fused: `export --graph fused` (GroupQueryAttention
+    # over an in-place KV buffer; python_ort only — the generate model runs it in-process, kv_shared.py)
+    graph: str = "generic"
     # the generate model's scheduler; defaults from the profile (see `scheduler_params`)
     max_rows: Optional[int] = None  # sequences decoded together; default the profile's max_batch_size
     kv_budget_tokens: Optional[int] = None  # KV positions running sequences may reserve; default max_rows × max_sequence_len
@@ -59,6 +62,13 @@ class RepositoryConfig:
             raise BadInput(f"engine_call must be bls or inprocess, not {self.engine_call!r}")
         if self.engine_call == "inprocess" and self.variant is not ServingVariant.PYTHON_ORT:
             raise BadInput(f"engine_call inprocess runs the ONNX file in the generate model; the {self.variant.value} variant needs bls")
+        if self.graph not in ("generic", "fused"):
+            raise BadInput(f"graph must be generic or fused, not {self.graph!r}")
+        if self.graph == "fused" and (self.variant is not ServingVariant.PYTHON_ORT or self.engine_call != "inprocess"):
+            raise BadInput("the fused graph is served in-process by the generate model: use --variant python_ort "
+                           "(engine_call inprocess); TensorRT and ONNX Runtime backends take the generic graph")
+        if self.onnx_variant and self.onnx_variant.endswith("-fused") and self.graph != "fused":
+            raise BadInput(f"{self.onnx_variant} is a fused graph: pass --graph fused")
         for name in ("max_rows", "kv_budget_tokens", "max_queue"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "max_queue" else 1)):
@@ -105,7 +115,7 @@ def python_model_source(name: str) -> str:
 
 # The modules the generate model imports, copied beside its model.py (the python backend puts the version
 # directory on sys.path).
-GENERATE_MODULES = ("llm_scheduler", "kv_padded", "engine_runtimes")
+GENERATE_MODULES = ("llm_scheduler", "kv_padded", "kv_shared", "engine_runtimes")
 
 
 def scheduler_params(cfg: RepositoryConfig, engine_max_batch: int) -> dict:
@@ -146,7 +156,8 @@ class _Plan:
 def _plan(cfg: RepositoryConfig) -> _Plan:
     profile: DeploymentProfile = cfg.profile
     layout = artifacts.ModelLayout(cfg.workdir, model_dir_name(cfg.model))
-    report = artifacts.read_export_report(layout)
+    fused = cfg.graph == "fused"
+    report = artifacts.read_export_report(layout, "fp32-fused" if fused else "fp32")
     kind = report.get("kind", "decoder")
     notes: list[str] = []
     missing: list[str] = []
@@ -186,12 +197,13 @@ def _plan(cfg: RepositoryConfig) -> _Plan:
         onnx_variant = meta.onnx_variant
         io = engine_io(meta, f"engines/{profile.name}/engine.json")
     else:
-        wanted = cfg.onnx_variant or artifacts.profile_onnx_variant(profile)
+        suffix = "-fused" if fused else ""
+        wanted = cfg.onnx_variant or artifacts.profile_onnx_variant(profile) + suffix
         onnx_variant = wanted
         if not layout.onnx_path(wanted).is_file():
             if cfg.onnx_variant:
                 raise BadInput(f"no {wanted} ONNX for {layout.model} at {layout.onnx_path(wanted)}")
-            onnx_variant = "fp32"
+            onnx_variant = "fp32" + suffix
             notes.insert(0,
                 f"profile {profile.name!r} deploys the {wanted} ONNX, which is not built yet "
                 f"(`r1deploy quantize --model {layout.model} --profile {profile.name}`); using fp32"
@@ -291,7 +303,11 @@ def _engine_model(w: _Writer, cfg: RepositoryConfig, plan: _Plan, name: str) -> 
 
 def _decoder_models(w: _Writer, cfg: RepositoryConfig, plan: _Plan) -> None:
     profile: DeploymentProfile = cfg.profile
-    _engine_model(w, cfg, plan, LLM)
+    fused = cfg.graph == "fused"
+    if not fused:
+        _engine_model(w, cfg, plan, LLM)
+    # the fused graph takes a scalar and per-row length inputs that are no Triton batch: it is no Triton model of
+    # its own, its files lie beside the generate model that runs them
     cache = plan.report["cache"]
     slots = []
     for i in range(cache["num_layers"]):
@@ -317,7 +333,13 @@ def _decoder_models(w: _Writer, cfg: RepositoryConfig, plan: _Plan) -> None:
     if cfg.engine_call == "inprocess":
         params.update({"engine_runtime": "onnxruntime", "engine_file": f"{LLM}/{VERSION}/model.onnx",
                        "intra_op_num_threads": "1"})
+    if fused:
+        params.update({"kv_layout": "shared", "engine_file": f"{GENERATE}/{VERSION}/engine/model.onnx"})
+        del params["engine_model"]
     placed = w.config(configs.generate_model(GENERATE, params), "entry")
+    if fused:
+        for f in plan.onnx_files:
+            w.file(placed, f"engine/{f.name}", f)
     w.file(placed, "model.py", text=python_model_source("generate"))
     for module in GENERATE_MODULES:
         w.file(placed, f"{module}.py", text=python_model_source(module))
