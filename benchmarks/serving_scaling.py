@@ -38,6 +38,7 @@ from exporter.serve import ServerConfig, TritonServer  # noqa: E402
 
 sys.path.insert(0, str(REPO / "exporter/repository/python_models"))
 import kv_padded  # noqa: E402
+import kv_shared  # noqa: E402
 
 WORDS = ("model cache token prefill decode batch server engine latency throughput kernel tensor layer head "
          "attention weight quantize export profile stream request queue budget row step sample").split()
@@ -109,6 +110,7 @@ class GrpcStreams:
 
         self.pb = pb
         self.channel = grpc.aio.insecure_channel(endpoint)
+        CHANNELS.setdefault(id(asyncio.get_running_loop()), []).append(self.channel)
         self.stub = pb_grpc.GRPCInferenceServiceStub(self.channel)
 
     def _request(self, prompt: str, max_tokens: int):
@@ -187,7 +189,13 @@ async def closed_loop(send, texts: list[str], concurrency: int) -> tuple[float, 
 
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return time.perf_counter() - start, results
+        wall = time.perf_counter() - start
+    for channel in CHANNELS.pop(id(asyncio.get_running_loop()), []):
+        await channel.close()
+    return wall, results
+
+
+CHANNELS: dict[int, list] = {}  # grpc.aio channels opened in an event loop, closed before it ends
 
 
 def summarise(wall: float, results: list[dict], cpu: float) -> dict:
@@ -208,15 +216,20 @@ def summarise(wall: float, results: list[dict], cpu: float) -> dict:
 
 
 # -- in-process one batch ------------------------------------------------------------------------------------------
-def inprocess(onnx_path: Path, tokenizer, texts: list[str], batch: int, max_tokens: int) -> float:
+def inprocess(onnx_path: Path, tokenizer, texts: list[str], batch: int, max_tokens: int, graph: str) -> float:
+    """The same ONNX, all sequences in one batch, prefill then greedy decode with ONNX Runtime in this process
+    (one intra-op thread, as served): no tokenizer, no server, no sampling beyond an argmax."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    slots = [kv_padded.CacheSlot(i.name, i.name.replace("past_key_values.", "present."), i.shape[1], i.shape[3])
-             for i in session.get_inputs() if i.name.startswith("past_key_values.")]
-    engine = kv_padded.PaddedKVEngine(lambda f, o: session.run(o, f), slots, "float32", batch)
+    if graph == "fused":
+        engine = kv_shared.SharedKVEngine.from_path(onnx_path, batch, 2560, 1)
+    else:
+        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+        slots = [kv_padded.CacheSlot(i.name, i.name.replace("past_key_values.", "present."), i.shape[1], i.shape[3])
+                 for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+        engine = kv_padded.PaddedKVEngine(lambda f, o: session.run(o, f), slots, "float32", batch)
     ids = [tokenizer.encode(t).ids for t in texts[:batch]]
     rows = list(range(batch))
     rates = []
@@ -329,6 +342,8 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=REPO / "build" / "bench-serving")
     ap.add_argument("--vllm-venv", type=Path, default=REPO / "build" / "bench-venvs" / "vllm")
     ap.add_argument("--no-vllm", action="store_true")
+    ap.add_argument("--graph", choices=["fused", "generic"], default="fused",
+                    help="the decoder graph r1deploy serves (and the in-process baseline runs)")
     ap.add_argument("--http-threads", type=int, default=0, help="Triton --http-thread-count (0: r1deploy serve's default)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
@@ -342,8 +357,10 @@ def main() -> None:
             random_qwen2(ckpt, args.random_qwen2_layers, args.hidden)
         model = str(ckpt)
     export = export_model(ExportConfig(model=model, workdir=wd, exporter="legacy"))
+    if args.graph == "fused":
+        export = export_model(ExportConfig(model=model, workdir=wd, graph="fused"))
     repo = write_repository(RepositoryConfig(
-        model=model, profile="edge", variant="python_ort", workdir=wd, out=wd / "repo", onnx_variant="fp32",
+        model=model, profile="edge", variant="python_ort", workdir=wd, out=wd / "repo", graph=args.graph,
         max_rows=max(levels), max_queue=4 * max(levels),
     ))
     from tokenizers import Tokenizer
@@ -351,7 +368,7 @@ def main() -> None:
     tokenizer = Tokenizer.from_file(str(repo.out / "generate/1/tokenizer/tokenizer.json"))
     checkpoint = Path(model) if Path(model).is_dir() else wd / "models" / model
     texts_all = prompts(4 * max(levels) + 64, args.prompt_tokens, 0, tokenizer)
-    print(f"# {platform.node()} {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; model {model} "
+    print(f"# {platform.node()} {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; {args.graph} graph; model {model} "
           f"({export.parameters / 1e6:.1f} M parameters); prompts of ~"
           f"{np.mean([len(tokenizer.encode(t).ids) for t in texts_all[:16]]):.0f} tokens, {args.max_tokens} new", flush=True)
 
@@ -359,7 +376,7 @@ def main() -> None:
                      "levels": {}}
     for c in levels:
         results["levels"].setdefault(str(c), {})["inprocess_one_batch"] = inprocess(
-            export.onnx_path, tokenizer, texts_all, c, args.max_tokens)
+            export.onnx_path, tokenizer, texts_all, c, args.max_tokens, args.graph)
 
     def run_server(name: str, send, pid: int):
         for c in levels:
@@ -387,7 +404,7 @@ def main() -> None:
             if not stream:
                 return await triton_request(session, base, text, args.max_tokens, False)
             loop = id(asyncio.get_running_loop())
-            if loop not in streams:
+            if loop not in CHANNELS or loop not in streams:
                 streams[loop] = GrpcStreams(srv.endpoints.grpc)
             return await streams[loop](text, args.max_tokens)
 

@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from serving_scaling import GrpcStreams, triton_request  # noqa: E402
+from serving_scaling import CHANNELS, GrpcStreams, triton_request  # noqa: E402
 
 from exporter.export import ExportConfig, export_model  # noqa: E402
 from exporter.repository import RepositoryConfig, write_repository  # noqa: E402
@@ -64,7 +64,8 @@ async def clients(srv, n_clients: int, per_client: int, max_tokens: int, mix: bo
                     errors.append(str(exc).splitlines()[0][:200])
 
         await asyncio.gather(*(client(k) for k in range(n_clients)))
-    await streams.channel.close()
+    for channel in CHANNELS.pop(id(asyncio.get_running_loop()), []):
+        await channel.close()
     return done, errors
 
 
@@ -83,12 +84,15 @@ def main() -> int:
     ap.add_argument("--rows", type=int, default=16)
     ap.add_argument("--queue", type=int, default=64)
     ap.add_argument("--no-hog", action="store_true")
+    ap.add_argument("--graph", choices=["fused", "generic"], default="fused")
     ap.add_argument("--workdir", type=Path, default=REPO / "build" / "bench-soak")
     args = ap.parse_args()
     export_model(ExportConfig(model="r1-distill-tiny", workdir=args.workdir))
+    if args.graph == "fused":
+        export_model(ExportConfig(model="r1-distill-tiny", workdir=args.workdir, graph="fused"))
     repo = write_repository(RepositoryConfig(
         model="r1-distill-tiny", profile="edge", variant="python_ort", workdir=args.workdir,
-        out=args.workdir / "repo", onnx_variant="fp32", max_rows=args.rows, max_queue=args.queue,
+        out=args.workdir / "repo", graph=args.graph, max_rows=args.rows, max_queue=args.queue,
     ))
     hog = None if args.no_hog else subprocess.Popen(["yes"], stdout=subprocess.DEVNULL)
     failures = 0

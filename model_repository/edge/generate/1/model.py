@@ -77,12 +77,33 @@ def _strings(request, name: str) -> list[str]:
 class _Handle:
     """What the sender needs to answer one request."""
 
-    __slots__ = ("request", "sender", "prompt_text", "echo", "last_sent_step", "prompt_tokens")
+    __slots__ = ("request", "sender", "prompt_text", "echo", "last_sent_step", "prompt_tokens", "lock", "closed")
 
     def __init__(self, request, prompt_text: str, echo: bool, prompt_tokens: int):
         self.request, self.sender = request, request.get_response_sender()
         self.prompt_text, self.echo, self.prompt_tokens = prompt_text, echo, prompt_tokens
         self.last_sent_step = -1
+        # Triton frees a request's response factory with its FINAL response, and asking `is_cancelled` after
+        # that crashes the server (SIGSEGV in TRITONBACKEND_ResponseFactoryIsCancelled, seen here under load):
+        # the final send and the cancellation check of one request exclude each other, and `closed` ends checks
+        self.lock = threading.Lock()
+        self.closed = False
+
+    def send_final(self, response=None) -> None:
+        final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        with self.lock:
+            self.closed = True
+            if response is None:
+                self.sender.send(flags=final)
+            else:
+                self.sender.send(response, flags=final)
+
+    def is_cancelled(self) -> bool:
+        with self.lock:
+            if self.closed:
+                return False
+            check = getattr(self.request, "is_cancelled", None)
+            return bool(check()) if check is not None else False
 
 
 class _Metrics:
@@ -302,7 +323,7 @@ class TritonPythonModel:
                 self.logger.log_error(f"generate: engine step failed: {traceback.format_exc()}")
                 for seq in scheduler.abort_running():
                     self.metrics.finish("error")
-                    self.outbox.put(("error", seq.handle.sender, f"generate failed: {_line(exc)}"))
+                    self.outbox.put(("error", seq.handle, f"generate failed: {_line(exc)}"))
                 continue
             self.step_count += 1
             self.metrics.record(stats)
@@ -313,9 +334,9 @@ class TritonPythonModel:
             for seq in done:
                 self.metrics.finish(seq.finish_reason)
                 if seq.finish_reason == "shutdown":
-                    self.outbox.put(("error", seq.handle.sender, "the server is shutting down"))
+                    self.outbox.put(("error", seq.handle, "the server is shutting down"))
                 elif seq.finish_reason == "cancelled":
-                    self.outbox.put(("cancelled", seq.handle.sender))
+                    self.outbox.put(("cancelled", seq.handle))
                 else:
                     self._emit(seq, final=True)
             self.metrics.flush(scheduler, time.monotonic())
@@ -344,9 +365,8 @@ class TritonPythonModel:
             with self.scheduler.lock:
                 seqs = list(self.scheduler.waiting) + list(self.scheduler.running.values())
             for seq in seqs:
-                check = getattr(seq.handle.request, "is_cancelled", None)
                 try:
-                    if check is not None and check():
+                    if seq.handle.is_cancelled():
                         seq.cancelled = True
                 except Exception:  # noqa: BLE001 — the request is gone: treat as cancelled
                     seq.cancelled = True
@@ -381,11 +401,19 @@ class TritonPythonModel:
                 try:
                     if item[0] == "chunk":
                         _, h, text, tokens, finish, is_final = item
-                        h.sender.send(self._response(text, tokens, finish, h.prompt_tokens), flags=final if is_final else 0)
+                        response = self._response(text, tokens, finish, h.prompt_tokens)
+                        if is_final:
+                            h.send_final(response)
+                        else:
+                            h.sender.send(response)
                     elif item[0] == "error":
-                        item[1].send(pb_utils.InferenceResponse(error=pb_utils.TritonError(item[2])), flags=final)
+                        error = pb_utils.InferenceResponse(error=pb_utils.TritonError(item[2]))
+                        if isinstance(item[1], _Handle):
+                            item[1].send_final(error)
+                        else:  # a request refused before it reached the scheduler
+                            item[1].send(error, flags=final)
                     else:  # cancelled: close the stream without a response
-                        item[1].send(flags=final)
+                        item[1].send_final()
                 except Exception:  # noqa: BLE001 — the client is gone; nothing to answer
                     self.logger.log_verbose(f"generate: send failed: {traceback.format_exc()}")
             if last:
