@@ -19,7 +19,7 @@ from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 from .. import artifacts
-from ..errors import BadInput, MissingDependency, StageFailed
+from ..errors import BadInput, BrokenDependency, MissingDependency, StageFailed
 from ..profiles import DeploymentProfile, Precision, Runtime
 from ..sources import model_dir_name
 from ..typed import to_data
@@ -197,7 +197,7 @@ def trtexec_command(plan: BuildPlan, rt: TensorRTRuntime | None = None) -> list[
     if rt is None:
         try:
             rt = load_runtime(plan.runtime)
-        except MissingDependency:
+        except (MissingDependency, BrokenDependency):  # the line is still useful without a loadable runtime
             rt = None
     if rt is not None:
         targets, version = rt.target_compute_capabilities(plan.compute_capability, plan.hardware_compatible), rt.version
