@@ -21,9 +21,10 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -207,9 +208,42 @@ def profile_onnx_variant(profile) -> str:
 
 
 def read_export_report(layout: ModelLayout, variant: str = "fp32") -> dict:
-    """The export stage's report (kind, input/output names, cache layout); BadInput if not exported yet."""
+    """The export stage's report (kind, input/output names, cache layout); BadInput if not exported yet or if
+    the report is unreadable (a damaged or hand-edited workdir)."""
     path = layout.onnx_dir(variant) / EXPORT_REPORT
+    flag = " --graph fused" if variant.endswith("-fused") else ""
     if not path.is_file():
-        flag = " --graph fused" if variant.endswith("-fused") else ""
         raise BadInput(f"{layout.model} has not been exported yet (no {path}); run `r1deploy export --model {layout.model}{flag}` first")
-    return json.loads(path.read_text())
+    try:
+        report = json.loads(path.read_text())
+    except ValueError:
+        report = None
+    if not isinstance(report, dict):
+        raise BadInput(f"{path} is corrupt (not a JSON object); rerun `r1deploy export --model {layout.model}{flag} --force`")
+    return report
+
+
+# A name that becomes one path component (profile, model, ONNX variant): no separators, no "..", nothing hidden.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def check_name(name: object, what: str) -> str:
+    """`name` if it is safe as one directory name (and as a Kubernetes/Triton name part); BadInput otherwise."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise BadInput(
+            f"{what} {name!r} is not a valid name: use letters, digits, '.', '_' and '-' (starting with a letter or "
+            "digit, at most 63 characters, no '..')"
+        )
+    return name
+
+
+def check_replaceable(out: Path, owned: Callable[[Path], bool], what: str = "--out") -> None:
+    """Refuse to replace `out` unless r1deploy wrote everything in it: a regular file, or a directory holding
+    anything `owned(entry)` does not recognise, is the user's and is never deleted."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise BadInput(f"refusing to replace {what} {out}: it exists and is not a directory r1deploy wrote")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if not owned(p))
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" (+{len(foreign) - 5} more)" if len(foreign) > 5 else "")
+            raise BadInput(f"refusing to replace {what} {out}: it holds {shown}, which r1deploy did not write")

@@ -133,4 +133,4 @@ def from_data(cls: type[T], data: Any, where: str = "") -> T:
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
-        raise BadInput(f"{where}: {exc}") from None
+        raise BadInput(str(exc) if str(exc).startswith(where) else f"{where}: {exc}") from None
