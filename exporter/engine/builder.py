@@ -13,6 +13,7 @@ is skipped, `force=True` rebuilds (reusing the timing cache where the runtime ha
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
@@ -60,8 +61,8 @@ class EngineConfig:
         self.hardware_compatible = b.hardware_compatible if self.hardware_compatible is None else self.hardware_compatible
         if not 0 <= self.optimization_level <= 5:
             raise BadInput(f"builder optimization level must be 0..5, got {self.optimization_level}")
-        if self.workspace_gib <= 0:
-            raise BadInput(f"workspace must be > 0 GiB, got {self.workspace_gib}")
+        if not (math.isfinite(self.workspace_gib) and self.workspace_gib > 0):  # nan passes `<= 0`
+            raise BadInput(f"--workspace-gib must be a number > 0, got {self.workspace_gib}")
 
 
 @dataclass(frozen=True)
