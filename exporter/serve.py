@@ -115,7 +115,8 @@ def abort_reason(log_text: str) -> Optional[str]:
         m = _LOG_LINE.match(line.strip())
         if not m or m.group(1) != "E":
             continue
-        text = m.group(3).strip().strip('"').strip()
+        # the message is quoted with its newlines escaped: keep its first line (the traceback follows "\n\nAt:")
+        text = m.group(3).strip().strip('"').split("\\n")[0].strip()
         if _HARMLESS.search(text):
             continue
         errors.append((m.group(2), " ".join(text.split())))

@@ -207,6 +207,9 @@ def test_non_utf8_files_and_wrong_types_in_the_config(r1, tmp_path):
     (["export", "--tolerance", "-1"], "--tolerance must be a number ≥ 0, got -1.0"),
     (["build-engine", "--workspace-gib", "nan"], "--workspace-gib must be a number > 0, got nan"),
     (["pipeline", "--bench-seconds", "-1"], "--bench-seconds must be a number > 0, got -1.0"),
+    (["serve", "--repository", ".", "--http-port", "70000"], "--http-port must be a port number in 0..65535"),
+    (["serve", "--repository", ".", "--grpc-port", "-5"], "--grpc-port must be a port number in 0..65535"),
+    (["serve", "--repository", ".", "--startup-timeout", "nan"], "--startup-timeout must be a number of seconds > 0"),
 ])
 def test_impossible_option_values(r1, tmp_path, args, needle):
     assert_one_line(r1("--workdir", str(tmp_path / "w"), *args), 2, needle)

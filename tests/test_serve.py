@@ -15,7 +15,8 @@ from functools import partial
 
 import numpy as np
 import pytest
-from conftest import R1DEPLOY, REPO
+from conftest import R1DEPLOY, REPO, assert_one_line, run_cli
+from models import BROKEN
 
 from exporter.repository import RepositoryConfig, write_repository
 from exporter.repository.reference import GreedyLoop
@@ -304,6 +305,57 @@ def test_serve_command_stops_on_sigterm(repos, tmp_path):
         while pid_alive(info["pid"]) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not pid_alive(info["pid"])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_serve_refuses_a_port_in_use(repos):
+    """Another server on the HTTP port would answer the readiness probe: refused before anything starts."""
+    import socket
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        proc = run_cli("serve", "--repository", str(repos["r1-distill-tiny"].out), "--http-port", str(port), timeout=120)
+    assert_one_line(proc, 2, f"http port {port} on 127.0.0.1 is already in use")
+
+
+def test_startup_failure_quotes_the_abort_line(tmp_path):
+    repo = BROKEN["failing-model-repository"].build(None, tmp_path / "repo")
+    log = tmp_path / "triton.log"
+    proc = run_cli("serve", "--repository", str(repo), "--log-file", str(log), "--startup-timeout", "300", timeout=400)
+    line = assert_one_line(proc, 1, "failed to load 'bad' version 1: Internal: RuntimeError: weights file model.onnx is missing")
+    assert "CudaDriverHelper" in log.read_text()  # the harmless line is in the log ...
+    assert "CudaDriverHelper" not in line and "\\n" not in line  # ... but not what the user is told
+
+
+def test_serve_restarts_a_dead_server(repos):
+    """A server that dies (here SIGKILL; the probe found a request that segfaults Triton 2.51) comes back on the
+    same ports, the restart is said on stderr, and the dead one's shared memory is removed."""
+    from exporter.serve import _mapped_shm, _process_group
+
+    proc = subprocess.Popen(
+        [str(R1DEPLOY), "--json", "serve", "--repository", str(repos["r1-distill-tiny"].out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )
+    try:
+        first = json.loads(proc.stdout.readline() or "null")
+        assert first and first["restarts"] == 0, proc.stderr.read()
+        shm = _mapped_shm(_process_group(first["pid"]))
+        assert shm, "the python backend maps its regions under /dev/shm"
+        os.kill(first["pid"], signal.SIGKILL)
+        second = json.loads(proc.stdout.readline() or "null")  # the next line comes once the new one is ready
+        assert second and second["restarts"] == 1, proc.stderr.read()
+        assert second["pid"] != first["pid"] and second["http"] == first["http"] and second["grpc"] == first["grpc"]
+        with urllib.request.urlopen(f"http://{second['http']}/v2/health/ready", timeout=10) as r:
+            assert r.status == 200
+        assert not any(p.exists() for p in shm), "the dead server's /dev/shm regions are removed"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        stderr = proc.stderr.read()
+        assert f"tritonserver (pid {first['pid']}) was killed by signal 9; restarting it (1/5)" in stderr
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -135,6 +135,24 @@ def unknown_op_graph(_good: Path | None, dest: Path) -> Path:
     return dest
 
 
+# -- model repositories --------------------------------------------------------------------------------------
+
+def failing_model_repository(_good: Path | None, dest: Path) -> Path:
+    """A Triton repository whose one python model raises in initialize(): the server aborts its start-up."""
+    (dest / "bad" / "1").mkdir(parents=True)
+    (dest / "bad" / "config.pbtxt").write_text(
+        'name: "bad"\nbackend: "python"\nmax_batch_size: 0\n'
+        'input [{ name: "x", data_type: TYPE_FP32, dims: [1] }]\n'
+        'output [{ name: "y", data_type: TYPE_FP32, dims: [1] }]\n'
+        "instance_group [{ kind: KIND_CPU }]\n"
+    )
+    (dest / "bad" / "1" / "model.py").write_text(
+        "class TritonPythonModel:\n    def initialize(self, args):\n"
+        "        raise RuntimeError('weights file model.onnx is missing')\n"
+    )
+    return dest
+
+
 _T = "tests/test_bad_input.py::"
 BROKEN = {b.name: b for b in (
     Broken("prefixed-weights", "tensor names do not match the architecture", prefixed_weights, _T + "test_weights_that_do_not_match_the_architecture"),
@@ -147,5 +165,6 @@ BROKEN = {b.name: b for b in (
     Broken("no-tokenizer", "no tokenizer files", no_tokenizer, _T + "test_checkpoint_without_tokenizer_gives_no_repository"),
     Broken("corrupt-generation-config", "generation_config.json cut in half", corrupt_generation_config, _T + "test_corrupt_generation_config"),
     Broken("corrupt-export-report", "export_report.json cut in half", corrupt_export_report, _T + "test_corrupt_export_report"),
+    Broken("failing-model-repository", "a python model that raises in initialize()", failing_model_repository, "tests/test_serve.py::test_startup_failure_quotes_the_abort_line"),
     Broken("unknown-op-graph", "an ONNX node of an unknown custom op", unknown_op_graph, "tests/test_engine.py::test_parser_error_is_one_line_with_node_and_op"),
 )}
