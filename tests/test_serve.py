@@ -287,6 +287,41 @@ def test_bad_requests_are_answered_and_server_keeps_serving(server):
     assert status == 200 and len(json.loads(body)["token_ids"]) >= 1
 
 
+def _infer(server, model: str, inputs: list[dict]) -> tuple[int, dict]:
+    req = urllib.request.Request(f"http://{server.endpoints.http}/v2/models/{model}/infer",
+                                 data=json.dumps({"inputs": inputs}).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_oversized_text_is_refused_before_tokenizing(server):
+    big = "word " * 200_000  # 1 MB: the tokenizer model refuses it by size, without tokenizing it
+    status, body = _infer(server, "embed", [{"name": "text", "shape": [1, 1], "datatype": "BYTES", "data": [big]}])
+    assert status == 400 and "text of 1000000 bytes is longer than the 16384 bytes accepted" in body["error"], body
+    status, body = _infer(server, "embed", [{"name": "text", "shape": [1, 1], "datatype": "BYTES", "data": ["fine"]}])
+    assert status == 200
+
+
+def test_model_errors_are_one_line_and_the_traceback_goes_to_the_log(server):
+    """The python_ort encoder fails inside ONNX Runtime (a token id outside the vocabulary): the client gets one
+    clean line, Triton's log the traceback (pb_utils.Logger)."""
+    ids = {"shape": [1, 1], "datatype": "INT64"}
+    status, body = _infer(server, "encoder", [
+        {"name": "input_ids", **ids, "data": [10_000_000]}, {"name": "attention_mask", **ids, "data": [1]},
+        {"name": "token_type_ids", **ids, "data": [0]},
+    ])
+    assert status == 500 and body["error"].startswith("onnxruntime: ") and "\n" not in body["error"], body
+    assert "Traceback" not in body["error"]
+    deadline = time.monotonic() + 30  # the log is written by another process: wait for the line, not a time
+    while "python_ort: 1 request(s) failed" not in server.log_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    log = server.log_path.read_text()
+    assert "python_ort: 1 request(s) failed" in log and "Traceback (most recent call last)" in log
+
+
 def test_serve_command_stops_on_sigterm(repos, tmp_path):
     proc = subprocess.Popen(
         [str(R1DEPLOY), "--json", "serve", "--repository", str(repos["r1-distill-tiny"].out)],
