@@ -162,11 +162,41 @@ def ensure_writable_dir(path: Path) -> None:
         raise BadInput(f"output directory is not writable: {path}")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(final: Path) -> list[Path]:
+    """Remove the temporary siblings of `final` (`.<name>.tmp-<pid>-*`, `.<name>.old-<pid>`) that an r1deploy
+    process left when it was killed: only names this module makes, and only when that process is gone (a
+    concurrent run's are kept). Returns what was removed."""
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.(?:tmp-(\d+)-.+|old-(\d+))")
+    removed = []
+    try:
+        siblings = list(final.parent.iterdir())
+    except OSError:
+        return removed
+    for p in siblings:
+        m = pattern.fullmatch(p.name)
+        if m and p.is_dir() and not p.is_symlink() and not _pid_alive(int(m.group(1) or m.group(2))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `final`; on success it replaces `final` in one rename."""
+    """Yield a temporary sibling of `final`; on success it replaces `final` in one rename. The sibling's name
+    carries this process's id, so a later run can tell a killed run's leftovers from a concurrent run's."""
     ensure_writable_dir(final.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    remove_stale_temporaries(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
     try:
         yield tmp
         # mkdtemp makes the directory private (0700); a finished stage gets the mode any new directory gets
