@@ -104,6 +104,7 @@ class _Run:
         except R1DeployError as exc:
             self._record(StageSummary(name, "failed", exc.message, seconds=time.perf_counter() - started))
             self.result.failed = f"{name}: {exc.message}"
+            exc.args = (self.result.failed,)  # the error line names the stage
             exc.partial_result = self.result
             raise
         except Exception as exc:  # a bug or an unexpected library error: still a failed row, then the error
