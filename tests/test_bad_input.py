@@ -264,3 +264,15 @@ def test_copy_workdir_is_private(tmp_path, tiny_workdir):
     report.write_text("{}")
     assert json.loads((tiny_workdir / "r1-distill-tiny" / "onnx" / "fp32" / "export_report.json").read_text()) != {}
     shutil.rmtree(wd)
+
+
+def test_repository_without_its_engine_says_incomplete(r1, tmp_path, private_workdir):
+    """Written but not servable (no engine for a GPU profile): exit 0 — the files are right — but never `ok`."""
+    args = ("--workdir", str(private_workdir), "repository", "--model", "r1-distill-tiny", "--profile", "production")
+    proc = r1("--json", *args, "--out", str(tmp_path / "j"))
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["status"] == "incomplete" and data["missing"] == ["llm/1/model.plan"]
+    human = r1(*args, "--out", str(tmp_path / "h"))
+    assert human.returncode == 0 and human.stdout.startswith("incomplete r1-distill-tiny")
+    assert "missing before serving: llm/1/model.plan" in human.stdout

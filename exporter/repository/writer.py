@@ -96,6 +96,10 @@ class RepositoryResult:
     models: list[PlacedModel]
     missing: list[str] = field(default_factory=list)  # binaries to place before the repository can be served
     notes: list[str] = field(default_factory=list)
+    status: str = "ok"  # ok | incomplete (written, but `missing` names what it still needs to be served)
+
+    def __post_init__(self) -> None:
+        self.status = "incomplete" if self.missing else "ok"
 
 
 def default_out(workdir: Path, model: str, profile: str) -> Path:
