@@ -518,3 +518,18 @@ def test_queue_limit_answers_server_busy(exported, session_workdir, tmp_path):
         assert errors and all("server busy" in e for e in errors), errors
         assert len(served) >= 2 and all(len(c[-1]["tokens"]) == 200 for c in served)
         assert sum(metric_values(srv, "r1deploy_generate_requests_rejected").values()) == len(errors)
+
+
+def test_abort_reason_skips_the_cuda_lines_and_prefers_the_fatal_one():
+    """Lines as Triton 2.51 logged them here when its gRPC port was taken between r1deploy's check and its bind
+    (a race the port check before start cannot close): the fatal main.cc line names the port."""
+    from exporter.serve import abort_reason
+
+    log = "\n".join([
+        'E1201 09:37:27.632083 19194 server.cc:241] "CudaDriverHelper has not been initialized."',
+        'W1201 09:37:27.631948 19194 pinned_memory_manager.cc:273] "Unable to allocate pinned system memory"',
+        "E1201 09:37:29.791423805   19194 chttp2_server.cc:1060]                UNKNOWN:No address added out of total 1 resolved",
+        'E1201 09:37:29.794878 19194 main.cc:245] "failed to start GRPC service: Unavailable - Socket \'127.0.0.1:44173\' already in use "',
+    ])
+    assert abort_reason(log) == "failed to start GRPC service: Unavailable - Socket '127.0.0.1:44173' already in use"
+    assert abort_reason(log.splitlines()[0]) is None  # the harmless line alone is no reason
