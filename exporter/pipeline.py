@@ -132,8 +132,11 @@ def run_pipeline(cfg: PipelineConfig, on_stage: Callable[[StageSummary], None] |
     exported = {}
 
     def export():
-        exp = export_model(ExportConfig(model=cfg.model, workdir=cfg.workdir, force=cfg.force,
-                                        allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code))
+        try:
+            exp = export_model(ExportConfig(model=cfg.model, workdir=cfg.workdir, force=cfg.force,
+                                            allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code))
+        except MissingDependency as exc:  # every later stage needs the export: not a skip, a failed row
+            raise BadInput(exc.message) from None
         exported["result"] = exp
         diff = max(exp.max_abs_diff.values()) if exp.max_abs_diff else float("nan")
         return StageSummary(
