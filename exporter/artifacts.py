@@ -21,9 +21,10 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -161,11 +162,41 @@ def ensure_writable_dir(path: Path) -> None:
         raise BadInput(f"output directory is not writable: {path}")
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(final: Path) -> list[Path]:
+    """Remove the temporary siblings of `final` (`.<name>.tmp-<pid>-*`, `.<name>.old-<pid>`) that an r1deploy
+    process left when it was killed: only names this module makes, and only when that process is gone (a
+    concurrent run's are kept). Returns what was removed."""
+    pattern = re.compile(rf"\.{re.escape(final.name)}\.(?:tmp-(\d+)-.+|old-(\d+))")
+    removed = []
+    try:
+        siblings = list(final.parent.iterdir())
+    except OSError:
+        return removed
+    for p in siblings:
+        m = pattern.fullmatch(p.name)
+        if m and p.is_dir() and not p.is_symlink() and not _pid_alive(int(m.group(1) or m.group(2))):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
-    """Yield a temporary sibling of `final`; on success it replaces `final` in one rename."""
+    """Yield a temporary sibling of `final`; on success it replaces `final` in one rename. The sibling's name
+    carries this process's id, so a later run can tell a killed run's leftovers from a concurrent run's."""
     ensure_writable_dir(final.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    remove_stale_temporaries(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
     try:
         yield tmp
         # mkdtemp makes the directory private (0700); a finished stage gets the mode any new directory gets
@@ -207,9 +238,42 @@ def profile_onnx_variant(profile) -> str:
 
 
 def read_export_report(layout: ModelLayout, variant: str = "fp32") -> dict:
-    """The export stage's report (kind, input/output names, cache layout); BadInput if not exported yet."""
+    """The export stage's report (kind, input/output names, cache layout); BadInput if not exported yet or if
+    the report is unreadable (a damaged or hand-edited workdir)."""
     path = layout.onnx_dir(variant) / EXPORT_REPORT
+    flag = " --graph fused" if variant.endswith("-fused") else ""
     if not path.is_file():
-        flag = " --graph fused" if variant.endswith("-fused") else ""
         raise BadInput(f"{layout.model} has not been exported yet (no {path}); run `r1deploy export --model {layout.model}{flag}` first")
-    return json.loads(path.read_text())
+    try:
+        report = json.loads(path.read_text())
+    except ValueError:
+        report = None
+    if not isinstance(report, dict):
+        raise BadInput(f"{path} is corrupt (not a JSON object); rerun `r1deploy export --model {layout.model}{flag} --force`")
+    return report
+
+
+# A name that becomes one path component (profile, model, ONNX variant): no separators, no "..", nothing hidden.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def check_name(name: object, what: str) -> str:
+    """`name` if it is safe as one directory name (and as a Kubernetes/Triton name part); BadInput otherwise."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or ".." in name:
+        raise BadInput(
+            f"{what} {name!r} is not a valid name: use letters, digits, '.', '_' and '-' (starting with a letter or "
+            "digit, at most 63 characters, no '..')"
+        )
+    return name
+
+
+def check_replaceable(out: Path, owned: Callable[[Path], bool], what: str = "--out") -> None:
+    """Refuse to replace `out` unless r1deploy wrote everything in it: a regular file, or a directory holding
+    anything `owned(entry)` does not recognise, is the user's and is never deleted."""
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise BadInput(f"refusing to replace {what} {out}: it exists and is not a directory r1deploy wrote")
+    if out.is_dir():
+        foreign = sorted(p.name for p in out.iterdir() if not owned(p))
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" (+{len(foreign) - 5} more)" if len(foreign) > 5 else "")
+            raise BadInput(f"refusing to replace {what} {out}: it holds {shown}, which r1deploy did not write")

@@ -91,12 +91,19 @@ def cli(ctx: click.Context, config_path, workdir, profiles_file, as_json, verbos
             return src(param) in (click.core.ParameterSource.DEFAULT, None)
 
         if "workdir" in data and from_yaml("workdir"):
+            if not isinstance(data["workdir"], str) or not data["workdir"]:
+                raise BadInput(f"{config_path}: workdir must be a path (a string), got {data['workdir']!r}")
             workdir = Path(data["workdir"])
         if "profiles" in data:
             if isinstance(data["profiles"], dict):
                 profile_overrides = data["profiles"]
+            elif not isinstance(data["profiles"], str):
+                raise BadInput(f"{config_path}: profiles must be a file path or a mapping of profiles, got {data['profiles']!r}")
             elif from_yaml("profiles_file"):
                 profiles_file = Path(data["profiles"])
+        for key in ("json", "verbose", "quiet"):
+            if key in data and not isinstance(data[key], bool):
+                raise BadInput(f"{config_path}: {key} must be true or false, got {data[key]!r}")
         as_json = as_json or bool(data.get("json", False))
         app.verbose = verbose or bool(data.get("verbose", False))
         app.quiet = quiet or bool(data.get("quiet", False))
@@ -125,8 +132,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
+    except click.UsageError as exc:
+        # one line, like every other error: what is wrong, and where the help is
+        where = f"r1deploy {exc.ctx.command_path.split(' ', 1)[1]} --help" if exc.ctx and " " in exc.ctx.command_path else "r1deploy --help"
+        click.echo(f"error: {' '.join(exc.format_message().split())} (see {where})", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
         sys.exit(exc.exit_code)
     except R1DeployError as exc:
         if _state["verbose"]:

@@ -29,3 +29,8 @@ class StageFailed(R1DeployError):
 
 class MissingDependency(BadInput):
     """An optional runtime (TensorRT, Triton, kubectl) is not importable; the message names what to install."""
+
+
+class BrokenDependency(StageFailed):
+    """An optional runtime is installed but cannot be loaded (a missing shared library, a version mismatch): a
+    failure to report with its error, never a skip."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import gc
+import math
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ class ExportConfig:
     force: bool = False
     allow_pickle: bool = False
     trust_remote_code: bool = False
+    allow_weight_mismatch: bool = False  # export even if checkpoint tensor names do not match the architecture
 
     def __post_init__(self):
         self.workdir = Path(self.workdir)
@@ -57,6 +59,10 @@ class ExportConfig:
         self.graph = GraphForm(self.graph)
         if not 17 <= self.opset <= 23:
             raise BadInput(f"opset {self.opset} is outside the supported range 17..23")
+        if not (math.isfinite(self.tolerance) and self.tolerance >= 0):
+            raise BadInput(f"--tolerance must be a number ≥ 0, got {self.tolerance!r}")
+        if not (math.isfinite(self.external_data_threshold_mib) and self.external_data_threshold_mib >= 0):
+            raise BadInput(f"--external-data-threshold-mib must be a number ≥ 0, got {self.external_data_threshold_mib!r}")
 
     def fingerprint_config(self) -> dict:
         if self.graph is GraphForm.FUSED:  # built from the weights: opset and exporter do not apply
@@ -244,7 +250,7 @@ def export_model(cfg: ExportConfig, source: ModelSource | None = None) -> Export
     if cfg.graph is GraphForm.FUSED:
         return _export_fused(cfg, source, layout_dirs, final, fp, inputs, tools, started)
     with status(f"loading {source.name} ({source.architecture})"):
-        model, _tokenizer = load_model(source)
+        model, _tokenizer = load_model(source, allow_weight_mismatch=cfg.allow_weight_mismatch)
     n_params = sum(p.numel() for p in model.parameters())
     vocab_size = model.config.vocab_size
     external = n_params * 4 > cfg.external_data_threshold_mib * (1 << 20)

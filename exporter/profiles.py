@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import copy
 import enum
+import math
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -13,6 +15,7 @@ from typing import Optional
 
 import yaml
 
+from .artifacts import check_name
 from .errors import BadInput
 from .typed import from_data, read_yaml_mapping
 
@@ -42,6 +45,14 @@ class GpuSpec:
     compute_capability: str  # "8.0", "8.9"
     memory_gib: int
     interconnect: str = "pcie"  # "nvlink" | "pcie"
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"\d{1,2}\.\d", self.compute_capability):
+            raise ValueError(f"compute_capability must look like \"8.9\" (major.minor), got {self.compute_capability!r}")
+        if self.memory_gib < 1:
+            raise ValueError(f"memory_gib must be ≥ 1, got {self.memory_gib}")
+        if self.interconnect not in ("nvlink", "pcie"):
+            raise ValueError(f"interconnect must be nvlink or pcie, got {self.interconnect!r}")
 
     @property
     def sm(self) -> str:
@@ -75,12 +86,24 @@ class AccuracyGate:
     min_cosine: float = 0.99
     min_top1: float = 0.0
 
+    def __post_init__(self) -> None:
+        for key in ("min_cosine", "min_top1"):
+            value = getattr(self, key)
+            if not (math.isfinite(value) and -1.0 <= value <= 1.0):
+                raise ValueError(f"{key} must lie in [-1, 1], got {value}")
+
 
 @dataclass(frozen=True)
 class BuilderSpec:
     optimization_level: int = 3
     workspace_gib: float = 8
     hardware_compatible: bool = False
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.optimization_level <= 5:  # TensorRT's builder optimization levels
+            raise ValueError(f"optimization_level must lie in 0..5, got {self.optimization_level}")
+        if not (math.isfinite(self.workspace_gib) and self.workspace_gib > 0):
+            raise ValueError(f"workspace_gib must be a number > 0, got {self.workspace_gib}")
 
 
 @dataclass(frozen=True)
@@ -106,6 +129,12 @@ class DeploymentProfile:
 
     def __post_init__(self) -> None:
         where = f"profile {self.name!r}"
+        if self.max_queue_delay_us < 0:
+            raise ValueError(f"{where}: max_queue_delay_us must be ≥ 0")
+        for key in ("tokens_per_s", "p99_latency_s", "qps"):
+            value = getattr(self.slo, key)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{where}: slo.{key} must be a number > 0")
         if self.gpus_per_pod < 1:
             raise ValueError(f"{where}: gpus_per_pod must be ≥ 1")
         if self.max_batch_size < 1:
@@ -150,7 +179,21 @@ def load_profiles(extra: Optional[Path] = None, overrides: Optional[dict] = None
             if not isinstance(settings, dict):
                 raise BadInput(f"profile {name!r}: expected a mapping of settings")
             raw[name] = _deep_merge(raw.get(name, {}), settings)
+    for name in raw:
+        check_profile_name(name)
     return {name: from_data(DeploymentProfile, {"name": name, **data}, f"profile {name!r}") for name, data in raw.items()}
+
+
+def check_profile_name(name: object) -> str:
+    """A profile name becomes a directory (engines/<name>, model_repository/<name>) and the Kubernetes namespace
+    r1deploy-<name>: a lowercase DNS label, checked before it is used as either."""
+    check_name(name, "deployment profile")
+    if not re.fullmatch(r"[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?", name):
+        raise BadInput(
+            f"deployment profile {name!r} is not a valid name: lowercase letters, digits and '-' (it becomes the "
+            f"Kubernetes namespace r1deploy-{name}), at most 40 characters"
+        )
+    return name
 
 
 def get_profile(name: str, profiles: Optional[dict[str, DeploymentProfile]] = None) -> DeploymentProfile:

@@ -11,7 +11,9 @@ stub processes.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -51,6 +53,20 @@ class ServerConfig:
     http_thread_count: int = 64
     extra_args: list[str] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        ports = {"--http-port": self.http_port, "--grpc-port": self.grpc_port, "--metrics-port": self.metrics_port}
+        for option, port in ports.items():
+            if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+                raise BadInput(f"{option} must be a port number in 0..65535 (0: a free one), got {port!r}")
+        chosen = [p for p in ports.values() if p]
+        if len(chosen) != len(set(chosen)):
+            raise BadInput(f"the HTTP, gRPC and metrics ports must differ, got {', '.join(f'{o} {p}' for o, p in ports.items() if p)}")
+        timeout = self.startup_timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (math.isfinite(timeout) and timeout > 0):
+            raise BadInput(f"--startup-timeout must be a number of seconds > 0, got {timeout!r}")
+        if self.response_cache_bytes < 0:
+            raise BadInput("--cache-mib must be ≥ 0")
+
 
 @dataclass(frozen=True)
 class Endpoints:
@@ -71,6 +87,71 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
 
 def free_port(host: str = "127.0.0.1") -> int:
     return free_ports(1, host)[0]
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """True when something listens on host:port. SO_REUSEADDR: connections of a server that just died (TIME_WAIT)
+    do not count, only a listening socket does."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+# Lines every start of the CPU build logs (no GPU, no CUDA driver): never the reason a start failed.
+_HARMLESS = re.compile(r"CudaDriverHelper|CUDA driver version is insufficient|pinned memory|cuda_memory_manager|"
+                       r"unable to create stream|Exit timeout expired|GPU metrics", re.I)
+_LOG_LINE = re.compile(r"^([EW])\d{4} [\d:.]+\s+\d+ ([\w.]+):\d+\]\s*(.*)$")
+
+
+def abort_reason(log_text: str) -> Optional[str]:
+    """The line of a Triton log that says why it stopped: its own fatal message (`main.cc`: failed to start a
+    service, failed to initialize), else the last error that is not one of the harmless CUDA lines."""
+    errors = []
+    for line in log_text.splitlines():
+        m = _LOG_LINE.match(line.strip())
+        if not m or m.group(1) != "E":
+            continue
+        # the message is quoted with its newlines escaped: keep its first line (the traceback follows "\n\nAt:")
+        text = m.group(3).strip().strip('"').split("\\n")[0].strip()
+        if _HARMLESS.search(text):
+            continue
+        errors.append((m.group(2), " ".join(text.split())))
+    fatal = [t for src, t in errors if src == "main.cc"]
+    if fatal:
+        return fatal[-1]
+    return errors[-1][1] if errors else None
+
+
+def _process_group(pgid: int) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[2]) == pgid:
+                pids.append(int(entry.name))
+    return pids
+
+
+def _mapped_shm(pids: list[int]) -> set[Path]:
+    """/dev/shm files the processes have mapped (the python backend's shared-memory regions)."""
+    found: set[Path] = set()
+    for pid in pids:
+        try:
+            maps = Path(f"/proc/{pid}/maps").read_text()
+        except OSError:
+            continue
+        for line in maps.splitlines():
+            parts = line.split(None, 5)
+            if len(parts) == 6 and parts[5].startswith("/dev/shm/"):
+                found.add(Path(parts[5].removesuffix(" (deleted)")))
+    return found
 
 
 def _terminate_with_parent() -> None:
@@ -150,6 +231,8 @@ class TritonServer:
         )
         self.log_path = Path(cfg.log_file) if cfg.log_file else Path(tempfile.mkstemp(prefix="tritonserver-", suffix=".log")[1])
         self._log = None
+        self._log_offset = 0
+        self._shm: set[Path] = set()  # /dev/shm regions of this server, removed when it is stopped
 
     @property
     def pid(self) -> Optional[int]:
@@ -192,7 +275,12 @@ class TritonServer:
         return args, env
 
     def start(self) -> TritonServer:
+        for name, port in self.ports.items():
+            # a port held by another server would answer our readiness probe for it
+            if port_in_use(port, self.cfg.host):
+                raise BadInput(f"{name} port {port} on {self.cfg.host} is already in use: stop what listens there or choose another --{name}-port")
         args, env = self.command()
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0  # the log is appended to
         self._log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
             args, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
@@ -218,23 +306,41 @@ class TritonServer:
         except OSError:
             return ""
 
+    def _log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def listening(self) -> bool:
+        """This process (not another server on the same port) logged that it serves HTTP on our port."""
+        log = self._log_text()[self._log_offset:]
+        return f"Started HTTPService at {self.cfg.host}:{self.ports['http']}" in log
+
     def wait_ready(self) -> None:
         deadline = time.monotonic() + self.cfg.startup_timeout_s
         while time.monotonic() < deadline:
             if self.process is not None and self.process.poll() is not None:
-                last = [ln for ln in self.log_tail(40).splitlines() if "E" in ln[:2] or "error" in ln.lower()]
-                why = last[-1].strip() if last else f"exit code {self.process.returncode}"
+                why = abort_reason(self._log_text()[self._log_offset:]) or f"exit code {self.process.returncode}"
                 raise StageFailed(f"tritonserver exited during start-up: {why} (log: {self.log_path})")
-            if self.is_ready():
+            # readiness is asked of the server this object started: the port answering is not enough
+            if self.listening() and self.is_ready():
+                if self.process is not None:
+                    self._shm |= _mapped_shm(_process_group(self.process.pid))
                 return
             time.sleep(0.25)
-        raise StageFailed(f"tritonserver not ready after {self.cfg.startup_timeout_s:.0f} s (log: {self.log_path})")
+        why = abort_reason(self._log_text()[self._log_offset:])
+        raise StageFailed(
+            f"tritonserver not ready after {self.cfg.startup_timeout_s:g} s{f' (last error: {why})' if why else ''}; "
+            f"a larger --startup-timeout may help (log: {self.log_path})"
+        )
 
     def stop(self) -> None:
         """SIGTERM, wait for Triton's own exit timeout, then SIGKILL the whole process group."""
         proc = self.process
         if proc is None:
             return
+        self._shm |= _mapped_shm(_process_group(proc.pid))
         if proc.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signal.SIGTERM)
@@ -246,6 +352,12 @@ class TritonServer:
             os.killpg(proc.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=5)
+        # A server that crashed (or was SIGKILLed) leaves its python-backend shared memory behind; these names
+        # were mapped by this server's own processes, so no other server uses them.
+        for path in self._shm:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        self._shm = set()
         if self._log:
             self._log.close()
             self._log = None

@@ -89,9 +89,16 @@ def _weight_files(path: Path, allow_pickle: bool) -> tuple[Path, ...]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError):
-            raise BadInput(f"invalid safetensors index {index}") from None
-        files = tuple(sorted({path / name for name in weight_map.values()}))
+        except (ValueError, KeyError, TypeError):
+            raise BadInput(f"invalid safetensors index {index}: expected a mapping with a weight_map") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise BadInput(f"invalid safetensors index {index}: weight_map must map tensor names to shard file names")
+        root = path.resolve()
+        files = tuple(sorted({(path / name).resolve() for name in weight_map.values()}))
+        # a shard outside the checkpoint would be read but not fingerprinted (nor copied with it): refuse it
+        outside = [str(f) for f in files if f.parent != root]
+        if outside:
+            raise BadInput(f"{index.name} points outside the checkpoint directory {root}: {', '.join(outside[:3])}")
         missing = [f.name for f in files if not f.is_file()]
         if missing:
             raise BadInput(f"safetensors shard(s) listed in {index.name} are missing: {', '.join(missing)}")
@@ -108,6 +115,20 @@ def _weight_files(path: Path, allow_pickle: bool) -> tuple[Path, ...]:
             )
         return pickles
     raise BadInput(f"no weights in {path} (expected model.safetensors or a safetensors index)")
+
+
+# Sizes a model cannot have as zero (or as text): transformers would build a broken or empty model from them and
+# fail later with an internal error, or export a graph of nothing.
+_POSITIVE_SIZES = ("hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads", "intermediate_size",
+                   "num_key_value_heads", "max_position_embeddings")
+
+
+def _check_dimensions(raw: dict, where: Path) -> None:
+    for key in _POSITIVE_SIZES:
+        if key in raw and raw[key] is not None:
+            value = raw[key]
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise BadInput(f"{where}: {key} must be a positive integer, got {value!r}")
 
 
 def classify_architecture(config: Any) -> tuple[str, ModelKind]:
@@ -158,8 +179,11 @@ def resolve_source(
         raise BadInput(f"{path} has no config.json: not a Hugging Face checkpoint directory")
     try:
         raw_config = json.loads(config_file.read_text())
-    except ValueError as exc:
-        raise BadInput(f"invalid config.json in {path}: {exc}") from None
+    except ValueError as exc:  # bad JSON, or not UTF-8 text
+        raise BadInput(f"invalid config.json in {path}: {' '.join(str(exc).split())[:160]}") from None
+    if not isinstance(raw_config, dict):
+        raise BadInput(f"invalid config.json in {path}: expected a JSON object, got a {type(raw_config).__name__}")
+    _check_dimensions(raw_config, config_file)
     if raw_config.get("auto_map") and not trust_remote_code:
         raise BadInput(f"{path} asks to run its own code (auto_map in config.json); pass --trust-remote-code if you trust it")
 
@@ -188,8 +212,31 @@ def resolve_source(
     )
 
 
-def load_model(source: ModelSource):
-    """The PyTorch model (eval, fp32, SDPA attention) and its tokenizer."""
+def _names(keys, n: int = 3) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def check_loading_info(info: dict, path: Path) -> None:
+    """Weights the architecture expects but the checkpoint lacks are randomly initialised by transformers, and the
+    export would then verify against that same random model: a checkpoint whose names do not match its
+    architecture (a wrong prefix, another architecture's config) is bad input."""
+    missing, unexpected = set(info.get("missing_keys") or ()), set(info.get("unexpected_keys") or ())
+    mismatched = [k[0] if isinstance(k, tuple) else k for k in info.get("mismatched_keys") or ()]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} weight(s) the architecture needs are not in the checkpoint: {_names(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} tensor(s) in the checkpoint are not weights of the architecture: {_names(unexpected)}")
+    if mismatched:
+        problems.append(f"{len(mismatched)} weight(s) have the wrong shape: {_names(mismatched)}")
+    if problems:
+        raise BadInput(f"{path} does not match its config.json: {'; '.join(problems)} — pass --allow-weight-mismatch to export anyway (those weights stay random)")
+
+
+def load_model(source: ModelSource, allow_weight_mismatch: bool = False):
+    """The PyTorch model (eval, fp32, SDPA attention) and its tokenizer. Weights missing from the checkpoint or
+    left unused by the architecture are BadInput unless `allow_weight_mismatch`."""
     import torch
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -208,10 +255,12 @@ def load_model(source: ModelSource):
         kwargs["experts_implementation"] = "batched_mm"
     cls = AutoModelForCausalLM if source.kind is ModelKind.DECODER else AutoModel
     try:
-        model = cls.from_pretrained(str(source.path), **kwargs)
+        model, info = cls.from_pretrained(str(source.path), output_loading_info=True, **kwargs)
     except (OSError, ValueError, RuntimeError) as exc:
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise BadInput(f"cannot load {source.path}: {first}") from None
+    if not allow_weight_mismatch:
+        check_loading_info(info, source.path)
     model.eval()
     tokenizer = None
     try:

@@ -22,7 +22,11 @@ def read_yaml_mapping(path: Path, what: str, expected: str) -> dict:
     if not path.is_file():
         raise BadInput(f"{what} not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise BadInput(f"{what} {path} is not UTF-8 text (byte {exc.start}): is it the right file?") from None
+    except OSError as exc:
+        raise BadInput(f"cannot read {what} {path}: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -129,4 +133,4 @@ def from_data(cls: type[T], data: Any, where: str = "") -> T:
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as exc:
-        raise BadInput(f"{where}: {exc}") from None
+        raise BadInput(str(exc) if str(exc).startswith(where) else f"{where}: {exc}") from None

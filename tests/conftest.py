@@ -62,3 +62,27 @@ def exported_fused(session_workdir):
         return cache[model]
 
     return get
+
+
+def assert_one_line(proc: subprocess.CompletedProcess, code: int, needle: str) -> str:
+    """The error contract: exit `code`, exactly one `error:` line on stderr, printed last, containing `needle`,
+    and no traceback. Returns the line."""
+    assert proc.returncode == code, (proc.returncode, proc.stderr[-2000:])
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == errors[0], "the error is the last thing printed"
+    assert needle in errors[0], errors[0]
+    assert "Traceback" not in proc.stderr
+    return errors[0]
+
+
+def copy_workdir(src: Path, dest: Path, model: str) -> Path:
+    """A private copy of a session workdir's model (its export, tokenizer and generated checkpoint): a test that
+    writes engines or repositories there changes nothing another test reads."""
+    for rel in (model, f"models/{model}"):
+        if (src / rel).is_dir():
+            import shutil
+
+            shutil.copytree(src / rel, dest / rel, symlinks=True,
+                            ignore=lambda d, names: [n for n in names if n in ("engines", "model_repository", "bench", "k8s")])
+    return dest

@@ -6,15 +6,7 @@ import json
 import shutil
 
 import pytest
-
-
-def _assert_one_line(proc, code: int, needle: str):
-    assert proc.returncode == code, (proc.returncode, proc.stderr)
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1, proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == errors[0], "the error is the last thing printed"
-    assert needle in errors[0], errors[0]
-    assert "Traceback" not in proc.stderr
+from conftest import assert_one_line as _assert_one_line
 
 
 @pytest.fixture(scope="module")

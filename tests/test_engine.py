@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import assert_one_line, copy_workdir
+from models import BROKEN
 
 from exporter import artifacts
 from exporter.engine import (
@@ -32,55 +34,48 @@ from exporter.profiles import GpuSpec, Runtime, get_profile
 
 REPO = Path(__file__).resolve().parents[1]
 
-pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX (r1deploy[rtx]) is needed for real engine builds")
+
+def _rtx_installed() -> bool:
+    try:
+        from exporter.engine.runtimes import load_runtime
+
+        load_runtime(Runtime.TENSORRT_RTX)
+        return True
+    except Exception:
+        return False
+
+
+# Only the tests that build an engine need TensorRT-RTX; the shape-profile, metadata and error tests run anywhere.
+rtx = [pytest.mark.rtx, pytest.mark.skipif(not _rtx_installed(), reason="TensorRT-RTX (r1deploy[rtx]) is needed for real engine builds")]
 
 
 def _onnx_variants_for_test(workdir: Path, model: str, variants: tuple[str, ...]) -> None:
-    """Write the fp16 / int4-awq-b128-qdq ONNX variants through the quantize stage (`quantize.quantize_model`),
-    with explicit settings and no deployment profile, so its accuracy gate is reported but not enforced: these
-    tests are about engines, not about INT4 accuracy of a 0.5 M-parameter random model.
+    """Write the fp16 / int4-awq-b128-qdq ONNX variants through the quantize stage, with explicit settings and no
+    deployment profile, so its accuracy gate is reported but not enforced: these tests are about engines, not
+    about INT4 accuracy of a 0.5 M-parameter random model."""
+    from quantize import QuantizeConfig, quantize_model
 
-    Where the quantize package is not importable (it landed after this test was written) this falls back to the
-    recipe the platform notes verified — ORT fp16 conversion with fp32 I/O; ORT MatMulNBits quantizer in QDQ form,
-    block 128, symmetric — as a test fixture, not as the product's quantizer."""
     layout = artifacts.ModelLayout(workdir, model)
-    todo = [v for v in variants if not layout.onnx_path(v).is_file()]
-    if not todo:
-        return
-    try:
-        from quantize import QuantizeConfig, quantize_model
-    except ImportError:
-        quantize_model = None
-    if quantize_model is not None:
-        for v in todo:
+    for v in variants:
+        if not layout.onnx_path(v).is_file():
             settings = dict(precision="fp16") if v == "fp16" else dict(precision="int4", method="awq", block_size=128, format="qdq")
             quantize_model(QuantizeConfig(model=model, workdir=workdir, **settings))
-        return
-    import onnx
-    from onnxruntime.quantization import QuantFormat
-    from onnxruntime.quantization.matmul_nbits_quantizer import (
-        DefaultWeightOnlyQuantConfig,
-        MatMulNBitsQuantizer,
-    )
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    src = layout.onnx_path("fp32")
-    for v in todo:
-        layout.onnx_dir(v).mkdir(parents=True, exist_ok=True)
-        if v == "fp16":
-            onnx.save(convert_float_to_float16(onnx.load(str(src)), keep_io_types=True), str(layout.onnx_path(v)))
-        else:
-            cfg = DefaultWeightOnlyQuantConfig(block_size=128, is_symmetric=True, quant_format=QuantFormat.QDQ)
-            q = MatMulNBitsQuantizer(onnx.load(str(src)), algo_config=cfg)
-            q.process()
-            q.model.save_model_to_file(str(layout.onnx_path(v)), False)
 
 
 @pytest.fixture(scope="module")
-def tiny(exported, session_workdir):
+def tiny(exported, session_workdir, tmp_path_factory):
+    """A private workdir for this module (a copy of the session's export): engines built here change nothing that
+    another module reads."""
     exported("r1-distill-tiny")
-    _onnx_variants_for_test(session_workdir, "r1-distill-tiny", ("fp16", "int4-awq-b128-qdq"))
-    return session_workdir
+    wd = copy_workdir(session_workdir, tmp_path_factory.mktemp("engines"), "r1-distill-tiny")
+    _onnx_variants_for_test(wd, "r1-distill-tiny", ("fp16", "int4-awq-b128-qdq"))
+    return wd
+
+
+@pytest.fixture
+def own_tiny(tiny, tmp_path):
+    """A workdir of this test's own, for tests that build something other than the edge engine."""
+    return copy_workdir(tiny, tmp_path / "w", "r1-distill-tiny")
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +125,8 @@ def test_encoder_sequence_capped_at_max_position_embeddings():
 
 # -- real TensorRT-RTX builds -----------------------------------------------------------------------------------
 
+@rtx[0]
+@rtx[1]
 def test_edge_int4_engine_and_metadata(edge_build, tiny):
     r = edge_build
     assert not r.skipped and r.engine_path.is_file()
@@ -150,38 +147,50 @@ def test_edge_int4_engine_and_metadata(edge_build, tiny):
     assert meta.timing_cache.supported is False and "no-op" in meta.timing_cache.note
     assert meta.reproduce[0] == "tensorrt_rtx" and "--computeCapabilities=89" in meta.reproduce
     assert sum(a.startswith("--minShapes=") for a in meta.reproduce) == 2  # one triple per shape profile
-    assert meta.build_seconds < 30
+    assert meta.build_seconds > 0  # recorded; how fast is benchmarks' business, not a test's
     assert (r.engine_path.parent / "manifest.json").is_file()
 
 
+@rtx[0]
+@rtx[1]
 def test_unchanged_rebuild_skipped_and_force_rebuilds(edge_build, tiny):
     cfg = dict(model="r1-distill-tiny", profile=get_profile("edge"), workdir=tiny)
+
+    def identity(path: Path) -> tuple[int, int]:  # a rebuild renames a new directory into place: a new inode
+        st = path.stat()
+        return st.st_ino, st.st_mtime_ns
+
+    before = identity(edge_build.engine_path)
     again = build_engine(EngineConfig(**cfg))
-    assert again.skipped and again.seconds < 5
-    assert again.engine_path.stat().st_mtime == edge_build.engine_path.stat().st_mtime
+    assert again.skipped
+    assert identity(again.engine_path) == before, "an up-to-date engine is not rewritten"
     forced = build_engine(EngineConfig(**cfg, force=True))
     assert not forced.skipped
+    assert identity(forced.engine_path) != before, "--force writes a new engine"
     # TensorRT-RTX has no timing cache: the forced build records that truthfully and writes no cache file
     assert forced.timing_cache.supported is False and forced.timing_cache.loaded_bytes == 0
     assert not any(artifacts.ModelLayout(tiny, "r1-distill-tiny").timing_cache_dir.glob("tensorrt-rtx-*"))
 
 
-def test_fp16_engine_via_cli_json(tiny, r1):
-    res = r1("--workdir", str(tiny), "--json", "build-engine", "--model", "r1-distill-tiny", "--profile", "edge",
+@rtx[0]
+@rtx[1]
+def test_fp16_engine_via_cli_json(own_tiny, r1):
+    res = r1("--workdir", str(own_tiny), "--json", "build-engine", "--model", "r1-distill-tiny", "--profile", "edge",
              "--precision", "fp16", "--runtime", "tensorrt-rtx")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert (out["onnx_variant"], out["precision"], out["compute_capabilities"]) == ("fp16", "fp16", ["8.9"])
     meta = EngineMetadata.load(Path(out["metadata_path"]))
     assert meta.onnx_variant == "fp16" and meta.engine_bytes > 0
-    # put the profile's own variant back for the tests that follow
-    build_engine(EngineConfig(model="r1-distill-tiny", profile=get_profile("edge"), workdir=tiny))
 
 
-def test_minilm_encoder_engine(exported, session_workdir):
+@rtx[0]
+@rtx[1]
+def test_minilm_encoder_engine(exported, session_workdir, tmp_path):
     exported("minilm")
-    _onnx_variants_for_test(session_workdir, "minilm", ("fp16",))
-    r = build_engine(EngineConfig(model="minilm", profile=get_profile("edge"), workdir=session_workdir, precision="fp16"))
+    wd = copy_workdir(session_workdir, tmp_path / "w", "minilm")
+    _onnx_variants_for_test(wd, "minilm", ("fp16",))
+    r = build_engine(EngineConfig(model="minilm", profile=get_profile("edge"), workdir=wd, precision="fp16"))
     meta = EngineMetadata.load(r.metadata_path)
     assert meta.model_kind == "encoder" and [p.name for p in meta.shape_profiles] == ["encode"]
     assert meta.shape_profile("encode").inputs["input_ids"].max == [4, 512]  # capped at max_position_embeddings
@@ -191,6 +200,8 @@ def test_minilm_encoder_engine(exported, session_workdir):
 
 # -- portability guard ---------------------------------------------------------------------------------------
 
+@rtx[0]
+@rtx[1]
 def test_metadata_mismatch_refused(edge_build):
     meta = EngineMetadata.load(edge_build.metadata_path)
     edge, production = get_profile("edge"), get_profile("production")
@@ -205,10 +216,12 @@ def test_metadata_mismatch_refused(edge_build):
         ensure_compatible(meta, edge, runtime_version="1.8.0")
 
 
-def test_hardware_compatible_rtx_engine_accepted_on_other_gpu(tiny):
+@rtx[0]
+@rtx[1]
+def test_hardware_compatible_rtx_engine_accepted_on_other_gpu(own_tiny):
     rtx3090 = dataclasses.replace(get_profile("edge"), name="edge-3090",
                                   gpu=GpuSpec("NVIDIA-GeForce-RTX-3090", "8.6", 24))
-    hwc = build_engine(EngineConfig(model="r1-distill-tiny", profile=get_profile("edge"), workdir=tiny,
+    hwc = build_engine(EngineConfig(model="r1-distill-tiny", profile=get_profile("edge"), workdir=own_tiny,
                                     hardware_compatible=True, precision="fp16"))
     meta = EngineMetadata.load(hwc.metadata_path)
     assert meta.hardware_compatibility == "ampere_plus" and {"8.0", "8.6", "8.9"} <= set(meta.compute_capabilities)
@@ -216,7 +229,6 @@ def test_hardware_compatible_rtx_engine_accepted_on_other_gpu(tiny):
     plain = dataclasses.replace(meta, compute_capabilities=["8.9"], hardware_compatible=False, hardware_compatibility="none")
     with pytest.raises(BadInput, match="not hardware-compatible"):
         ensure_compatible(plain, rtx3090)
-    build_engine(EngineConfig(model="r1-distill-tiny", profile=get_profile("edge"), workdir=tiny))  # restore
 
 
 def test_full_tensorrt_command_line_and_ampere_plus_rule(tiny):
@@ -236,19 +248,11 @@ def test_full_tensorrt_command_line_and_ampere_plus_rule(tiny):
 
 # -- errors -------------------------------------------------------------------------------------------------
 
+@rtx[0]
+@rtx[1]
 def test_parser_error_is_one_line_with_node_and_op(tmp_path, r1):
-    import onnx
-    from onnx import TensorProto, helper
-
     layout = artifacts.ModelLayout(tmp_path, "broken")
-    layout.onnx_dir("fp32").mkdir(parents=True)
-    node = helper.make_node("FancyOp", ["input_ids"], ["y"], name="my_fancy_node", domain="com.example")
-    graph = helper.make_graph(
-        [node], "g", [helper.make_tensor_value_info("input_ids", TensorProto.FLOAT, ["batch", "sequence"])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence"])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.example", 1)])
-    onnx.save(model, str(layout.onnx_path("fp32")))
+    BROKEN["unknown-op-graph"].build(None, layout.onnx_path("fp32"))
     (layout.onnx_dir("fp32") / "export_report.json").write_text(json.dumps({"kind": "encoder"}))
     res = r1("--workdir", str(tmp_path), "build-engine", "--model", "broken", "--profile", "edge", "--precision", "fp32")
     assert res.returncode == 1
@@ -264,24 +268,52 @@ def test_missing_variant_is_bad_input(tiny):
         plan_build(EngineConfig(model="r1-distill-tiny", profile=b32, workdir=tiny))
 
 
+# A meta-path finder that makes the TensorRT modules absent (ModuleNotFoundError, as on a machine without them).
+_BLOCK_MODULES = """
+import sys
+class _Absent:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("tensorrt_rtx_bindings", "tensorrt_rtx", "tensorrt"):
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+sys.meta_path.insert(0, _Absent())
+"""
+
+
 @pytest.mark.parametrize("runtime,extra", [("tensorrt-rtx", "rtx"), ("tensorrt", "gpu")])
-def test_missing_runtime_exits_2_with_one_line(tmp_path, runtime, extra):
-    stubs = tmp_path / "stubs"
-    stubs.mkdir()
-    for mod in ("tensorrt_rtx_bindings", "tensorrt_rtx", "tensorrt"):
-        (stubs / f"{mod}.py").write_text(f"raise ImportError('{mod} hidden by the test')\n")
-    env = {"PYTHONPATH": os.pathsep.join([str(stubs), os.environ.get("PYTHONPATH", "")])}
+def test_absent_runtime_exits_2_with_install_hint(tmp_path, runtime, extra):
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(_BLOCK_MODULES)
+    env = {"PYTHONPATH": os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")])}
     res = _run(["--workdir", str(tmp_path / "w"), "build-engine", "--model", "r1-distill-tiny", "--profile", "edge",
                 "--runtime", runtime], env=env)
-    assert res.returncode == 2, res.stderr
-    assert res.stderr.count("\n") == 1 and "Traceback" not in res.stderr
+    assert_one_line(res, 2, "is not installed")
+    assert res.stderr.count("\n") == 1
     assert f"pip install 'r1deploy[{extra}]'" in res.stderr
 
 
+def test_broken_runtime_is_a_failure_naming_the_error(tmp_path):
+    """TensorRT-RTX present but unloadable (a CUDA library missing): exit 1 quoting the import error, not a skip.
+    The module is a stub that fails the way a broken install does — a real broken install cannot be made here."""
+    stubs = tmp_path / "stubs"
+    stubs.mkdir()
+    for mod in ("tensorrt_rtx_bindings", "tensorrt_rtx"):
+        (stubs / f"{mod}.py").write_text("raise OSError('libcudart.so.13: cannot open shared object file')\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(stubs), os.environ.get("PYTHONPATH", "")])}
+    res = _run(["--workdir", str(tmp_path / "w"), "build-engine", "--model", "r1-distill-tiny", "--profile", "edge",
+                "--runtime", "tensorrt-rtx"], env=env)
+    line = assert_one_line(res, 1, "TensorRT-RTX is installed but cannot be loaded")
+    assert "OSError: libcudart.so.13: cannot open shared object file" in line
+
+
+@rtx[0]
+@rtx[1]
 def test_make_build_engine(tiny):
     """What users run in CI. `-o <stamp>`: never reinstall the venv from inside a test."""
+    venv = Path(sys.executable).parent.parent  # the environment running the tests (a worktree may have none of its own)
     res = subprocess.run(
-        ["make", "-o", ".venv/.r1deploy-installed", "build-engine", f"WORKDIR={tiny}", "MODEL=r1-distill-tiny",
+        ["make", "-o", f"{venv}/.r1deploy-installed", "build-engine", f"VENV={venv}", f"WORKDIR={tiny}", "MODEL=r1-distill-tiny",
          "PROFILE=edge", "RUNTIME=tensorrt-rtx"],
         capture_output=True, text=True, cwd=REPO, timeout=300,
     )

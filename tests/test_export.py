@@ -4,11 +4,13 @@ sessions against PyTorch."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import copy_workdir
 
 from exporter.export import ExportConfig, Exporter, export_model
 from exporter.sources import ModelKind
@@ -68,14 +70,57 @@ def test_encoder_export_gives_normalised_embeddings(exported):
     assert abs(float(np.linalg.norm(emb)) - 1.0) < 1e-5
 
 
-def test_unchanged_inputs_skip_and_force_redoes(exported, session_workdir):
-    first = exported("r1-distill-tiny")
-    again = export_model(ExportConfig(model="r1-distill-tiny", workdir=session_workdir))
-    assert again.skipped and again.onnx_path == first.onnx_path
-    manifest = json.loads((first.onnx_path.parent / "manifest.json").read_text())
+def test_unchanged_inputs_skip_and_force_redoes(exported, session_workdir, tmp_path):
+    exported("r1-distill-tiny")
+    wd = copy_workdir(session_workdir, tmp_path / "w", "r1-distill-tiny")  # --force rewrites it: a private copy
+    onnx_path = wd / "r1-distill-tiny" / "onnx" / "fp32" / "model.onnx"
+
+    def identity() -> tuple[int, int]:  # a rewrite renames a new directory into place: a new inode
+        st = onnx_path.stat()
+        return st.st_ino, st.st_mtime_ns
+
+    before = identity()
+    again = export_model(ExportConfig(model="r1-distill-tiny", workdir=wd))
+    assert again.skipped and again.onnx_path == onnx_path and identity() == before
+    manifest = json.loads((onnx_path.parent / "manifest.json").read_text())
     assert manifest["outputs"]["model.onnx"]["sha256"]
     assert {"torch", "onnx", "onnxruntime", "transformers"} <= set(manifest["tools"])
     assert manifest["inputs"]["model.safetensors"]
+
+    forced = export_model(ExportConfig(model="r1-distill-tiny", workdir=wd, force=True))
+    assert not forced.skipped and forced.cases, "--force exports and verifies again"
+    assert identity() != before
+    assert max(forced.max_abs_diff.values()) <= 1e-4
+
+
+def test_a_killed_export_leaves_nothing_a_rerun_keeps(tmp_path):
+    """SIGKILL mid-export leaves its temporary directory; the next run removes it (and only the leftovers of
+    processes that are gone, never a directory of another name)."""
+    import signal
+    import subprocess
+    import time
+
+    from conftest import R1DEPLOY
+
+    wd = tmp_path / "w"
+    onnx_dir = wd / "r1-distill-tiny" / "onnx"
+    proc = subprocess.Popen([str(R1DEPLOY), "--workdir", str(wd), "export", "--model", "r1-distill-tiny"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600  # only so a broken export cannot hang the suite
+    while not list(onnx_dir.glob(".fp32.tmp-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (stale,) = onnx_dir.glob(".fp32.tmp-*")
+    assert stale.name.startswith(f".fp32.tmp-{proc.pid}-")
+    live = onnx_dir / f".fp32.tmp-{os.getpid()}-running"  # as a concurrent run's would be: kept
+    live.mkdir()
+    users = onnx_dir / ".fp32.tmp-notes"  # not a name r1deploy makes: kept
+    users.mkdir()
+    result = export_model(ExportConfig(model="r1-distill-tiny", workdir=wd, verify=False))
+    assert not result.skipped and result.onnx_path.is_file()
+    assert not stale.exists()
+    assert live.is_dir() and users.is_dir()
 
 
 def test_legacy_exporter_and_forced_external_data(tmp_path):

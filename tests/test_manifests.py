@@ -409,6 +409,33 @@ def test_node_engine_installs_the_plan_once(tmp_path):
     assert install_plan(engine, target) is False
 
 
+def test_node_engine_lock_failure_is_said_not_ignored(tmp_path, monkeypatch, capsys):
+    """A filesystem without file locks cannot be made here, so flock is made to fail as on one (ENOLCK): the build
+    goes on (every build writes atomically) but the init container's log says replicas may both build. Any
+    other lock error stops it."""
+    import errno
+    import fcntl
+
+    from exporter.errors import StageFailed
+    from exporter.manifests import node_engine
+
+    def no_locks(fh, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with node_engine._lock(tmp_path / ".edge.lock"):
+        pass
+    warning = json.loads(capsys.readouterr().err)
+    assert warning["action"] == "warning" and "No locks available" in warning["why"] and "may each build" in warning["why"]
+
+    def broken(fh, op):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(fcntl, "flock", broken)
+    with pytest.raises(StageFailed, match="cannot lock .*Input/output error"), node_engine._lock(tmp_path / ".edge.lock"):
+        pass
+
+
 # --- the CLI -----------------------------------------------------------------------------------------------
 
 

@@ -15,7 +15,8 @@ from functools import partial
 
 import numpy as np
 import pytest
-from conftest import R1DEPLOY, REPO
+from conftest import R1DEPLOY, REPO, assert_one_line, run_cli
+from models import BROKEN
 
 from exporter.repository import RepositoryConfig, parse, write_repository
 from exporter.repository.reference import GreedyLoop
@@ -286,6 +287,41 @@ def test_bad_requests_are_answered_and_server_keeps_serving(server):
     assert status == 200 and len(json.loads(body)["token_ids"]) >= 1
 
 
+def _infer(server, model: str, inputs: list[dict]) -> tuple[int, dict]:
+    req = urllib.request.Request(f"http://{server.endpoints.http}/v2/models/{model}/infer",
+                                 data=json.dumps({"inputs": inputs}).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_oversized_text_is_refused_before_tokenizing(server):
+    big = "word " * 200_000  # 1 MB: the tokenizer model refuses it by size, without tokenizing it
+    status, body = _infer(server, "embed", [{"name": "text", "shape": [1, 1], "datatype": "BYTES", "data": [big]}])
+    assert status == 400 and "text of 1000000 bytes is longer than the 16384 bytes accepted" in body["error"], body
+    status, body = _infer(server, "embed", [{"name": "text", "shape": [1, 1], "datatype": "BYTES", "data": ["fine"]}])
+    assert status == 200
+
+
+def test_model_errors_are_one_line_and_the_traceback_goes_to_the_log(server):
+    """The python_ort encoder fails inside ONNX Runtime (a token id outside the vocabulary): the client gets one
+    clean line, Triton's log the traceback (pb_utils.Logger)."""
+    ids = {"shape": [1, 1], "datatype": "INT64"}
+    status, body = _infer(server, "encoder", [
+        {"name": "input_ids", **ids, "data": [10_000_000]}, {"name": "attention_mask", **ids, "data": [1]},
+        {"name": "token_type_ids", **ids, "data": [0]},
+    ])
+    assert status == 500 and body["error"].startswith("onnxruntime: ") and "\n" not in body["error"], body
+    assert "Traceback" not in body["error"]
+    deadline = time.monotonic() + 30  # the log is written by another process: wait for the line, not a time
+    while "python_ort: 1 request(s) failed" not in server.log_path.read_text() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    log = server.log_path.read_text()
+    assert "python_ort: 1 request(s) failed" in log and "Traceback (most recent call last)" in log
+
+
 def test_serve_command_stops_on_sigterm(repos, tmp_path):
     proc = subprocess.Popen(
         [str(R1DEPLOY), "--json", "serve", "--repository", str(repos["r1-distill-tiny"].out)],
@@ -304,6 +340,57 @@ def test_serve_command_stops_on_sigterm(repos, tmp_path):
         while pid_alive(info["pid"]) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert not pid_alive(info["pid"])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_serve_refuses_a_port_in_use(repos):
+    """Another server on the HTTP port would answer the readiness probe: refused before anything starts."""
+    import socket
+
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        proc = run_cli("serve", "--repository", str(repos["r1-distill-tiny"].out), "--http-port", str(port), timeout=120)
+    assert_one_line(proc, 2, f"http port {port} on 127.0.0.1 is already in use")
+
+
+def test_startup_failure_quotes_the_abort_line(tmp_path):
+    repo = BROKEN["failing-model-repository"].build(None, tmp_path / "repo")
+    log = tmp_path / "triton.log"
+    proc = run_cli("serve", "--repository", str(repo), "--log-file", str(log), "--startup-timeout", "300", timeout=400)
+    line = assert_one_line(proc, 1, "failed to load 'bad' version 1: Internal: RuntimeError: weights file model.onnx is missing")
+    assert "CudaDriverHelper" in log.read_text()  # the harmless line is in the log ...
+    assert "CudaDriverHelper" not in line and "\\n" not in line  # ... but not what the user is told
+
+
+def test_serve_restarts_a_dead_server(repos):
+    """A server that dies (here SIGKILL; the probe found a request that segfaults Triton 2.51) comes back on the
+    same ports, the restart is said on stderr, and the dead one's shared memory is removed."""
+    from exporter.serve import _mapped_shm, _process_group
+
+    proc = subprocess.Popen(
+        [str(R1DEPLOY), "--json", "serve", "--repository", str(repos["r1-distill-tiny"].out)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+    )
+    try:
+        first = json.loads(proc.stdout.readline() or "null")
+        assert first and first["restarts"] == 0, proc.stderr.read()
+        shm = _mapped_shm(_process_group(first["pid"]))
+        assert shm, "the python backend maps its regions under /dev/shm"
+        os.kill(first["pid"], signal.SIGKILL)
+        second = json.loads(proc.stdout.readline() or "null")  # the next line comes once the new one is ready
+        assert second and second["restarts"] == 1, proc.stderr.read()
+        assert second["pid"] != first["pid"] and second["http"] == first["http"] and second["grpc"] == first["grpc"]
+        with urllib.request.urlopen(f"http://{second['http']}/v2/health/ready", timeout=10) as r:
+            assert r.status == 200
+        assert not any(p.exists() for p in shm), "the dead server's /dev/shm regions are removed"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0
+        stderr = proc.stderr.read()
+        assert f"tritonserver (pid {first['pid']}) was killed by signal 9; restarting it (1/5)" in stderr
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -459,3 +546,18 @@ def test_fused_graph_served_by_the_scheduler(exported, session_workdir, tmp_path
     for (prompt, max_tokens, _), (chunks, error) in zip(cases, runs, strict=True):
         assert error is None, error
         assert [t for c in chunks for t in c["tokens"]] == greedy(tokenizer.encode(prompt).ids, max_tokens, {1}), prompt
+
+
+def test_abort_reason_skips_the_cuda_lines_and_prefers_the_fatal_one():
+    """Lines as Triton 2.51 logged them here when its gRPC port was taken between r1deploy's check and its bind
+    (a race the port check before start cannot close): the fatal main.cc line names the port."""
+    from exporter.serve import abort_reason
+
+    log = "\n".join([
+        'E1201 09:37:27.632083 19194 server.cc:241] "CudaDriverHelper has not been initialized."',
+        'W1201 09:37:27.631948 19194 pinned_memory_manager.cc:273] "Unable to allocate pinned system memory"',
+        "E1201 09:37:29.791423805   19194 chttp2_server.cc:1060]                UNKNOWN:No address added out of total 1 resolved",
+        'E1201 09:37:29.794878 19194 main.cc:245] "failed to start GRPC service: Unavailable - Socket \'127.0.0.1:44173\' already in use "',
+    ])
+    assert abort_reason(log) == "failed to start GRPC service: Unavailable - Socket '127.0.0.1:44173' already in use"
+    assert abort_reason(log.splitlines()[0]) is None  # the harmless line alone is no reason

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from ..errors import BadInput
 from ..profiles import SloTargets
+
+# The longest measurement window accepted (an hour): a longer one is a typo (`--duration 1e9`) that would run
+# for years with nothing to show.
+MAX_WINDOW_S = 3600.0
+_OPTION = {"window_s": "--duration", "warmup_s": "--warmup", "stability_pct": "--stability-percentage",
+           "timeout_s": "--timeout", "max_window_s": "max_window_s"}
 
 
 class Protocol(str, enum.Enum):
@@ -59,6 +66,13 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         self.protocol = Protocol(self.protocol)
+        # nan passes every `x > 0` check by failing none of them, and inf never ends a window: refuse both first
+        for name in ("window_s", "max_window_s", "warmup_s", "stability_pct", "timeout_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise BadInput(f"{_OPTION.get(name, name)} must be a finite number, got {value!r}")
+        if any(not math.isfinite(r) for r in self.request_rate):
+            raise BadInput(f"--request-rate must be finite numbers > 0, got {self.request_rate}")
         self.stability_latency = StabilityLatency(self.stability_latency)
         host, sep, port = self.url.rpartition(":")
         if not sep or not host or not port.isdigit():
@@ -76,6 +90,9 @@ class BenchConfig:
             raise BadInput(f"request rate must be > 0, got {self.request_rate}")
         checks = [
             (self.window_s > 0, "--duration must be > 0"),
+            (self.window_s <= MAX_WINDOW_S, f"--duration must be ≤ {MAX_WINDOW_S:g} s (one measurement window; a run has up to --max-trials of them per level)"),
+            (self.window_requests == 0 or self.max_window_s <= MAX_WINDOW_S, f"max_window_s must be ≤ {MAX_WINDOW_S:g} s"),
+            (self.warmup_s <= MAX_WINDOW_S, f"--warmup must be ≤ {MAX_WINDOW_S:g} s"),
             (self.window_requests >= 0, "--requests must be ≥ 0"),
             (self.warmup_s >= 0, "--warmup must be ≥ 0"),
             (0 < self.stability_pct <= 100, "--stability-percentage must lie in (0, 100]"),
@@ -91,6 +108,10 @@ class BenchConfig:
         for p, what in ((self.input_data, "--input-data"), (self.prompts, "--prompts")):
             if p is not None and not Path(p).is_file():
                 raise BadInput(f"{what} file not found: {p}")
+        if self.prompts is not None:  # read now: a bad line is bad input before any server is contacted
+            from .inputs import read_prompts
+
+            read_prompts(Path(self.prompts), self.output_tokens)
 
     @property
     def open_loop(self) -> bool:

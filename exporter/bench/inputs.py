@@ -154,7 +154,7 @@ def _array_from(entry, t: TensorSpec, batched: bool, batch_size: int, where: str
 def payloads_from_file(spec: ModelSpec, path: Path, batch_size: int) -> list[Payload]:
     """perf_analyzer's input-data JSON (`{"data": [{name: [...] | {"content", "shape"}}, …]}`) or one mapping."""
     try:
-        data = json.loads(Path(path).read_text())
+        data = json.loads(_read_text(path, "--input-data"))
     except json.JSONDecodeError as exc:
         raise BadInput(f"--input-data {path}: invalid JSON at line {exc.lineno}, column {exc.colno}") from None
     entries = data.get("data") if isinstance(data, dict) and "data" in data else [data]
@@ -177,9 +177,19 @@ def payloads_from_file(spec: ModelSpec, path: Path, batch_size: int) -> list[Pay
     return payloads
 
 
-def _read_prompts(path: Path, default_max_tokens: int) -> list[tuple[str, int]]:
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadInput(f"{what} {path} is not UTF-8 text (byte {exc.start})") from None
+    except OSError as exc:
+        raise BadInput(f"cannot read {what} {path}: {exc.strerror or exc}") from None
+
+
+def read_prompts(path: Path, default_max_tokens: int) -> list[tuple[str, int]]:
+    """(text, max_tokens) per line of a JSONL prompts file; BadInput names the line of anything unusable."""
     prompts = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+    for n, line in enumerate(_read_text(path, "--prompts").splitlines(), 1):
         if not line.strip():
             continue
         try:
@@ -190,7 +200,9 @@ def _read_prompts(path: Path, default_max_tokens: int) -> list[tuple[str, int]]:
         if not isinstance(text, str):
             raise BadInput(f"--prompts {path}: line {n} needs a \"text\" string")
         max_tokens = row.get("max_tokens", default_max_tokens) if isinstance(row, dict) else default_max_tokens
-        prompts.append((text, int(max_tokens)))
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+            raise BadInput(f"--prompts {path}: line {n}: max_tokens must be a positive integer, got {max_tokens!r}")
+        prompts.append((text, max_tokens))
     if not prompts:
         raise BadInput(f"--prompts {path}: no prompts")
     return prompts
@@ -202,7 +214,7 @@ def llm_payloads(spec: ModelSpec, prompts: Optional[Path], input_tokens: int, ou
     if spec.input("text_input") is None:
         raise BadInput(f"model {spec.name} has no text_input: not a generate-style LLM (drop --llm)")
     if prompts is not None:
-        rows = _read_prompts(prompts, output_tokens)
+        rows = read_prompts(prompts, output_tokens)
     else:
         rng = np.random.default_rng(seed)
         rows = [(_words(input_tokens, rng), output_tokens) for _ in range(count)]

@@ -29,14 +29,17 @@ def _human(r: ExportResult) -> None:
               help="Weights above this size go to model.onnx.data.")
 @click.option("--tolerance", type=float, default=1e-4, show_default=True, help="Max abs diff allowed per output.")
 @click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime vs PyTorch comparison.")
+@click.option("--allow-weight-mismatch", is_flag=True,
+              help="Export even when checkpoint tensors do not match the architecture (missing weights stay random).")
 @force_option
 @pass_app
 def command(app: App, model, allow_pickle, trust_remote_code, opset, exporter_, graph, external_data_threshold_mib,
-            tolerance, no_verify, force):
+            tolerance, no_verify, allow_weight_mismatch, force):
     """Export a model to ONNX (decoders with KV cache) and verify it against PyTorch."""
     cfg = ExportConfig(
         model=model, workdir=app.workdir, opset=opset, exporter=Exporter(exporter_), graph=GraphForm(graph),
         external_data_threshold_mib=external_data_threshold_mib, verify=not no_verify, tolerance=tolerance,
         force=force, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+        allow_weight_mismatch=allow_weight_mismatch,
     )
     emit(app, export_model(cfg), _human)

@@ -11,8 +11,9 @@ from .common import App, emit, pass_app, profile_option
 
 
 def _human(r: RepositoryResult) -> None:
+    state = "[yellow]incomplete[/yellow] " if r.status == "incomplete" else ""
     console.print(
-        f"[bold]{r.model}[/bold] ({r.kind}) → Triton repository for profile {r.profile!r}, variant {r.variant.value} "
+        f"{state}[bold]{r.model}[/bold] ({r.kind}) → Triton repository for profile {r.profile!r}, variant {r.variant.value} "
         f"({r.device}, max_batch_size {r.max_batch_size}, ONNX {r.onnx_variant}): {r.out}"
     )
     for m in r.models:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from ..errors import StageFailed
+from ..errors import BadInput, StageFailed
 from ..serve import ServerConfig, TritonServer
 from ..ui import out as console
 from .common import App, pass_app
@@ -23,22 +23,31 @@ from .common import App, pass_app
 @click.option("--cache-mib", type=int, default=64, show_default=True,
               help="Response cache size (models with response_cache enabled, e.g. embed); 0 turns it off.")
 @click.option("--log-file", type=click.Path(path_type=Path), help="Server log [default: a temporary file].")
-@click.option("--log-verbose", type=int, default=0, show_default=True)
+@click.option("--log-verbose", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--startup-timeout", type=float, default=120.0, show_default=True,
+              help="Seconds to wait for the server (and every model) to be ready.")
+@click.option("--max-restarts", type=click.IntRange(min=0), default=5, show_default=True,
+              help="Restart a server that dies (a crash, the OOM killer) this many times before giving up.")
 @pass_app
-def command(app: App, repositories, http_port, grpc_port, metrics_port, cache_mib, log_file, log_verbose):
-    """Serve a model repository with a real Triton server on 127.0.0.1 until Ctrl-C or SIGTERM."""
+def command(app: App, repositories, http_port, grpc_port, metrics_port, cache_mib, log_file, log_verbose,
+            startup_timeout, max_restarts):
+    """Serve a model repository with a real Triton server on 127.0.0.1 until Ctrl-C or SIGTERM; a server that
+    dies is started again on the same ports (saying so), up to --max-restarts times."""
+    if cache_mib < 0:
+        raise BadInput(f"--cache-mib must be ≥ 0, got {cache_mib}")
     cfg = ServerConfig(
         model_repository=repositories[0], extra_repositories=list(repositories[1:]), http_port=http_port,
         grpc_port=grpc_port, metrics_port=metrics_port, response_cache_bytes=cache_mib << 20, log_file=log_file,
-        log_verbose=log_verbose,
+        log_verbose=log_verbose, startup_timeout_s=startup_timeout,
     )
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     server = TritonServer(cfg)
-    try:
-        server.start()
+    restarts = 0
+
+    def announce() -> None:
         info = {"pid": server.pid, "http": server.endpoints.http, "grpc": server.endpoints.grpc,
-                "metrics": server.endpoints.metrics, "log": str(server.log_path)}
+                "metrics": server.endpoints.metrics, "log": str(server.log_path), "restarts": restarts}
         if app.as_json:
             sys.stdout.write(json.dumps(info) + "\n")
             sys.stdout.flush()
@@ -46,9 +55,23 @@ def command(app: App, repositories, http_port, grpc_port, metrics_port, cache_mi
             console.print(f"tritonserver ready (pid {server.pid}); Ctrl-C or SIGTERM stops it")
             for key in ("http", "grpc", "metrics", "log"):
                 console.print(f"  {key:<8} {info[key]}")
+
+    try:
+        server.start()
+        announce()
         while not stop.wait(0.5):
-            if server.process.poll() is not None:
-                raise StageFailed(f"tritonserver exited with code {server.process.returncode} (log: {server.log_path})")
+            code = server.process.poll()
+            if code is None:
+                continue
+            why = f"exited with code {code}" if code >= 0 else f"was killed by signal {-code}"
+            if restarts >= max_restarts:
+                raise StageFailed(f"tritonserver {why}; not restarted after {restarts} restart(s) (--max-restarts) (log: {server.log_path})")
+            restarts += 1
+            # said on stderr even with --json/-q: a restart is news to whoever runs this
+            click.echo(f"tritonserver (pid {server.pid}) {why}; restarting it ({restarts}/{max_restarts})", err=True)
+            server.stop()  # the rest of its process group and its shared memory
+            server.start()
+            announce()
     finally:
         server.stop()
         for sig, handler in previous.items():

@@ -13,13 +13,14 @@ is skipped, `force=True` rebuilds (reusing the timing cache where the runtime ha
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 from .. import artifacts
-from ..errors import BadInput, MissingDependency, StageFailed
+from ..errors import BadInput, BrokenDependency, MissingDependency, StageFailed
 from ..profiles import DeploymentProfile, Precision, Runtime
 from ..sources import model_dir_name
 from ..typed import to_data
@@ -60,8 +61,8 @@ class EngineConfig:
         self.hardware_compatible = b.hardware_compatible if self.hardware_compatible is None else self.hardware_compatible
         if not 0 <= self.optimization_level <= 5:
             raise BadInput(f"builder optimization level must be 0..5, got {self.optimization_level}")
-        if self.workspace_gib <= 0:
-            raise BadInput(f"workspace must be > 0 GiB, got {self.workspace_gib}")
+        if not (math.isfinite(self.workspace_gib) and self.workspace_gib > 0):  # nan passes `<= 0`
+            raise BadInput(f"--workspace-gib must be a number > 0, got {self.workspace_gib}")
 
 
 @dataclass(frozen=True)
@@ -197,7 +198,7 @@ def trtexec_command(plan: BuildPlan, rt: TensorRTRuntime | None = None) -> list[
     if rt is None:
         try:
             rt = load_runtime(plan.runtime)
-        except MissingDependency:
+        except (MissingDependency, BrokenDependency):  # the line is still useful without a loadable runtime
             rt = None
     if rt is not None:
         targets, version = rt.target_compute_capabilities(plan.compute_capability, plan.hardware_compatible), rt.version

@@ -20,7 +20,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import BadInput, MissingDependency, StageFailed
+from ..errors import BadInput, BrokenDependency, MissingDependency, StageFailed
 from ..profiles import Runtime
 from ..ui import log
 
@@ -214,17 +214,30 @@ def parser_error_line(parser, onnx_path: Path, display: str) -> str:
     return f"{display} cannot parse {onnx_path.name}: {where}: {err.code().name}: {desc}{more}"
 
 
+def _absent(exc: BaseException, module: str) -> bool:
+    """True when `module` itself (or its package) is not installed — not when it is there but fails to load
+    (a missing CUDA library, a dependency of its own that is missing)."""
+    return isinstance(exc, ModuleNotFoundError) and exc.name is not None and module.split(".")[0] == exc.name.split(".")[0]
+
+
 def load_runtime(runtime: Runtime) -> TensorRTRuntime:
-    """Import the runtime's module or raise MissingDependency naming the extra to install."""
+    """Import the runtime's module. Not installed: MissingDependency naming the extra to install (a skip).
+    Installed but broken: BrokenDependency (a failure) quoting the import error."""
     spec = SPECS[Runtime(runtime)]
-    first_error = None
+    broken: tuple[str, BaseException] | None = None
     for name in spec.modules:
         try:
             return TensorRTRuntime(spec, importlib.import_module(name))
-        except (ImportError, OSError, RuntimeError) as exc:
-            first_error = first_error or exc
-    detail = " ".join(str(first_error).split())[:160] if first_error else ""
+        except Exception as exc:  # an extension module can fail to load with any exception type
+            if not _absent(exc, name) and broken is None:
+                broken = (name, exc)
+    if broken is not None:
+        name, exc = broken
+        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise BrokenDependency(
+            f"{spec.display} is installed but cannot be loaded (import {name}: {type(exc).__name__}: {detail}); "
+            f"fix or reinstall it: pip install --force-reinstall 'r1deploy[{spec.extra}]'"
+        )
     raise MissingDependency(
-        f"{spec.display} is not installed (cannot import {spec.modules[0]}: {detail}); "
-        f"install it with: pip install 'r1deploy[{spec.extra}]'"
+        f"{spec.display} is not installed (no module {spec.modules[0]}); install it with: pip install 'r1deploy[{spec.extra}]'"
     )

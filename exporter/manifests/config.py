@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from ..artifacts import check_name
 from ..errors import BadInput
 from ..profiles import DeploymentProfile
 
@@ -102,6 +103,9 @@ class ManifestsConfig:
             raise BadInput(f"model kind {self.model_kind!r} is not one of decoder, encoder")
         if not _DNS_LABEL.fullmatch(self.storage_secret):
             raise BadInput(f"--storage-secret {self.storage_secret!r} is not a valid Secret name")
+        for model in self.load_models:
+            # each becomes a --load-model argument and a directory name in the repository
+            check_name(model, "--load-model")
         for name in self.profiles:
             if not _DNS_LABEL.fullmatch(name) or len(name) > 40:
                 raise BadInput(f"profile {name!r} cannot name a Kubernetes overlay (lowercase letters, digits, '-')")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -91,17 +92,26 @@ def install_plan(engine_dir: Path, target_dir: Path) -> bool:
     return True
 
 
+# flock errors of a filesystem that has no locks (some NFS setups): building without the lock is still safe — every
+# build writes atomically — but two replicas may then build the same engine at once, and the log must say so.
+_NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)
+
+
 @contextlib.contextmanager
 def _lock(path: Path):
     """Two replicas starting together on a shared (RWX) volume must not build into the same directory at once."""
+    import fcntl
+
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
         try:
-            import fcntl
-
             fcntl.flock(fh, fcntl.LOCK_EX)
-        except (ImportError, OSError):
-            pass  # best effort: some network filesystems have no flock
+        except OSError as exc:
+            if exc.errno not in _NO_LOCKS:
+                raise StageFailed(f"cannot lock {path}: {exc.strerror or exc}") from None
+            print(json.dumps({"action": "warning", "why": f"cannot lock {path} ({exc.strerror or exc}): the filesystem "
+                              "has no file locks; replicas starting together may each build the engine"}),
+                  file=sys.stderr, flush=True)
         yield
 
 

@@ -4,10 +4,13 @@ For servers without Triton's onnxruntime backend (the CPU Triton bundled in nvid
 backend). Requests the dynamic batcher delivers together are concatenated along the batch axis when their
 shapes agree (decode steps at different cache lengths cannot be batched) and run in one call.
 
+Errors: the client gets one clean line; the traceback goes to Triton's log.
+
 Written by `r1deploy repository`; the source is exporter/repository/python_models/ort_model.py.
 """
 
 import json
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +59,7 @@ class TritonPythonModel:
             try:
                 answers = self._run(group)
             except Exception as exc:  # one bad group must not fail the others
+                pb_utils.Logger.log_error(f"python_ort: {len(group)} request(s) failed:\n{traceback.format_exc()}")
                 message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                 answers = [pb_utils.InferenceResponse(error=pb_utils.TritonError(f"onnxruntime: {message}")) for _ in group]
             for i, answer in zip(indices, answers, strict=True):
