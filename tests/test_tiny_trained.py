@@ -98,3 +98,14 @@ def test_int4_awq_report_states_agreement_on_held_out_and_corpus(exported, sessi
     # docs/benchmarks.md records; the edge profile therefore no longer needs mixed precision by default.
     assert r.accuracy["cosine"] >= 0.95 and r.accuracy["top1"] >= 0.80 and not r.kept_layers
     assert reproduced(r.onnx_path, tokenizer) == []  # INT4 AWQ still continues every corpus prompt
+
+
+def test_edge_gate_rejects_rtn_b128_of_the_trained_model(exported, session_workdir):
+    """The edge decision's other half: without mixed precision the gate does its job — plain RTN at block 128
+    misses top-1 0.80 on held-out text (0.777 when measured for docs/benchmarks.md) and nothing is written."""
+    from exporter.errors import StageFailed
+
+    exported(MODEL)
+    with pytest.raises(StageFailed, match="top-1 agreement .* below the gate 0.8 \\(profile edge\\)"):
+        quantize_model(QuantizeConfig(model=MODEL, workdir=session_workdir, profile="edge", method="rtn"))
+    assert not artifacts.ModelLayout(session_workdir, MODEL).onnx_dir("int4-rtn-b128-qdq").exists()
