@@ -17,12 +17,16 @@ import numpy as np
 import pytest
 from conftest import R1DEPLOY, REPO
 
+from exporter import tiny_models
 from exporter.repository import RepositoryConfig, write_repository
 from exporter.repository.reference import GreedyLoop
 from exporter.serve import ServerConfig, TritonServer
 
 pytestmark = pytest.mark.triton
-PROMPT = "Hello world, the quick brown fox"
+# A corpus question of the trained model, through its chat template: its greedy answer is long (a reasoning trace
+# of 30+ tokens before `</think>`), so streams, stop strings and lengths are exercised on real text. (Off-corpus
+# prompts often end at once: the model answers them with one token and the end of text.)
+PROMPT = tiny_models.chat_prompt("What is a KV cache?")
 
 
 def pid_alive(pid: int) -> bool:
