@@ -46,7 +46,7 @@ build-engine: $(STAMP)
 	$(R1) build-engine --model $(MODEL) --profile $(PROFILE) --runtime $(RUNTIME)
 
 lint: $(STAMP)
-	$(BIN)/ruff check exporter quantize tests benchmarks
+	$(BIN)/ruff check exporter quantize tests benchmarks tools
 
 pytest: $(STAMP)
 	$(BIN)/pytest -q tests
