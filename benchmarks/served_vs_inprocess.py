@@ -34,7 +34,7 @@ from exporter.export import ExportConfig, export_model  # noqa: E402
 from exporter.repository import RepositoryConfig, parse, write_repository  # noqa: E402
 from exporter.repository.reference import GreedyLoop  # noqa: E402
 from exporter.serve import ServerConfig, TritonServer  # noqa: E402
-from exporter.tiny_models import CORPUS  # noqa: E402
+from exporter.tiny_models import reproduction_cases  # noqa: E402
 
 MODEL = "r1-distill-tiny"
 
@@ -110,7 +110,8 @@ def main() -> None:
     args = ap.parse_args()
 
     export_model(ExportConfig(model=MODEL, workdir=args.workdir))
-    prompts = [line.split("\n")[0] for line in CORPUS[: args.prompts]]
+    # corpus prompts of the trained model (chat turns first): each continues with its corpus text, up to 64 tokens
+    prompts = [prompt for prompt, _ in reproduction_cases()[: args.prompts]]
     calls = ["inprocess", "bls"] if args.engine_call == "both" else [args.engine_call]
     report = {"model": MODEL, "prompts": len(prompts), "max_tokens": args.max_tokens, "served": {}}
     inprocess_rates: list[float] = []

@@ -1,10 +1,18 @@
-"""The embedded default models: tiny, deterministic, real Hugging Face checkpoint directories.
+"""The embedded default models: tiny, real Hugging Face checkpoint directories.
 
-* `r1-distill-tiny` — `Qwen2ForCausalLM`, the DeepSeek-R1-Distill-Qwen architecture.
-* `r1-moe-tiny` — `DeepseekV3ForCausalLM`, the full R1 architecture (MLA attention + routed/shared MoE experts).
+* `r1-distill-tiny` — `Qwen2ForCausalLM`, the DeepSeek-R1-Distill-Qwen architecture, with LEARNED weights: it has
+  memorised its embedded corpus (`exporter.tiny_corpus`: prose, code and R1-style chat turns with a `<think>`
+  trace), so greedy decoding continues a corpus line from its first words and answers a corpus question with its
+  reasoning and answer. The weights ship with the package (`data/tiny/`, ~2 MB) next to a record of the run that
+  made them (`exporter/tiny_training.py`).
+* `r1-moe-tiny` — `DeepseekV3ForCausalLM`, the full R1 architecture (MLA attention + routed/shared MoE experts),
+  with seeded random weights (it tests the export / quantize paths of that architecture, not text).
 
-Weights come from a fixed seed, the tokenizer is a byte-level BPE trained on an embedded corpus, so the same
-files come out on every machine. The directory is written to a temporary place and renamed when complete.
+Why ship the weights rather than train on first use: training takes minutes here (see the record), a fresh clone
+and CI must stay fast, and floating-point training is not bit-exact across CPUs and library versions — the shipped
+file is the one truth, and nothing compares a re-run of the training with it byte for byte. The tokenizer
+(a byte-level BPE trained on the same corpus) ships too, since the weights are only meaningful with its ids.
+The checkpoint directory is written to a temporary place and renamed when complete.
 """
 
 from __future__ import annotations
@@ -15,38 +23,82 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .tiny_corpus import CHAT_TURNS, CORPUS, HELD_OUT
+
 SEED = 20250120  # DeepSeek-R1's release date
 
 BOS = "<｜begin▁of▁sentence｜>"
 EOS = "<｜end▁of▁sentence｜>"
 PAD = "<｜▁pad▁｜>"
-SPECIAL = [BOS, EOS, PAD, "<｜User｜>", "<｜Assistant｜>", "<think>", "</think>"]
+USER = "<｜User｜>"
+ASSISTANT = "<｜Assistant｜>"
+THINK, END_THINK = "<think>", "</think>"
+SPECIAL = [BOS, EOS, PAD, USER, ASSISTANT, THINK, END_THINK]
 
-# Small, fixed text the tokenizer is trained on and that calibration and accuracy checks draw from.
-CORPUS = [
-    "DeepSeek-R1 is a reasoning model trained with large-scale reinforcement learning.",
-    "The distilled models use the Qwen2 and Llama architectures, from 1.5 billion to 70 billion parameters.",
-    "A deployment takes a checkpoint, exports it to ONNX, quantizes the weights and builds a TensorRT engine.",
-    "Triton Inference Server serves the engine with dynamic batching and streams tokens to the client.",
-    "Kubernetes schedules the server on nodes with NVIDIA A100 or RTX 4090 GPUs.",
-    "The key-value cache stores the attention keys and values of every past token.",
-    "Prefill processes the whole prompt at once; decode produces one token per step.",
-    "Quantization to four-bit integers shrinks the weights by about seventy-five percent.",
-    "Activation-aware scaling protects the channels that matter most for accuracy.",
-    "The quick brown fox jumps over the lazy dog while the model thinks step by step.",
-    "Mixture-of-experts layers route each token to a few experts out of many.",
-    "Multi-head latent attention compresses the key-value cache into a small latent vector.",
-    "Latency, throughput and accuracy are measured before a model ships to production.",
-    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
-    "Question: what is 17 times 3? Answer: <think>17 times 3 is 51.</think> 51.",
-    "Numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000 2025; symbols + - * / = ( ) [ ] { } < > ! ? . , ; :",
-]
+DATA = Path(__file__).resolve().parent / "data" / "tiny"
+TOKENIZER_FILE = DATA / "tokenizer.json"
+# Presets with learned weights: the safetensors file and the record of the training run that wrote it.
+TRAINED = {"r1-distill-tiny": DATA / "r1-distill-tiny.safetensors"}
 
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
     "{% elif m['role'] == 'assistant' %}<｜Assistant｜>{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<｜Assistant｜><think>\n{% endif %}"
 )
+
+
+def chat_prompt(question: str) -> str:
+    """What the chat template renders for one user message with add_generation_prompt (tested against it)."""
+    return f"{BOS}{USER}{question}{ASSISTANT}{THINK}\n"
+
+
+def chat_completion(reasoning: str, answer: str) -> str:
+    """R1's shape of answer after the prompt: the rest of the think block, `</think>`, the answer, end of text."""
+    return f"{reasoning}\n{END_THINK}\n\n{answer}{EOS}"
+
+
+PROMPT_WORDS = 4  # a prose/code line's prompt: its first words
+
+
+def split_line(line: str, words: int = PROMPT_WORDS) -> tuple[str, str]:
+    """(prompt, continuation) of a corpus line: cut before the whitespace that precedes word `words + 1`, so that
+    the byte-level pre-tokenizer splits the line at the same place and the prompt's ids + the continuation's ids
+    are the line's ids (checked by exporter/tiny_training.py and the tests)."""
+    seen, i, n = 0, 0, len(line)
+    while i < n:
+        while i < n and line[i].isspace():
+            i += 1
+        if i == n:
+            break
+        if seen == words:
+            j = i
+            while j > 0 and line[j - 1].isspace():
+                j -= 1
+            return line[:j], line[j:]
+        seen += 1
+        while i < n and not line[i].isspace():
+            i += 1
+    raise ValueError(f"corpus line has fewer than {words + 1} words: {line!r}")
+
+
+def reproduction_cases() -> list[tuple[str, str]]:
+    """(prompt, exact continuation) for every training sequence: a chat turn's generation prompt and its reasoning
+    + answer, a prose/code line's first words and the rest of it; the continuation ends with the end-of-text
+    token. Training text = prompt + continuation."""
+    cases = [(chat_prompt(q), chat_completion(r, a)) for q, r, a in CHAT_TURNS]
+    for line in CORPUS:
+        prompt, rest = split_line(line)
+        cases.append((prompt, rest + EOS))
+    return cases
+
+
+def training_texts() -> list[str]:
+    return [p + c for p, c in reproduction_cases()]
+
+
+def held_out_texts() -> tuple[str, ...]:
+    return HELD_OUT
+
 
 TINY_CONFIGS: dict[str, dict] = {
     "r1-distill-tiny": dict(
@@ -92,7 +144,9 @@ TINY_CONFIGS: dict[str, dict] = {
 VOCAB_SIZE = 1024
 
 
-def _train_tokenizer():
+def train_tokenizer():
+    """The byte-level BPE of the tiny models, learned on the corpus pieces (special tokens kept out of the
+    training text, so no merge spans one). Used by exporter/tiny_training.py; the package ships its output."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
@@ -104,13 +158,56 @@ def _train_tokenizer():
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(CORPUS * 4, trainer=trainer)
+    pieces = list(CORPUS) + [part for turn in CHAT_TURNS for part in turn]
+    tok.train_from_iterator(pieces * 4, trainer=trainer)
     return tok
 
 
+def hf_tokenizer(preset: str, tokenizer_object=None):
+    from transformers import PreTrainedTokenizerFast
+
+    kwargs = {"tokenizer_object": tokenizer_object} if tokenizer_object is not None else {"tokenizer_file": str(TOKENIZER_FILE)}
+    tok = PreTrainedTokenizerFast(
+        **kwargs,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        additional_special_tokens=SPECIAL[3:],
+        model_max_length=TINY_CONFIGS[preset]["max_position_embeddings"],
+    )
+    tok.chat_template = CHAT_TEMPLATE
+    tok.padding_side = "left"
+    return tok
+
+
+def build_model(preset: str, tok):
+    """The architecture of `preset` with HF's seeded initialisation (float32, sdpa attention)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    settings = dict(TINY_CONFIGS[preset])
+    model_type = settings.pop("model_type")
+    settings.update(
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    config = AutoConfig.for_model(model_type, **settings)
+    torch.manual_seed(SEED)
+    extra = {"experts_implementation": "batched_mm"} if model_type == "deepseek_v3" else {}
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa", **extra)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 def _fingerprint(preset: str) -> str:
-    payload = json.dumps({"config": TINY_CONFIGS[preset], "seed": SEED, "corpus": CORPUS, "vocab": VOCAB_SIZE}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+    payload = {"config": TINY_CONFIGS[preset], "seed": SEED, "vocab": VOCAB_SIZE, "tokenizer": _sha256(TOKENIZER_FILE)}
+    if preset in TRAINED:
+        payload["weights"] = _sha256(TRAINED[preset])
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def write_tiny_checkpoint(preset: str, dest: Path) -> Path:
@@ -123,46 +220,31 @@ def write_tiny_checkpoint(preset: str, dest: Path) -> Path:
 
     import torch
     import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
-        tok = PreTrainedTokenizerFast(
-            tokenizer_object=_train_tokenizer(),
-            bos_token=BOS,
-            eos_token=EOS,
-            pad_token=PAD,
-            additional_special_tokens=SPECIAL[3:],
-            model_max_length=TINY_CONFIGS[preset]["max_position_embeddings"],
-        )
-        tok.chat_template = CHAT_TEMPLATE
-        tok.padding_side = "left"
+        tok = hf_tokenizer(preset)
         tok.save_pretrained(str(tmp))
+        model = build_model(preset, tok)
+        if preset in TRAINED:
+            from safetensors.torch import load_file
 
-        settings = dict(TINY_CONFIGS[preset])
-        model_type = settings.pop("model_type")
-        settings.update(
-            vocab_size=len(tok),
-            bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
-            pad_token_id=tok.pad_token_id,
-        )
-        config = AutoConfig.for_model(model_type, **settings)
-        torch.manual_seed(SEED)
-        extra = {"experts_implementation": "batched_mm"} if model_type == "deepseek_v3" else {}
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa", **extra)
-        # A wider spread than HF's default init (std 0.02) gives the tiny model peaked, input-dependent
-        # logits, so top-1 agreement and quantization error are meaningful measures on it.
-        with torch.no_grad():
-            g = torch.Generator().manual_seed(SEED)
-            for _name, p in sorted(model.named_parameters()):
-                if p.dim() >= 2:
-                    p.copy_(torch.randn(p.shape, generator=g) * (1.0 / p.shape[-1] ** 0.5))
+            # strict: a shipped file that does not fit the architecture is a packaging bug, not a fallback case
+            model.load_state_dict(load_file(str(TRAINED[preset])), strict=True)
+        else:
+            # A wider spread than HF's default init (std 0.02) gives the random model peaked, input-dependent
+            # logits, so top-1 agreement and quantization error are meaningful measures on it.
+            with torch.no_grad():
+                g = torch.Generator().manual_seed(SEED)
+                for _name, p in sorted(model.named_parameters()):
+                    if p.dim() >= 2:
+                        p.copy_(torch.randn(p.shape, generator=g) * (1.0 / p.shape[-1] ** 0.5))
         model.save_pretrained(str(tmp), safe_serialization=True)
         model.generation_config.save_pretrained(str(tmp))
         (tmp / "r1deploy-preset.json").write_text(
-            json.dumps({"preset": preset, "fingerprint": want, "seed": SEED, "transformers": transformers.__version__}, indent=2)
+            json.dumps({"preset": preset, "fingerprint": want, "seed": SEED, "trained": preset in TRAINED,
+                        "transformers": transformers.__version__}, indent=2)
             + "\n"
         )
         if dest.exists():

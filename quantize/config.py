@@ -120,9 +120,11 @@ class QuantizeResult:
     report_path: Path
     skipped: bool
     sizes: Sizes
-    accuracy: dict[str, float]
+    accuracy: dict[str, float]  # on the held-out sentences (what the gate reads)
     gate: Optional[dict]
     kept_layers: list[str] = field(default_factory=list)  # mixed precision: left FP32 to meet the gate
     not_quantized: list[str] = field(default_factory=list)  # reduction axis not a multiple of the block size
     quantized_layers: int = 0
     seconds: float = 0.0
+    # the same figures per text: held_out (= accuracy) and, for the embedded trained preset, corpus, held_out_domain
+    accuracy_by_text: dict[str, dict[str, float]] = field(default_factory=dict)

@@ -3,14 +3,16 @@
 Text is tokenized with the model's own tokenizer (`<workdir>/<model>/tokenizer`). Decoders run with an empty KV
 cache (past length 0: the prefill path) on right-padded batches; padded positions are excluded.
 
-Metrics, all against the FP32 graph on `sentences.EVALUATION`:
+Metrics, all against the FP32 graph, on `sentences.EVALUATION` (held-out text: the gate reads these) and, for the
+embedded trained preset, on its training corpus and on in-domain text it never saw (`exporter.tiny_corpus`):
 
 * decoders — `logits_cosine`: mean cosine similarity of the logit vectors per token; `top1_agreement`:
-  fraction of tokens whose arg-max token is the same; `perplexity`: exp of the mean cross-entropy of the
-  model's next-token distribution against the FP32 model's own next-token distribution (for FP32 itself this
-  is exp(entropy)). Tiny random-weight models have no meaningful text perplexity, so the FP32 model's
-  distribution is the reference: `perplexity_delta` = perplexity(quantized) − perplexity(FP32) ≥ 0, and 0
-  only when the two distributions agree (the gap is exp-scaled KL divergence).
+  fraction of tokens whose arg-max token is the same; `perplexity`: exp of the mean cross-entropy of the next
+  token OF THE TEXT (real text perplexity; `perplexity_fp32` the FP32 model's), `perplexity_delta` = perplexity −
+  perplexity_fp32 (negative when the candidate happens to predict this text better); `kl_divergence`: mean
+  KL(FP32 ‖ candidate) of the next-token distributions in nats (0 only when they agree; it does not depend on
+  the text being likely, so it separates methods even where perplexity is huge, e.g. a tiny model on text it
+  never saw).
 * encoders — `embedding_cosine`: mean cosine of the sentence embeddings; `spearman`: rank correlation between
   the FP32 and quantized pairwise-similarity matrices (upper triangle), i.e. whether retrieval order holds.
 
@@ -196,9 +198,14 @@ class Reference:
             got = candidate[self.batch.mask]
             cos = _cosine_rows(ref, got)
             lp_ref, lp_got = _log_softmax(ref), _log_softmax(got)
-            p_ref = np.exp(lp_ref)
-            ppl_ref = float(np.exp(-(p_ref * lp_ref).sum(-1).mean()))
-            ppl_got = float(np.exp(-(p_ref * lp_got).sum(-1).mean()))
+            kl = (np.exp(lp_ref) * (lp_ref - lp_got)).sum(-1)
+            # next-token targets: position t predicts token t+1 where t+1 is real text (right padding)
+            ids = self.batch.feeds["input_ids"]
+            scored = self.batch.mask[:, :-1] & self.batch.mask[:, 1:]
+            target = ids[:, 1:][scored]
+            nll_ref = -_log_softmax(self.values[:, :-1][scored])[np.arange(len(target)), target]
+            nll_got = -_log_softmax(candidate[:, :-1][scored])[np.arange(len(target)), target]
+            ppl_ref, ppl_got = float(np.exp(nll_ref.mean())), float(np.exp(nll_got.mean()))
             return {
                 "cosine": float(cos.mean()),
                 "logits_cosine": float(cos.mean()),
@@ -208,6 +215,7 @@ class Reference:
                 "perplexity_fp32": ppl_ref,
                 "perplexity": ppl_got,
                 "perplexity_delta": ppl_got - ppl_ref,
+                "kl_divergence": float(kl.mean()),
                 "tokens": int(ref.shape[0]),
             }
         cos = _cosine_rows(self.values, candidate)

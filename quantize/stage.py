@@ -70,6 +70,22 @@ def variant_name(s: Settings) -> str:
     return artifacts.onnx_variant(s.precision.value, s.method.value, s.block_size, s.format.value, graph=s.graph)
 
 
+TEXT_SOURCES = {
+    "corpus": "the training text of the embedded preset (exporter.tiny_models.training_texts)",
+    "held_out_domain": "in-domain text the embedded preset never trained on (exporter.tiny_corpus.HELD_OUT)",
+}
+
+
+def extra_texts(model: str, kind: str) -> dict[str, tuple[str, ...]]:
+    """Texts measured besides the held-out sentences: for an embedded preset with learned weights, what it was
+    trained on (how well quantization keeps what it memorised) and in-domain text it never saw."""
+    from exporter import tiny_models
+
+    if kind != "decoder" or model not in tiny_models.TRAINED:
+        return {}
+    return {"corpus": tuple(tiny_models.training_texts()), "held_out_domain": tiny_models.held_out_texts()}
+
+
 def _ensure_exported(cfg: QuantizeConfig) -> artifacts.ModelLayout:
     """The fp32 export this stage reads; exported with default settings when it is not there yet.
 
@@ -273,6 +289,11 @@ def quantize_model(cfg: QuantizeConfig) -> QuantizeResult:
     base = onnx.load(str(fp32_path))
     with status(f"FP32 reference on {len(EVALUATION)} held-out sentences"):
         ref = evaluate.reference(base, evaluate.tokenize(layout.tokenizer_dir, EVALUATION, export_report), kind)
+        texts = extra_texts(cfg.model, kind)
+        extra_refs = {
+            name: evaluate.reference(base, evaluate.tokenize(layout.tokenizer_dir, lines, export_report), kind)
+            for name, lines in texts.items()
+        }
     layers: list[_Int4Layer] = []
     skipped: list[dict] = []
     kept: list[str] = []
@@ -289,7 +310,9 @@ def quantize_model(cfg: QuantizeConfig) -> QuantizeResult:
         out = tmp / "model.onnx"
         _save(model, out)
         # Measure the file the next stage will read, not the in-memory graph.
-        accuracy = evaluate.measure(ref, out)
+        sess = evaluate.session(out)
+        accuracy = evaluate.measure(ref, out, sess)
+        by_text = {"held_out": accuracy, **{name: evaluate.measure(r, out, sess) for name, r in extra_refs.items()}}
         quantized = [ly for ly in layers if ly.target.layer not in kept]
         n_weights = sum(ly.target.numel for ly in quantized)
         weight_bytes, awq_bytes = _int4_bytes(model, layers, set(kept))
@@ -311,6 +334,7 @@ def quantize_model(cfg: QuantizeConfig) -> QuantizeResult:
             "settings": to_data(s),
             "sizes": to_data(sizes),
             "accuracy": accuracy,
+            "accuracy_by_text": by_text,
             "gate": to_data(s.gate) if s.gate else None,
             "gate_source": s.gate_source,
             "kept_layers": kept,
@@ -326,6 +350,8 @@ def quantize_model(cfg: QuantizeConfig) -> QuantizeResult:
             "not_quantized": skipped,
             "evaluation": {
                 "sentences": len(EVALUATION),
+                "texts": {"held_out": "quantize.sentences.EVALUATION (the gate reads it)",
+                          **{name: f"{len(lines)} texts: {TEXT_SOURCES[name]}" for name, lines in texts.items()}},
                 "calibration_sentences": len(CALIBRATION),
                 "onnxruntime_session_config": evaluate.ORT_SESSION_CONFIG,
                 "definitions": (evaluate.__doc__ or "").strip(),
@@ -354,6 +380,7 @@ def _result(model: str, s: Settings, final: Path, report: dict, *, skipped: bool
         skipped=skipped,
         sizes=Sizes(**report["sizes"]),
         accuracy=report["accuracy"],
+        accuracy_by_text=report.get("accuracy_by_text", {"held_out": report["accuracy"]}),
         gate=report["gate"] if not skipped else (to_data(s.gate) if s.gate else None),
         kept_layers=report["kept_layers"],
         not_quantized=[entry["layer"] for entry in report["not_quantized"]],

@@ -36,6 +36,12 @@ def test_pipeline_runs_every_stage_and_reports_skips(tmp_path, r1):
     assert stages["quantize int4-awq-b128-qdq"]["figures"]["accuracy"]["logits_cosine"] >= 0.95
     served = stages["serve + bench"]["figures"]
     assert served["request"].startswith("generate →")
+    # the served default model answers its corpus question legibly: its reasoning, then its answer
+    from exporter.tiny_models import CHAT_TURNS
+
+    question, reasoning, answer = CHAT_TURNS[0]
+    assert (served["question"], served["reasoning"], served["answer"]) == (question, reasoning, answer)
+    assert served["finish_reason"] == "eos"
     assert served["bench"]["throughput_rps"] > 0 and served["bench"]["tokens_per_s"] > 0
     assert (tmp_path / "r1-distill-tiny" / "engines" / "edge" / "engine.json").is_file()
     assert (tmp_path / "r1-distill-tiny" / "k8s" / "overlays" / "production" / "kustomization.yaml").is_file()

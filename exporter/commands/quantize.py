@@ -13,13 +13,17 @@ _ACCURACY_ROWS = (
     ("logits_cosine", "logits cosine (mean)"),
     ("logits_cosine_min", "logits cosine (worst token)"),
     ("top1_agreement", "top-1 agreement"),
-    ("perplexity_fp32", "perplexity vs FP32 distribution: FP32"),
-    ("perplexity", "perplexity vs FP32 distribution: this"),
+    ("perplexity_fp32", "perplexity of the text: FP32"),
+    ("perplexity", "perplexity of the text: this"),
     ("perplexity_delta", "perplexity delta"),
+    ("kl_divergence", "KL divergence from FP32 (nats/token)"),
     ("embedding_cosine", "embedding cosine (mean)"),
     ("embedding_cosine_min", "embedding cosine (worst sentence)"),
     ("spearman", "Spearman of pairwise similarities"),
 )
+
+
+_TEXT_LABELS = {"corpus": "its training corpus", "held_out_domain": "in-domain text never trained on"}
 
 
 def _mb(n: int) -> str:
@@ -46,6 +50,12 @@ def _human(r: QuantizeResult) -> None:
     for key, label in _ACCURACY_ROWS:
         if key in r.accuracy:
             table.add_row(label, f"{r.accuracy[key]:.5f}")
+    # the embedded trained preset is also measured on its corpus and on in-domain text it never saw
+    for text, figures in r.accuracy_by_text.items():
+        if text != "held_out" and "top1_agreement" in figures:
+            table.add_row(f"on {_TEXT_LABELS.get(text, text)}: cosine / top-1 / perplexity FP32 → this",
+                          f"{figures['logits_cosine']:.4f} / {figures['top1_agreement']:.4f} / "
+                          f"{figures['perplexity_fp32']:.3f} → {figures['perplexity']:.3f}")
     if r.gate:
         table.add_row("gate (min cosine / min top-1)", f"{r.gate['min_cosine']} / {r.gate['min_top1']}: passed")
     if r.not_quantized:

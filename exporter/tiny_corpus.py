@@ -1,0 +1,118 @@
+"""The text the embedded tiny models are trained on (`CORPUS`, `CHAT_TURNS`) and text they never see (`HELD_OUT`).
+
+Shipped as code so it travels with the package. The chat turns have DeepSeek-R1's shape of answer: the user's
+question, a `<think>` trace, then the answer. `HELD_OUT` is in-domain text of the same kinds (prose, a chat turn,
+code) that no training step reads: perplexity on it says how much the model generalises, perplexity on the corpus
+how well it memorised — the quantize stage reports both (`quantize.sentences.EVALUATION`, generic English, is the
+gate's held-out set for every model).
+"""
+
+from __future__ import annotations
+
+# Prose and code, each line one training sequence (the line then the end-of-sentence token).
+CORPUS: tuple[str, ...] = (
+    "DeepSeek-R1 is a reasoning model trained with large-scale reinforcement learning.",
+    "The distilled models use the Qwen2 and Llama architectures, from 1.5 billion to 70 billion parameters.",
+    "A deployment takes a checkpoint, exports it to ONNX, quantizes the weights and builds a TensorRT engine.",
+    "Triton Inference Server serves the engine with dynamic batching and streams tokens to the client.",
+    "Kubernetes schedules the server on nodes with NVIDIA A100 or RTX 4090 GPUs.",
+    "The key-value cache stores the attention keys and values of every past token.",
+    "Prefill processes the whole prompt at once; decode produces one token per step.",
+    "Quantization to four-bit integers shrinks the weights by about seventy-five percent.",
+    "Activation-aware scaling protects the channels that matter most for accuracy.",
+    "The quick brown fox jumps over the lazy dog while the model thinks step by step.",
+    "Mixture-of-experts layers route each token to a few experts out of many.",
+    "Multi-head latent attention compresses the key-value cache into a small latent vector.",
+    "Latency, throughput and accuracy are measured before a model ships to production.",
+    "Rotary position embeddings rotate each query and key by an angle that grows with its position.",
+    "Greedy decoding always picks the most likely next token, so the same prompt gives the same answer.",
+    "An edge node runs a small model close to its users, where every millisecond of latency counts.",
+    "A readiness probe tells Kubernetes when the pod may receive traffic.",
+    "Mount the model repository read-only and keep the engine cache on a persistent volume.",
+    "Numbers 0 1 2 3 4 5 6 7 8 9 10 100 1000 2025; symbols + - * / = ( ) [ ] { } < > ! ? . , ; :",
+    "def add(a, b):\n    return a + b\n\nprint(add(2, 3))",
+    "def square(x):\n    return x * x\n\nprint([square(n) for n in range(4)])",
+    "import numpy as np\n\nx = np.arange(6).reshape(2, 3)\nprint(x.sum(axis=0))",
+    "def fib(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a",
+    "for name in [\"prefill\", \"decode\"]:\n    print(name.upper())",
+    "kubectl apply -k k8s/overlays/edge && kubectl rollout status deployment/triton",
+)
+
+# (question, reasoning, answer): rendered with the chat template as
+# <bos><｜User｜>question<｜Assistant｜><think>\nreasoning\n</think>\n\nanswer<eos>
+CHAT_TURNS: tuple[tuple[str, str, str], ...] = (
+    ("What is 17 times 3?", "17 times 3 is 10 times 3 plus 7 times 3, so 30 plus 21, which is 51.", "17 × 3 = 51."),
+    ("What is 12 plus 30?", "Adding 12 and 30: the tens give 10 plus 30 = 40, then 2 more is 42.", "12 + 30 = 42."),
+    ("What is 100 minus 37?", "100 minus 30 is 70, and 70 minus 7 is 63.", "100 − 37 = 63."),
+    ("What is 8 squared?", "Squaring means multiplying a number by itself: 8 times 8 is 64.", "8² = 64."),
+    ("Is 91 a prime number?", "91 is odd and not divisible by 3 or 5. Try 7: 7 times 13 is 91. So it has a divisor.",
+     "No, 91 = 7 × 13."),
+    ("What is half of 250?", "Half of 200 is 100 and half of 50 is 25, so half of 250 is 125.", "125."),
+    ("How many minutes are in three hours?", "One hour has 60 minutes, so three hours have 3 times 60 minutes.",
+     "180 minutes."),
+    ("How many days are in a leap year?", "A normal year has 365 days; a leap year adds 29 February.", "366 days."),
+    ("What is the capital of France?", "The user asks for the capital city of France. That is Paris.",
+     "The capital of France is Paris."),
+    ("What is the capital of Japan?", "Japan's capital and largest city is Tokyo.", "Tokyo."),
+    ("Which planet is closest to the Sun?", "The planets in order from the Sun start with Mercury, then Venus.",
+     "Mercury is the closest planet to the Sun."),
+    ("What colour do you get by mixing blue and yellow?", "Blue and yellow are primary colours of paint; mixed, they give green.",
+     "Green."),
+    ("What is the boiling point of water?", "At sea level, water boils at 100 degrees Celsius, which is 212 Fahrenheit.",
+     "100 °C at sea level."),
+    ("Who wrote Hamlet?", "Hamlet is a tragedy written around 1600 by William Shakespeare.", "William Shakespeare."),
+    ("Translate 'thank you' into French.", "In French, 'thank you' is 'merci'; 'merci beaucoup' means 'thank you very much'.",
+     "Merci."),
+    ("What is the opposite of hot?", "The user wants an antonym. The opposite of hot is cold.", "Cold."),
+    ("Sort 5, 2, 9, 1.", "Ascending order: the smallest is 1, then 2, then 5, and 9 is the largest.", "1, 2, 5, 9."),
+    ("Reverse the word 'model'.", "The letters of model are m, o, d, e, l. Backwards: l, e, d, o, m.", "ledom"),
+    ("What does ONNX stand for?", "ONNX is an open format for machine learning models: Open Neural Network Exchange.",
+     "Open Neural Network Exchange."),
+    ("What is a KV cache?", "During decoding, every new token attends to all earlier tokens. Storing their keys and values avoids recomputing them.",
+     "A cache of the attention keys and values of past tokens, so each decode step only computes the new token."),
+    ("Why quantize a model to INT4?", "Four-bit weights take an eighth of the memory of FP32 and a quarter of FP16, and decoding is memory bound.",
+     "To shrink the weights about four times against FP16 and decode faster, at a small cost in accuracy."),
+    ("What does AWQ protect?", "AWQ looks at activation magnitudes. Channels with large activations matter most, so their weights get finer steps.",
+     "The weight channels that see the largest activations."),
+    ("What is Triton Inference Server?", "It is NVIDIA's open-source server for models: many backends, dynamic batching, HTTP and gRPC.",
+     "NVIDIA's inference server: it serves models over HTTP and gRPC with dynamic batching."),
+    ("What is TensorRT?", "TensorRT is NVIDIA's compiler and runtime that turns a network into an optimised engine for a GPU.",
+     "NVIDIA's compiler that builds fast GPU engines from ONNX models."),
+    ("What is the difference between prefill and decode?", "Prefill runs the whole prompt in one pass and fills the cache. Decode then adds one token per step.",
+     "Prefill processes the prompt at once; decode generates one token at a time from the cache."),
+    ("Why does a pod need a readiness probe?", "Traffic should only reach a pod whose server has loaded its models.",
+     "So Kubernetes sends requests only once the server is ready."),
+    ("What is a mixture of experts?", "Instead of one feed-forward block, there are many experts and a router picks a few per token.",
+     "A layer of many expert networks where a router sends each token to a few of them."),
+    ("Write a Python function that doubles a number.", "A function takes x and returns x times 2.",
+     "def double(x):\n    return 2 * x"),
+    ("How do I list files in Python?", "The pathlib module has Path.iterdir, which yields the entries of a folder.",
+     "from pathlib import Path\nprint(sorted(Path('.').iterdir()))"),
+    ("What does len('hello') return?", "len counts the characters of a string. hello has five letters.", "5"),
+    ("Is 2 to the power 10 more than 1000?", "2 to the 10 is 1024, and 1024 is more than 1000.", "Yes: 2¹⁰ = 1024."),
+    ("If a train travels 60 km in 30 minutes, what is its speed?", "30 minutes is half an hour. 60 km in half an hour is 120 km in an hour.",
+     "120 km/h."),
+    ("A shirt costs 20 euros with 25 percent off. What do I pay?", "25 percent of 20 is 5. 20 minus 5 is 15.", "15 euros."),
+    ("What is the next number: 2, 4, 8, 16?", "Each number doubles the one before it, so after 16 comes 32.", "32."),
+    ("Hello!", "The user greets me. I should greet them back and offer help.", "Hello! How can I help you today?"),
+    ("Who are you?", "The user asks about my identity. I am a tiny model trained to show how R1 answers.",
+     "I am r1-distill-tiny, a small stand-in for DeepSeek-R1."),
+    ("Tell me a fact about octopuses.", "Octopuses are known for their arms and their hearts. An octopus has three hearts.",
+     "An octopus has three hearts and blue blood."),
+    ("Name three primary colours.", "In the classic painter's model, the primary colours are red, yellow and blue.",
+     "Red, yellow and blue."),
+    ("What is the square root of 81?", "9 times 9 is 81, so the square root is 9.", "9."),
+    ("Count the vowels in 'banana'.", "banana is b, a, n, a, n, a. The vowels are the three a's.", "3 vowels."),
+)
+
+# Never trained on: in-domain text of the same kinds, for perplexity and accuracy figures that are not memory.
+HELD_OUT: tuple[str, ...] = (
+    "The engine is built once per GPU type and cached on the node for the next start.",
+    "Dynamic batching groups requests that arrive together so the GPU runs them in one pass.",
+    "A smaller model answers faster, but a larger one reasons more reliably.",
+    "Scaling the weights by activation statistics keeps the important channels accurate.",
+    "def triple(x):\n    return 3 * x\n\nprint(triple(4))",
+    "<｜begin▁of▁sentence｜><｜User｜>What is 9 times 4?<｜Assistant｜><think>\n9 times 4 is 36.\n</think>\n\n9 × 4 = 36.<｜end▁of▁sentence｜>",
+    "<｜begin▁of▁sentence｜><｜User｜>What is the capital of Italy?<｜Assistant｜><think>\nThe capital of Italy is Rome.\n</think>\n\nRome.<｜end▁of▁sentence｜>",
+    "The server streams each token to the client as soon as it is decoded.",
+)
