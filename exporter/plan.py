@@ -210,8 +210,9 @@ REAL_FAMILY = tuple(builtin_shapes())
 
 
 def load_shape(spec: str | Path, workdir: Optional[Path] = None) -> ModelShape:
-    """A config-only preset, a tiny preset (its checkpoint under `workdir` when built, else its declared config with
-    the tokenizer's vocabulary bound), a checkpoint directory or a config.json file."""
+    """A config-only preset, a tiny preset (its checkpoint under `workdir` when given and built, else its declared
+    config with the tokenizer's vocabulary bound — what the manifests stage uses, so its output does not depend on
+    a local build), a checkpoint directory or a config.json file."""
     spec_s = str(spec)
     presets = builtin_shapes()
     if spec_s in presets:
@@ -219,8 +220,8 @@ def load_shape(spec: str | Path, workdir: Optional[Path] = None) -> ModelShape:
     from .tiny_models import TINY_CONFIGS, VOCAB_SIZE
 
     if spec_s in TINY_CONFIGS:
-        built = Path(workdir or "build") / "models" / spec_s / "config.json"
-        if built.is_file():
+        built = Path(workdir) / "models" / spec_s / "config.json" if workdir is not None else None
+        if built is not None and built.is_file():
             return ModelShape.from_config(json.loads(built.read_text()), spec_s, str(built))
         # not built yet: the declared shape, with the tokenizer's size bound as the vocabulary (an upper bound)
         return ModelShape.from_config({**TINY_CONFIGS[spec_s], "vocab_size": VOCAB_SIZE}, spec_s, "tiny_models.TINY_CONFIGS")
@@ -478,3 +479,29 @@ def ensure_deployable(plan: CapacityPlan) -> None:
     """BadInput (exit 2) with the numbers when not even one sequence fits one GPU of the profile."""
     if plan.planned_batch < 1:
         raise BadInput(plan.refusal())
+
+
+def _variant_precision(onnx_variant: str) -> Precision:
+    return Precision(onnx_variant.split("-")[0])
+
+
+def plan_for_variant(config_json: Path, profile: DeploymentProfile, onnx_variant: str, kv_dtype: str) -> CapacityPlan:
+    """The repository stage's plan: the exported checkpoint's config.json, the ONNX variant actually served and its
+    KV-cache element type. BadInput (exit 2, with the numbers) when not one sequence fits."""
+    plan = plan_capacity(PlanConfig(load_shape(config_json), profile, _variant_precision(onnx_variant), kv_dtype))
+    ensure_deployable(plan)
+    return plan
+
+
+def memory_requests(plan: CapacityPlan, profile: DeploymentProfile) -> dict[str, tuple[str, str]]:
+    """Host-memory (request, limit) of the pod's containers, from the weight bytes: Triton holds one engine in host
+    memory while it deserialises it (all `gpus_per_pod` instances at once in the worst case, the limit), on top of
+    the python backend's per-GPU share; the engine-build init container holds the ONNX weights and the builder's copy
+    next to the workspace."""
+    gpus = profile.gpus_per_pod
+    w = math.ceil(plan.weights.total / GIB)
+    ws = int(profile.builder.workspace_gib)
+    return {
+        "triton": (f"{8 * gpus + w}Gi", f"{16 * gpus + w * gpus}Gi"),
+        "engine-build": (f"{ws + 8 + 2 * w}Gi", f"{2 * ws + 16 + 2 * w}Gi"),
+    }

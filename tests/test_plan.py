@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import numpy as np
 import onnx
@@ -198,3 +199,69 @@ def test_cli_human_table_names_every_real_model(r1):
     for model in REAL_FAMILY:
         assert model in res.stdout
     assert "cannot split a model across GPUs" in res.stdout
+
+
+# --- the plan in the repository and manifests stages ---------------------------------------------------------
+
+
+def _profiles_file(tmp_path, **edge_overrides) -> str:
+    import yaml
+
+    path = tmp_path / "profiles.yaml"
+    path.write_text(yaml.safe_dump({"small-gpu": {**_edge_data(), **edge_overrides}}))
+    return str(path)
+
+
+def _edge_data() -> dict:
+    from exporter.profiles import builtin_profile_data
+
+    return builtin_profile_data()["edge"]
+
+
+def test_repository_caps_the_batch_at_what_fits_and_refuses_what_cannot(tmp_path, exported, session_workdir, r1):
+    """A GPU repository of the real tiny export on a profile whose GPU is made small enough (through the
+    workspace the profile allows) for exactly two sequences, then for none."""
+    from exporter.profiles import load_profiles
+    from exporter.repository import RepositoryConfig, write_repository
+
+    exported("r1-distill-tiny")
+    base = load_profiles()["edge"]
+    shape = load_shape("r1-distill-tiny", session_workdir)
+    probe = plan_capacity(PlanConfig(shape, base, Precision.FP32))
+    seq_bytes = probe.kv_bytes_per_token * base.max_sequence_len
+    m = probe.memory_at_limits
+    workspace = (base.gpu.memory_gib * GIB - m.runtime - m.weights - m.logits - 2.5 * seq_bytes) / GIB
+    small = dataclasses.replace(base, name="small-gpu",
+                                builder=dataclasses.replace(base.builder, workspace_gib=workspace))
+    r = write_repository(RepositoryConfig(model="r1-distill-tiny", profile=small, workdir=session_workdir,
+                                          onnx_variant="fp32", out=tmp_path / "repo"))
+    assert r.max_batch_size == 2 and any("GPU memory plan" in n for n in r.notes)
+    assert "max_batch_size: 2" in (tmp_path / "repo" / "llm" / "config.pbtxt").read_text()
+
+    res = r1("--workdir", str(session_workdir), "--profiles", _profiles_file(tmp_path, builder={"workspace_gib": 23.5}),
+             "repository", "--model", "r1-distill-tiny", "--profile", "small-gpu", "--out", str(tmp_path / "none"))
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert "does not fit profile 'small-gpu'" in res.stderr and "workspace 23.5 GiB" in res.stderr
+    assert not (tmp_path / "none").exists()
+
+
+def test_manifests_refuse_a_model_that_fits_no_gpu_and_size_memory_from_the_weights(tmp_path, r1):
+    out = tmp_path / "k8s"
+    res = r1("manifests", "--model", "r1-distill-llama-70b", "--profile", "production", "--out", str(out))
+    assert res.returncode == 2 and "does not fit profile 'production'" in res.stderr and "production/int4" in res.stderr
+    assert not out.exists()
+
+    int4 = tmp_path / "int4.yaml"
+    int4.write_text("production: {precision: int4}\n")
+    res = r1("--profiles", str(int4), "manifests", "--model", "r1-distill-llama-70b", "--profile", "production",
+             "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    import yaml
+
+    patch = yaml.safe_load((out / "overlays" / "production" / "deployment-patch.yaml").read_text())
+    pod = patch["spec"]["template"]["spec"]
+    triton = next(c for c in pod["containers"] if c["name"] == "triton")
+    weights_gib = math.ceil(plan_capacity(PlanConfig(load_shape("r1-distill-llama-70b"), get_profile("production"),
+                                                     Precision.INT4)).weights.total / GIB)
+    assert triton["resources"]["requests"]["memory"] == f"{8 * 8 + weights_gib}Gi"
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["production"]

@@ -45,13 +45,19 @@ def _human(r: ManifestsResult) -> None:
               help="Model family (decides which Triton models research loads); auto: from the preset name.")
 @click.option("--load-model", "load_models", multiple=True,
               help="Extra model research loads side by side (explicit model control); repeatable.")
+@click.option("--profile", "profile_names", multiple=True,
+              help="Render only these deployment profiles' overlays; repeatable [default: every profile].")
 @click.option("--check", is_flag=True, help="Build every overlay with kustomize and run all checks; exit 1 on a violation.")
 @pass_app
 def command(app: App, model, out, tensorrt_version, image, r1deploy_image, storage, storage_uri, storage_secret,
-            storage_size, model_kind, load_models, check):
-    """Render Kubernetes manifests: kustomize base + one overlay per deployment profile."""
+            storage_size, model_kind, load_models, profile_names, check):
+    """Render Kubernetes manifests: kustomize base + one overlay per deployment profile.
+
+    A decoder is planned on each profile's GPU first (`r1deploy plan`): memory requests follow its weights, and a
+    profile on which not one sequence fits is refused (exit 2, with the numbers) — pick profiles with --profile."""
+    profiles = {n: app.profile(n) for n in profile_names} if profile_names else app.profiles
     cfg = ManifestsConfig(
-        model=model, out=out, profiles=app.profiles, tensorrt_version=tensorrt_version, image=image,
+        model=model, out=out, profiles=profiles, tensorrt_version=tensorrt_version, image=image,
         r1deploy_image=r1deploy_image, storage=Storage(storage), storage_uri=storage_uri,
         storage_secret=storage_secret, storage_size=storage_size,
         model_kind=None if model_kind == "auto" else model_kind, load_models=tuple(load_models),

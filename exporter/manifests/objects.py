@@ -304,10 +304,13 @@ def triton_args(cfg: ManifestsConfig, profile: DeploymentProfile, exit_timeout_s
     return args
 
 
-def deployment_patch(cfg: ManifestsConfig, profile: DeploymentProfile) -> dict:
-    """What a profile changes in the base Deployment: GPUs, node placement, Triton's flags, probe budget."""
+def deployment_patch(cfg: ManifestsConfig, profile: DeploymentProfile, memory: Optional[dict] = None) -> dict:
+    """What a profile changes in the base Deployment: GPUs, node placement, Triton's flags, probe budget, and the
+    host memory `exporter.plan.memory_requests` sizes from the model's weights ({container: (request, limit)})."""
     n = names(cfg)
     gpus = profile.gpus_per_pod
+    ws = int(profile.builder.workspace_gib)
+    memory = memory or {"triton": (f"{16 * gpus}Gi", f"{32 * gpus}Gi"), "engine-build": (f"{ws + 8}Gi", f"{2 * ws + 16}Gi")}
     startup_min = STARTUP_BUDGET_MIN.get(profile.name, max(STARTUP_BUDGET_MIN.values()))
     exit_timeout_s = 60 if profile.name == "edge" else 120
     tolerations = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
@@ -321,9 +324,7 @@ def deployment_patch(cfg: ManifestsConfig, profile: DeploymentProfile) -> dict:
                 "name": "triton",
                 "env": [{"name": "R1DEPLOY_PROFILE", "value": profile.name}],
                 "args": triton_args(cfg, profile, exit_timeout_s),
-                "resources": _resources(
-                    str(2 * gpus), str(4 * gpus), f"{16 * gpus}Gi", f"{32 * gpus}Gi", gpus=gpus
-                ),
+                "resources": _resources(str(2 * gpus), str(4 * gpus), *memory["triton"], gpus=gpus),
                 "startupProbe": _http_probe(
                     "/v2/health/ready", PROBE_PERIOD_S, math.ceil(startup_min * 60 / PROBE_PERIOD_S)
                 ),
@@ -333,10 +334,7 @@ def deployment_patch(cfg: ManifestsConfig, profile: DeploymentProfile) -> dict:
             {
                 "name": "engine-build",
                 "env": [{"name": "R1DEPLOY_PROFILE", "value": profile.name}],
-                "resources": _resources(
-                    "4", "8", f"{int(profile.builder.workspace_gib) + 8}Gi",
-                    f"{2 * int(profile.builder.workspace_gib) + 16}Gi", gpus=1,
-                ),
+                "resources": _resources("4", "8", *memory["engine-build"], gpus=1),
             }
         ],
     }

@@ -69,6 +69,18 @@ def base_files(cfg: ManifestsConfig) -> dict[str, dict]:
     return files
 
 
+def _memory(cfg: ManifestsConfig, profile: DeploymentProfile) -> dict | None:
+    """Host-memory requests from the GPU memory plan of a decoder; BadInput (exit 2, with the numbers) when the
+    model cannot run one sequence on the profile's GPU, so no overlay is written that could never start."""
+    if cfg.kind != "decoder":
+        return None
+    from ..plan import PlanConfig, ensure_deployable, load_shape, memory_requests, plan_capacity
+
+    plan = plan_capacity(PlanConfig(load_shape(cfg.model), profile))
+    ensure_deployable(plan)
+    return memory_requests(plan, profile)
+
+
 def overlay_files(cfg: ManifestsConfig, profile: DeploymentProfile) -> dict[str, dict]:
     ns = namespace_for(profile)
     n = objects.names(cfg)
@@ -84,7 +96,7 @@ def overlay_files(cfg: ManifestsConfig, profile: DeploymentProfile) -> dict[str,
     local = profile.name in LOCAL_STORAGE_PROFILES
     if local:
         resources["storageclass.yaml"] = objects.local_storage_class()
-    patches = {"deployment-patch.yaml": objects.deployment_patch(cfg, profile)}
+    patches = {"deployment-patch.yaml": objects.deployment_patch(cfg, profile, _memory(cfg, profile))}
     if local:
         patches["pvc-patch.yaml"] = objects.pvc_patch(cfg, access_mode="ReadWriteOnce", storage_class="local-storage")
     elif profile.max_replicas > 1:  # every replica, on its own node, mounts the same repository

@@ -106,6 +106,7 @@ class _Plan:
     batching: Batching
     notes: list[str]
     missing: list[str]
+    capacity: Optional[object] = None  # exporter.plan.CapacityPlan for a GPU decoder repository
 
 
 def _plan(cfg: RepositoryConfig) -> _Plan:
@@ -172,12 +173,24 @@ def _plan(cfg: RepositoryConfig) -> _Plan:
             f"{report['output_names']}; rebuild it from this export"
         )
     max_batch = profile.max_batch_size
+    capacity = None
+    if kind == "decoder" and cfg.device == "gpu":
+        # GPU memory plan (exporter.plan): refuses a repository whose model cannot run one sequence on the profile's
+        # GPU; caps the batch at what fits. `scheduler_limits(capacity)` is the generate scheduler's rows / KV budget.
+        from ..plan import plan_for_variant
+
+        kv_dtype = {"TYPE_FP16": "fp16"}.get(io.input("past_key_values.0.key").data_type, "fp32")
+        capacity = plan_for_variant(layout.tokenizer_dir / "config.json", profile, onnx_variant, kv_dtype)
+        if capacity.planned_batch < max_batch:
+            notes.append(f"max_batch_size {capacity.planned_batch}: the GPU memory plan fits no more sequences of "
+                         f"{profile.max_sequence_len} tokens (profile asks {max_batch}; `r1deploy plan`)")
+            max_batch = capacity.planned_batch
     if engine_max_batch is not None and engine_max_batch < max_batch:
         notes.append(f"max_batch_size {engine_max_batch}: the engine's shape profiles hold no more (profile asks {max_batch})")
         max_batch = engine_max_batch
     preferred = [b for b in profile.preferred_batch_sizes if b <= max_batch]
     batching = Batching(max_batch, preferred, profile.max_queue_delay_us)
-    return _Plan(layout, report, kind, onnx_variant, onnx_files, engine_files, io, batching, notes, missing)
+    return _Plan(layout, report, kind, onnx_variant, onnx_files, engine_files, io, batching, notes, missing, capacity)
 
 
 def _tokenizer_config(layout: artifacts.ModelLayout) -> dict:
