@@ -6,8 +6,10 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+from ..images import HOME
 from ..profiles import DeploymentProfile
 from ..typed import to_data
+from ..versions import load_versions
 from .config import (
     EXPLICIT_MODEL_CONTROL_PROFILES,
     EXTRA_TAINTS,
@@ -18,7 +20,7 @@ from .config import (
 )
 from .monitoring import QUEUE_TIME_METRIC, queue_time_target_us
 
-UID = 1000  # the non-root user of NVIDIA's Triton image (triton-server); the r1deploy image uses the same
+UID = load_versions().uid  # the non-root user both r1deploy images create (k8s/images/); ≥ 10000 for checkov CKV_K8S_40
 MODELS_MOUNT = "/models"  # the claim holds r1deploy's workdir: <model>/engines/<profile>/, <model>/model_repository/<profile>/
 PROFILE_MOUNT = "/etc/r1deploy"
 HTTP, GRPC, METRICS = 8000, 8001, 8002
@@ -173,6 +175,7 @@ def _storage_init_container(cfg: ManifestsConfig) -> dict:
     return {
         "name": "storage-sync",
         "image": cfg.storage_image or STORAGE_IMAGES[cfg.storage.value],
+        "imagePullPolicy": "Always",
         "command": argv,
         "env": [{"name": "STORAGE_URI", "value": cfg.storage_uri}, home],
         "envFrom": [{"secretRef": {"name": cfg.storage_secret}}],
@@ -189,7 +192,8 @@ def _engine_init_container(cfg: ManifestsConfig) -> dict:
     """Rebuilds the engine on this node when the cached one was built for another GPU or TensorRT version."""
     return {
         "name": "engine-build",
-        "image": cfg.r1deploy_image,
+        "image": cfg.engine_build_image,
+        "imagePullPolicy": "Always",
         "command": ["python3", "-m", "exporter.manifests.node_engine"],
         "args": [
             f"--model={cfg.model_dir}",
@@ -220,10 +224,12 @@ def deployment(cfg: ManifestsConfig) -> dict:
     triton = {
         "name": "triton",
         "image": cfg.triton_image,
+        # a tag can be moved: Always re-resolves it (layers stay cached on the node); with a digest it is a no-op
+        "imagePullPolicy": "Always",
         "command": ["tritonserver"],
         "args": [f"--model-repository={repository_path(cfg, '$(R1DEPLOY_PROFILE)')}"],  # the overlay sets them all
 
-        "env": [{"name": "HOME", "value": "/home/triton-server"}, {"name": "R1DEPLOY_PROFILE", "value": "unset"}],
+        "env": [{"name": "HOME", "value": HOME}, {"name": "R1DEPLOY_PROFILE", "value": "unset"}],
         "ports": [
             {"name": "http", "containerPort": HTTP, "protocol": "TCP"},
             {"name": "grpc", "containerPort": GRPC, "protocol": "TCP"},
@@ -237,7 +243,7 @@ def deployment(cfg: ManifestsConfig) -> dict:
         "volumeMounts": [
             {"name": "model-repository", "mountPath": MODELS_MOUNT, "readOnly": True},
             {"name": "tmp", "mountPath": "/tmp"},
-            {"name": "cache", "mountPath": "/home/triton-server/.cache"},
+            {"name": "cache", "mountPath": f"{HOME}/.cache"},
             {"name": "shm", "mountPath": "/dev/shm"},
         ],
     }

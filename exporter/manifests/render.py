@@ -15,7 +15,7 @@ from . import monitoring, objects
 from .config import LOCAL_STORAGE_PROFILES, ManifestsConfig, ManifestsResult
 
 KUSTOMIZE_API = "kustomize.config.k8s.io/v1beta1"
-OWNED_ENTRIES = {"base", "overlays", "extras"}  # what `out` may contain before it is replaced
+OWNED_ENTRIES = {"base", "overlays", "extras", "images"}  # what `out` may contain before it is replaced
 
 
 class _Dumper(yaml.SafeDumper):
@@ -128,6 +128,9 @@ def render_tree(cfg: ManifestsConfig) -> dict[str, str]:
             tree[f"overlays/{pname}/{name}"] = dump_yaml(obj, header)
     for name, obj in extras_files().items():
         tree[f"extras/{name}"] = dump_yaml(obj, header + " Goes into prometheus-adapter's config (docs/deploy.md).")
+    from ..images import image_files
+
+    tree.update(image_files())  # the images the pods run, from the same version table and UID (exporter/images.py)
     return dict(sorted(tree.items()))
 
 

@@ -133,6 +133,11 @@ def _plan(cfg: RepositoryConfig) -> _Plan:
                 raise BadInput(f"{engine_dir / METADATA_FILE} exists but {ENGINE_FILE} does not; rebuild the engine")
             engine_files = [engine_dir / ENGINE_FILE]
             engine_max_batch = meta.max_batch_size
+            from ..versions import engine_version_problem
+
+            problem = engine_version_problem(meta)  # against the images' version table (data/versions.yaml)
+            if problem:
+                notes.append(problem)
             if meta.runtime is Runtime.TENSORRT_RTX:
                 # Unverified here (no GPU): said so that nobody ships this repository expecting it to load.
                 notes.append(
