@@ -109,7 +109,8 @@ def main() -> int:
     from exporter.profiles import QuantSpec
 
     wd = args.workdir
-    ckpt = wd / "r1-distill-qwen-1.5b-random"
+    # not directly under the workdir: r1deploy writes <workdir>/<checkpoint folder name>/onnx/…
+    ckpt = wd / "checkpoints" / "r1-distill-qwen-1.5b-random"
     logs = wd / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     if not (ckpt / "config.json").is_file():
