@@ -250,7 +250,8 @@ def test_parser_error_is_one_line_with_node_and_op(tmp_path, r1):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.example", 1)])
     onnx.save(model, str(layout.onnx_path("fp32")))
     (layout.onnx_dir("fp32") / "export_report.json").write_text(json.dumps({"kind": "encoder"}))
-    res = r1("--workdir", str(tmp_path), "build-engine", "--model", "broken", "--profile", "edge", "--precision", "fp32")
+    res = r1("--workdir", str(tmp_path), "build-engine", "--model", "broken", "--profile", "edge", "--precision", "fp32",
+             "--no-prepare")
     assert res.returncode == 1
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in res.stderr
