@@ -265,3 +265,9 @@ def test_manifests_refuse_a_model_that_fits_no_gpu_and_size_memory_from_the_weig
                                                      Precision.INT4)).weights.total / GIB)
     assert triton["resources"]["requests"]["memory"] == f"{8 * 8 + weights_gib}Gi"
     assert sorted(p.name for p in (out / "overlays").iterdir()) == ["production"]
+    # the plan the overlay was sized with travels in its profile ConfigMap (mounted in the pod at /etc/r1deploy)
+    cm = yaml.safe_load((out / "overlays" / "production" / "profile-configmap.yaml").read_text())
+    capacity = json.loads(cm["data"]["capacity.json"])
+    int4_profile = load_profiles(int4)["production"]
+    expected = plan_capacity(PlanConfig(load_shape("r1-distill-llama-70b"), int4_profile))
+    assert capacity["scheduler"] == scheduler_limits(expected) and capacity["scheduler"]["max_rows"] == 6

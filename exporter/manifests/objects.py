@@ -411,15 +411,21 @@ def pod_disruption_budget(cfg: ManifestsConfig, profile: DeploymentProfile) -> d
     }
 
 
-def profile_configmap(cfg: ManifestsConfig, profile: DeploymentProfile) -> dict:
-    """The deployment profile the engine-build init container rebuilds with (user profiles included)."""
+def profile_configmap(cfg: ManifestsConfig, profile: DeploymentProfile, capacity: Optional[dict] = None) -> dict:
+    """The deployment profile the engine-build init container rebuilds with (user profiles included), and the
+    GPU memory plan the overlay was sized with (`capacity.json`: the generate scheduler's limits among it)."""
+    import json
+
     import yaml
 
     data = {k: v for k, v in to_data(profile).items() if k != "name"}
     text = yaml.safe_dump({profile.name: data}, sort_keys=True, default_flow_style=False)
+    files = {"profiles.yaml": text}
+    if capacity is not None:
+        files["capacity.json"] = json.dumps(capacity, indent=2, sort_keys=True) + "\n"
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {"name": names(cfg)["profile"]},
-        "data": {"profiles.yaml": text},
+        "data": files,
     }
