@@ -26,7 +26,9 @@ def _human(r: PlanReport) -> None:
         by_model.setdefault(p.model, []).append(p)
     for model, plans in by_model.items():
         first = plans[0]
-        table = Table(title=f"{model}: {first.parameters / 1e9:.2f}B parameters, KV {first.kv_bytes_per_token / 1024:.0f} "
+        n = first.parameters
+        size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+        table = Table(title=f"{model}: {size} parameters, KV {first.kv_bytes_per_token / 1024:.1f} "
                             f"KiB/token ({first.kv_dtype})", title_justify="left")
         for col in ("profile", "precision", "weights", "GPU memory at limits", "fits", "max seqs", "batch",
                     "GPUs/replica", "tok/s b=1", "tok/s batch", "SLO tok/s"):
@@ -35,8 +37,9 @@ def _human(r: PlanReport) -> None:
             slo = "—" if p.slo_tokens_per_s is None else (
                 f"{p.slo_tokens_per_s:g}" + {True: " met", False: " missed", None: ""}[p.meets_slo])
             fits = "[green]yes[/]" if p.fits else ("[yellow]reduced[/]" if p.planned_batch else "[red]no[/]")
+            w = p.weights.total
             table.add_row(
-                p.profile, p.precision, f"{p.weights.total / GIB:.1f} GiB",
+                p.profile, p.precision, f"{w / GIB:.1f} GiB" if w >= GIB / 10 else f"{w / (1 << 20):.1f} MiB",
                 f"{p.memory_at_limits.total / GIB:.1f} / {p.gpu_memory_bytes / GIB:.0f} GiB", fits,
                 str(p.max_concurrent_sequences), f"{p.planned_batch}/{p.max_batch_size}", str(p.gpus_per_replica),
                 _tps(p, p.decode_tokens_per_s_batch1), _tps(p, p.decode_tokens_per_s_planned), slo,
