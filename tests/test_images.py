@@ -5,6 +5,7 @@ container engine can build. No image is built here (no container engine runs on 
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -155,3 +156,30 @@ def test_make_image_says_so_when_no_container_engine_can_build(tmp_path):
     )
     assert res.returncode == 2, res.stdout + res.stderr
     assert "no container engine here" in res.stdout and "nothing built" in res.stdout
+
+
+def _checkov() -> str | None:
+    """checkov lives in its own venv: `make policy`'s .venv-checkov, or wherever $CHECKOV points."""
+    for candidate in (os.environ.get("CHECKOV"), REPO / ".venv-checkov" / "bin" / "checkov"):
+        if candidate and Path(candidate).exists():
+            return str(candidate)
+    return shutil.which("checkov")
+
+
+def test_policy_checks_catch_a_uid_below_10000_and_a_root_image(tmp_path):
+    """The policy script (what `make policy` runs) on a copy of k8s/ with a pod UID of 1000 and a Dockerfile that
+    switches to root: both are findings, and the script fails naming them."""
+    checkov = _checkov()
+    if checkov is None:
+        pytest.skip("checkov not installed: `make policy` creates .venv-checkov with it")
+    k8s = tmp_path / "k8s"
+    shutil.copytree(REPO / "k8s", k8s)
+    base = k8s / "base" / "deployment.yaml"
+    base.write_text(base.read_text().replace(f"runAsUser: {TABLE.uid}", "runAsUser: 1000"))
+    docker = k8s / "images" / "triton" / "Dockerfile"
+    docker.write_text(docker.read_text().replace("USER ${UID}:${UID}", "USER root"))
+    res = subprocess.run([sys.executable, str(REPO / ".ci" / "policy_checks.py"), "--checkov", checkov, "--k8s", str(k8s)],
+                         capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "CKV_K8S_40" in res.stdout  # UID below 10000
+    assert "hadolint:" in res.stdout and ("DL3002" in res.stdout or "CKV_DOCKER_8" in res.stdout)  # last USER root
