@@ -23,6 +23,7 @@ COMMANDS = {
     "repository": "repository",
     "serve": "serve",
     "manifests": "manifests",
+    "plan": "plan",
     "bench": "bench",
     "pipeline": "pipeline",
 }

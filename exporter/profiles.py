@@ -45,6 +45,7 @@ class GpuSpec:
     compute_capability: str  # "8.0", "8.9"
     memory_gib: int
     interconnect: str = "pcie"  # "nvlink" | "pcie"
+    memory_bandwidth_gb_s: Optional[float] = None  # peak memory bandwidth (data sheet): `r1deploy plan`'s decode bound
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"\d{1,2}\.\d", self.compute_capability):

@@ -176,7 +176,7 @@ def test_unchanged_rebuild_skipped_and_force_rebuilds(edge_build, tiny):
 @rtx[1]
 def test_fp16_engine_via_cli_json(own_tiny, r1):
     res = r1("--workdir", str(own_tiny), "--json", "build-engine", "--model", "r1-distill-tiny", "--profile", "edge",
-             "--precision", "fp16", "--runtime", "tensorrt-rtx")
+             "--precision", "fp16", "--runtime", "tensorrt-rtx", "--no-prepare")
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert (out["onnx_variant"], out["precision"], out["compute_capabilities"]) == ("fp16", "fp16", ["8.9"])
@@ -254,7 +254,8 @@ def test_parser_error_is_one_line_with_node_and_op(tmp_path, r1):
     layout = artifacts.ModelLayout(tmp_path, "broken")
     BROKEN["unknown-op-graph"].build(None, layout.onnx_path("fp32"))
     (layout.onnx_dir("fp32") / "export_report.json").write_text(json.dumps({"kind": "encoder"}))
-    res = r1("--workdir", str(tmp_path), "build-engine", "--model", "broken", "--profile", "edge", "--precision", "fp32")
+    res = r1("--workdir", str(tmp_path), "build-engine", "--model", "broken", "--profile", "edge", "--precision", "fp32",
+             "--no-prepare")
     assert res.returncode == 1
     lines = [ln for ln in res.stderr.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in res.stderr
@@ -307,17 +308,58 @@ def test_broken_runtime_is_a_failure_naming_the_error(tmp_path):
     assert "OSError: libcudart.so.13: cannot open shared object file" in line
 
 
+def _make_build_engine(workdir: Path) -> subprocess.CompletedProcess:
+    """What users run in CI. `-o <stamp>`: never reinstall the venv from inside a test; BIN: this interpreter's
+    console script (a worktree has no .venv of its own)."""
+    return subprocess.run(
+        ["make", "-o", ".venv/.r1deploy-installed", "build-engine", f"WORKDIR={workdir}", "MODEL=r1-distill-tiny",
+         "PROFILE=edge", "RUNTIME=tensorrt-rtx", f"BIN={Path(sys.executable).parent}"],
+        capture_output=True, text=True, cwd=REPO, timeout=600,
+    )
+
+
 @rtx[0]
 @rtx[1]
-def test_make_build_engine(tiny):
-    """What users run in CI. `-o <stamp>`: never reinstall the venv from inside a test."""
-    venv = Path(sys.executable).parent.parent  # the environment running the tests (a worktree may have none of its own)
-    res = subprocess.run(
-        ["make", "-o", f"{venv}/.r1deploy-installed", "build-engine", f"VENV={venv}", f"WORKDIR={tiny}", "MODEL=r1-distill-tiny",
-         "PROFILE=edge", "RUNTIME=tensorrt-rtx"],
-        capture_output=True, text=True, cwd=REPO, timeout=300,
-    )
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert "r1-distill-tiny tensorrt-rtx" in res.stdout
-    meta = EngineMetadata.load(artifacts.ModelLayout(tiny, "r1-distill-tiny").engine_dir("edge"))
+def test_make_build_engine_from_nothing_then_a_cache_hit(tmp_path):
+    """A fresh clone's first `make build-engine`: no export, no quantized ONNX — it runs export, then the edge
+    profile's INT4 quantization, then the engine. The second run finds every stage's fingerprint unchanged and
+    rewrites nothing."""
+    wd = tmp_path / "fresh"
+    first = _make_build_engine(wd)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "export: done" in first.stdout and "quantize int4-awq-b128-qdq: done" in first.stdout
+    assert "r1-distill-tiny tensorrt-rtx" in first.stdout and "up to date" not in first.stdout
+    layout = artifacts.ModelLayout(wd, "r1-distill-tiny")
+    meta = EngineMetadata.load(layout.engine_dir("edge"))
     assert meta.onnx_variant == "int4-awq-b128-qdq"
+    written = {p: p.stat().st_mtime_ns for p in wd.rglob("*") if p.is_file() and "models" not in p.parts}
+
+    second = _make_build_engine(wd)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "export: up to date" in second.stdout and "quantize int4-awq-b128-qdq: up to date" in second.stdout
+    assert "engine for deployment profile edge (int4-awq-b128-qdq, compute capability 8.9) up to date" in second.stdout
+    assert {p: p.stat().st_mtime_ns for p in wd.rglob("*") if p.is_file() and "models" not in p.parts} == written
+
+
+@rtx[0]
+@rtx[1]
+def test_build_engine_reuses_the_recorded_export_options(tmp_path, r1):
+    """A model exported with non-default options is a cache hit for `build-engine`, not a silent re-export."""
+    wd = tmp_path / "w"
+    res = r1("--workdir", str(wd), "export", "--model", "r1-distill-tiny", "--exporter", "legacy")
+    assert res.returncode == 0, res.stderr
+    onnx_file = artifacts.ModelLayout(wd, "r1-distill-tiny").onnx_path("fp32")
+    before = onnx_file.stat().st_mtime_ns
+    res = r1("--workdir", str(wd), "--json", "build-engine", "--model", "r1-distill-tiny", "--profile", "edge",
+             "--precision", "fp32")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert [(u["stage"], u["skipped"]) for u in out["upstream"]] == [("export", True)]
+    assert onnx_file.stat().st_mtime_ns == before and not out["skipped"]
+
+
+def test_no_prepare_keeps_the_engine_only_behaviour(tmp_path, r1):
+    res = r1("--workdir", str(tmp_path), "build-engine", "--model", "r1-distill-tiny", "--profile", "edge", "--no-prepare")
+    assert res.returncode == 2
+    assert "has not been exported yet" in res.stderr and res.stderr.count("\n") == 1
+    assert not (tmp_path / "r1-distill-tiny").exists()

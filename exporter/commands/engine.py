@@ -20,6 +20,8 @@ class TrtexecCommand:
 
 
 def _human(r: EngineResult) -> None:
+    for u in r.upstream:
+        console.print(f"{u.stage}: {'up to date' if u.skipped else f'done in {u.seconds:.1f} s'} ({u.path})")
     verb = "up to date" if r.skipped else f"built in {r.build_seconds:.1f} s"
     ccs = ", ".join(r.compute_capabilities)
     console.print(
@@ -47,17 +49,22 @@ def _human(r: EngineResult) -> None:
 @click.option("--workspace-gib", type=float, default=None, help="Workspace memory-pool limit [default: the deployment profile's].")
 @click.option("--hardware-compatible/--no-hardware-compatible", default=None,
               help="Build for every Ampere-or-later GPU instead of only the profile's [default: the deployment profile's].")
+@click.option("--prepare/--no-prepare", default=True, show_default=True,
+              help="First run the stages the engine is built from (export, then the profile's quantization), each "
+                   "skipped when up to date; --no-prepare builds only from ONNX already on disk.")
 @click.option("--no-timing-cache", is_flag=True, help="Neither load nor save the timing cache.")
 @click.option("--print-trtexec", is_flag=True,
               help="Print the equivalent trtexec (TensorRT) / tensorrt_rtx (TensorRT-RTX) command and exit without building.")
 @force_option
 @pass_app
 def command(app: App, model, allow_pickle, trust_remote_code, profile_name, runtime, precision, optimization_level,
-            workspace_gib, hardware_compatible, no_timing_cache, print_trtexec, force):
+            workspace_gib, hardware_compatible, prepare, no_timing_cache, print_trtexec, force):
     """Build a TensorRT / TensorRT-RTX engine for a deployment profile from the quantized ONNX.
 
     The engine's TensorRT shape profiles (min/opt/max) come from the deployment profile's batch and length limits.
-    Writes <workdir>/<model>/engines/<profile>/model.plan and engine.json."""
+    Writes <workdir>/<model>/engines/<profile>/model.plan and engine.json. By default the export and quantize
+    stages run first through their own caches (a fresh clone needs only this command; a second run rebuilds
+    nothing); --force rebuilds the engine only."""
     cfg = EngineConfig(
         model=model, profile=app.profile(profile_name), workdir=app.workdir, runtime=runtime, precision=precision,
         optimization_level=optimization_level, workspace_gib=workspace_gib, hardware_compatible=hardware_compatible,
@@ -69,4 +76,13 @@ def command(app: App, model, allow_pickle, trust_remote_code, profile_name, runt
         emit(app, TrtexecCommand(plan.model, plan.deployment_profile, argv, shell_line(argv)),
              lambda c: click.echo(c.shell))
         return
-    emit(app, build_engine(cfg), _human)
+    upstream, rt = [], None
+    if prepare:
+        from ..engine.prepare import prepare_engine_inputs
+        from ..engine.runtimes import load_runtime
+
+        rt = load_runtime(cfg.runtime)  # a missing runtime is reported before minutes of export and quantization
+        upstream = prepare_engine_inputs(cfg, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+    result = build_engine(cfg, rt)
+    result.upstream = upstream
+    emit(app, result, _human)

@@ -6,7 +6,7 @@ import click
 
 from ..errors import StageFailed
 from ..manifests import ManifestsConfig, ManifestsResult, Storage, render_manifests
-from ..manifests.config import DEFAULT_R1DEPLOY_IMAGE, DEFAULT_TENSORRT_VERSION, TRITON_RELEASE_FOR_TENSORRT
+from ..manifests.config import DEFAULT_IMAGE_REPOSITORY, DEFAULT_TENSORRT_VERSION, TRITON_RELEASE_FOR_TENSORRT
 from ..ui import out as console
 from .common import App, emit, pass_app
 
@@ -14,6 +14,7 @@ from .common import App, emit, pass_app
 def _human(r: ManifestsResult) -> None:
     console.print(f"[bold]{r.model}[/bold]: {len(r.files)} files in {r.out} (overlays: {', '.join(r.overlays)})")
     console.print(f"  Triton image: {r.triton_image}")
+    console.print(f"  Dockerfiles: {r.out}/images/ (build and push them with `make image`)")
     for overlay in r.overlays:
         console.print(f"  kubectl apply -k {r.out}/overlays/{overlay}")
     if r.check:
@@ -32,9 +33,14 @@ def _human(r: ManifestsResult) -> None:
               help="Directory for base/ and overlays/ (replaced atomically).")
 @click.option("--tensorrt-version", default=DEFAULT_TENSORRT_VERSION, show_default=True,
               help=f"TensorRT the engines use; picks the Triton tag ({', '.join(TRITON_RELEASE_FOR_TENSORRT)}).")
-@click.option("--image", default=None, help="Full Triton image reference (overrides --tensorrt-version).")
-@click.option("--r1deploy-image", default=DEFAULT_R1DEPLOY_IMAGE, show_default=True,
-              help="Image of the engine-build init container (r1deploy with TensorRT).")
+@click.option("--image-repository", default=DEFAULT_IMAGE_REPOSITORY, show_default=True,
+              help="Registry/namespace `make image` pushed k8s/images/{triton,engine-build} to.")
+@click.option("--image-tag", default=None, help="Tag of both images [default: <r1deploy version>-<Triton release>].")
+@click.option("--triton-digest", default=None,
+              help="sha256:… of the pushed triton image; pins it by digest (recommended) instead of the tag.")
+@click.option("--engine-build-digest", default=None, help="sha256:… of the pushed engine-build image (recommended).")
+@click.option("--image", default=None, help="Full Triton image reference (overrides the four options above).")
+@click.option("--r1deploy-image", default=None, help="Full engine-build image reference (overrides them too).")
 @click.option("--storage", type=click.Choice([s.value for s in Storage]), default="pvc", show_default=True,
               help="Where the model repository comes from; s3/gcs sync onto the claim in an init container.")
 @click.option("--storage-uri", default=None, help="s3://BUCKET/PREFIX or gs://BUCKET/PREFIX (with --storage s3|gcs).")
@@ -45,14 +51,22 @@ def _human(r: ManifestsResult) -> None:
               help="Model family (decides which Triton models research loads); auto: from the preset name.")
 @click.option("--load-model", "load_models", multiple=True,
               help="Extra model research loads side by side (explicit model control); repeatable.")
+@click.option("--profile", "profile_names", multiple=True,
+              help="Render only these deployment profiles' overlays; repeatable [default: every profile].")
 @click.option("--check", is_flag=True, help="Build every overlay with kustomize and run all checks; exit 1 on a violation.")
 @pass_app
-def command(app: App, model, out, tensorrt_version, image, r1deploy_image, storage, storage_uri, storage_secret,
-            storage_size, model_kind, load_models, check):
-    """Render Kubernetes manifests: kustomize base + one overlay per deployment profile."""
+def command(app: App, model, out, tensorrt_version, image_repository, image_tag, triton_digest, engine_build_digest,
+            image, r1deploy_image, storage, storage_uri, storage_secret,
+            storage_size, model_kind, load_models, profile_names, check):
+    """Render Kubernetes manifests: kustomize base + one overlay per deployment profile.
+
+    A decoder is planned on each profile's GPU first (`r1deploy plan`): memory requests follow its weights, and a
+    profile on which not one sequence fits is refused (exit 2, with the numbers) — pick profiles with --profile."""
+    profiles = {n: app.profile(n) for n in profile_names} if profile_names else app.profiles
     cfg = ManifestsConfig(
-        model=model, out=out, profiles=app.profiles, tensorrt_version=tensorrt_version, image=image,
-        r1deploy_image=r1deploy_image, storage=Storage(storage), storage_uri=storage_uri,
+        model=model, out=out, profiles=profiles, tensorrt_version=tensorrt_version, image=image,
+        r1deploy_image=r1deploy_image, image_repository=image_repository, image_tag=image_tag,
+        triton_digest=triton_digest, engine_build_digest=engine_build_digest, storage=Storage(storage), storage_uri=storage_uri,
         storage_secret=storage_secret, storage_size=storage_size,
         model_kind=None if model_kind == "auto" else model_kind, load_models=tuple(load_models),
     )

@@ -112,6 +112,16 @@ class BuildPlan:
 
 
 @dataclass
+class UpstreamStage:
+    """A stage the engine was built from, when `build-engine` ran it first (exporter.engine.prepare)."""
+
+    stage: str  # "export" | "quantize <variant>"
+    skipped: bool  # True: up to date, nothing rewritten (a cache hit)
+    path: Path
+    seconds: float
+
+
+@dataclass
 class EngineResult:
     model: str
     deployment_profile: str
@@ -131,6 +141,7 @@ class EngineResult:
     timing_cache: TimingCacheInfo
     command: list[str]
     warnings: list[str] = field(default_factory=list)
+    upstream: list[UpstreamStage] = field(default_factory=list)  # export / quantize run first (--prepare)
 
 
 def _max_position_embeddings(layout: artifacts.ModelLayout) -> int | None:

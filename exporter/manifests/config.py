@@ -11,22 +11,17 @@ from typing import Optional
 from ..artifacts import check_name
 from ..errors import BadInput
 from ..profiles import DeploymentProfile
+from ..versions import image_tag, load_versions
 
-# Triton release whose container ships each TensorRT major.minor (NVIDIA's Frameworks Support Matrix). An engine
-# only loads in the TensorRT it was built with, so the server tag follows the engine's TensorRT version.
-TRITON_RELEASE_FOR_TENSORRT: dict[str, str] = {
-    "10.0": "24.05",
-    "10.3": "24.08",
-    "10.7": "24.12",
-    "10.8": "25.01",
-    "10.9": "25.03",
-    "10.10": "25.05",
-    "10.11": "25.06",
-    "10.13": "25.08",
-}
-DEFAULT_TENSORRT_VERSION = "10.11"
-TRITON_IMAGE_REPOSITORY = "nvcr.io/nvidia/tritonserver"
-DEFAULT_R1DEPLOY_IMAGE = "r1deploy:0.1.0"
+# Triton release whose container ships each TensorRT major.minor: from the one version table
+# (exporter/data/versions.yaml). An engine only loads in the TensorRT it was built with, so the image tag follows
+# the engine's TensorRT version.
+_VERSIONS = load_versions()
+TRITON_RELEASE_FOR_TENSORRT: dict[str, str] = {r.tensorrt_major_minor: r.release for r in _VERSIONS.releases.values()}
+DEFAULT_TENSORRT_VERSION = _VERSIONS.release().tensorrt_major_minor
+# Where `make image` pushes r1deploy's two images (k8s/images/). `.invalid` never resolves: a cluster that was not
+# told the real registry fails to pull instead of pulling someone else's image.
+DEFAULT_IMAGE_REPOSITORY = "registry.invalid/r1deploy"
 STORAGE_IMAGES = {"s3": "amazon/aws-cli:2.17.0", "gcs": "google/cloud-sdk:489.0.0-slim"}
 
 # Worst-case model load time per profile (Triton loading every model, 8 GPUs for production); the startupProbe
@@ -58,12 +53,22 @@ class Storage(str, enum.Enum):
     GCS = "gcs"  # same, from gs://…
 
 
-def triton_image_for(tensorrt_version: str) -> str:
-    major_minor = ".".join(tensorrt_version.split(".")[:2])
-    if major_minor not in TRITON_RELEASE_FOR_TENSORRT:
-        known = ", ".join(TRITON_RELEASE_FOR_TENSORRT)
-        raise BadInput(f"no Triton release known for TensorRT {tensorrt_version} (known: {known}); pass --image")
-    return f"{TRITON_IMAGE_REPOSITORY}:{TRITON_RELEASE_FOR_TENSORRT[major_minor]}-py3"
+def release_for(tensorrt_version: str) -> str:
+    return _VERSIONS.release_for_tensorrt(tensorrt_version).release
+
+
+def image_ref(repository: str, name: str, tag: str, digest: Optional[str] = None) -> str:
+    """`<repository>/<name>@sha256:…` when the digest is known (recommended: what runs is what was tested), else
+    `<repository>/<name>:<tag>`."""
+    return f"{repository}/{name}@{digest}" if digest else f"{repository}/{name}:{tag}"
+
+
+def triton_image_for(tensorrt_version: str, repository: str = DEFAULT_IMAGE_REPOSITORY) -> str:
+    """r1deploy's Triton image (k8s/images/triton) built on the Triton release that ships this TensorRT."""
+    return image_ref(repository, "triton", image_tag(release_for(tensorrt_version), _VERSIONS))
+
+
+_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 def k8s_name(text: str) -> str:
@@ -78,8 +83,12 @@ class ManifestsConfig:
     out: Path = Path("k8s")
     profiles: dict[str, DeploymentProfile] = field(default_factory=dict)  # empty → built-in profiles
     tensorrt_version: str = DEFAULT_TENSORRT_VERSION
-    image: Optional[str] = None  # full Triton image reference; default from tensorrt_version
-    r1deploy_image: str = DEFAULT_R1DEPLOY_IMAGE
+    image: Optional[str] = None  # full Triton image reference (overrides the repository/tag/digest below)
+    r1deploy_image: Optional[str] = None  # full engine-build image reference (same)
+    image_repository: str = DEFAULT_IMAGE_REPOSITORY  # where `make image` pushed k8s/images/{triton,engine-build}
+    image_tag: Optional[str] = None  # default: <r1deploy version>-<Triton release of tensorrt_version>
+    triton_digest: Optional[str] = None  # sha256:… of the pushed triton image (recommended over the tag)
+    engine_build_digest: Optional[str] = None  # sha256:… of the pushed engine-build image
     storage: Storage = Storage.PVC
     storage_uri: Optional[str] = None  # s3://bucket/prefix or gs://bucket/prefix: an r1deploy workdir
     storage_secret: str = "r1deploy-storage-credentials"
@@ -109,12 +118,24 @@ class ManifestsConfig:
         for name in self.profiles:
             if not _DNS_LABEL.fullmatch(name) or len(name) > 40:
                 raise BadInput(f"profile {name!r} cannot name a Kubernetes overlay (lowercase letters, digits, '-')")
-        if self.image is None:
-            triton_image_for(self.tensorrt_version)  # BadInput early for an unknown version
+        release_for(self.tensorrt_version)  # BadInput early for an unknown version
+        for what, digest in (("--triton-digest", self.triton_digest), ("--engine-build-digest", self.engine_build_digest)):
+            if digest is not None and not _DIGEST.fullmatch(digest):
+                raise BadInput(f"{what} {digest!r} is not an image digest (sha256: and 64 hex digits)")
+        if not re.fullmatch(r"[a-z0-9]+([._:/-][a-z0-9]+)*", self.image_repository):
+            raise BadInput(f"--image-repository {self.image_repository!r} is not a registry/namespace path")
+
+    @property
+    def tag(self) -> str:
+        return self.image_tag or image_tag(release_for(self.tensorrt_version), _VERSIONS)
 
     @property
     def triton_image(self) -> str:
-        return self.image or triton_image_for(self.tensorrt_version)
+        return self.image or image_ref(self.image_repository, "triton", self.tag, self.triton_digest)
+
+    @property
+    def engine_build_image(self) -> str:
+        return self.r1deploy_image or image_ref(self.image_repository, "engine-build", self.tag, self.engine_build_digest)
 
     @property
     def kind(self) -> str:

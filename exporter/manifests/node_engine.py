@@ -133,9 +133,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         meta = EngineMetadata.load(engine_dir / METADATA_FILE) if cached else None
         rebuild, why = decide(meta, profile, node_compute_capability(), installed_runtime_version(profile.runtime))
         if rebuild:
-            cmd = ["r1deploy", "--workdir", str(args.workdir)]
+            # the CLI through this interpreter: the image installs r1deploy under a prefix, not on the default PATH
+            cmd = [sys.executable, "-m", "exporter.cli", "--workdir", str(args.workdir)]
             cmd += ["--profiles", args.profiles] if args.profiles else []
-            cmd += ["build-engine", "--model", args.model, "--profile", args.profile, "--force"]
+            # --no-prepare: the claim holds the ONNX, not the checkpoint; only the engine is rebuilt here
+            cmd += ["build-engine", "--model", args.model, "--profile", args.profile, "--no-prepare", "--force"]
             print(json.dumps({"action": "rebuild", "why": why, "command": cmd}), flush=True)
             subprocess.run(cmd, check=True)
         copied = install_plan(engine_dir, args.model_repository / args.engine_model / args.version_dir)

@@ -6,8 +6,10 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+from ..images import HOME
 from ..profiles import DeploymentProfile
 from ..typed import to_data
+from ..versions import load_versions
 from .config import (
     EXPLICIT_MODEL_CONTROL_PROFILES,
     EXTRA_TAINTS,
@@ -18,7 +20,7 @@ from .config import (
 )
 from .monitoring import queue_time_metric, queue_time_target_us
 
-UID = 1000  # the non-root user of NVIDIA's Triton image (triton-server); the r1deploy image uses the same
+UID = load_versions().uid  # the non-root user both r1deploy images create (k8s/images/); ≥ 10000 for checkov CKV_K8S_40
 MODELS_MOUNT = "/models"  # the claim holds r1deploy's workdir: <model>/engines/<profile>/, <model>/model_repository/<profile>/
 PROFILE_MOUNT = "/etc/r1deploy"
 HTTP, GRPC, METRICS = 8000, 8001, 8002
@@ -173,6 +175,7 @@ def _storage_init_container(cfg: ManifestsConfig) -> dict:
     return {
         "name": "storage-sync",
         "image": cfg.storage_image or STORAGE_IMAGES[cfg.storage.value],
+        "imagePullPolicy": "Always",
         "command": argv,
         "env": [{"name": "STORAGE_URI", "value": cfg.storage_uri}, home],
         "envFrom": [{"secretRef": {"name": cfg.storage_secret}}],
@@ -189,7 +192,8 @@ def _engine_init_container(cfg: ManifestsConfig) -> dict:
     """Rebuilds the engine on this node when the cached one was built for another GPU or TensorRT version."""
     return {
         "name": "engine-build",
-        "image": cfg.r1deploy_image,
+        "image": cfg.engine_build_image,
+        "imagePullPolicy": "Always",
         "command": ["python3", "-m", "exporter.manifests.node_engine"],
         "args": [
             f"--model={cfg.model_dir}",
@@ -220,10 +224,12 @@ def deployment(cfg: ManifestsConfig) -> dict:
     triton = {
         "name": "triton",
         "image": cfg.triton_image,
+        # a tag can be moved: Always re-resolves it (layers stay cached on the node); with a digest it is a no-op
+        "imagePullPolicy": "Always",
         "command": ["tritonserver"],
         "args": [f"--model-repository={repository_path(cfg, '$(R1DEPLOY_PROFILE)')}"],  # the overlay sets them all
 
-        "env": [{"name": "HOME", "value": "/home/triton-server"}, {"name": "R1DEPLOY_PROFILE", "value": "unset"}],
+        "env": [{"name": "HOME", "value": HOME}, {"name": "R1DEPLOY_PROFILE", "value": "unset"}],
         "ports": [
             {"name": "http", "containerPort": HTTP, "protocol": "TCP"},
             {"name": "grpc", "containerPort": GRPC, "protocol": "TCP"},
@@ -237,7 +243,7 @@ def deployment(cfg: ManifestsConfig) -> dict:
         "volumeMounts": [
             {"name": "model-repository", "mountPath": MODELS_MOUNT, "readOnly": True},
             {"name": "tmp", "mountPath": "/tmp"},
-            {"name": "cache", "mountPath": "/home/triton-server/.cache"},
+            {"name": "cache", "mountPath": f"{HOME}/.cache"},
             {"name": "shm", "mountPath": "/dev/shm"},
         ],
     }
@@ -312,10 +318,13 @@ def triton_args(cfg: ManifestsConfig, profile: DeploymentProfile, exit_timeout_s
     return args
 
 
-def deployment_patch(cfg: ManifestsConfig, profile: DeploymentProfile) -> dict:
-    """What a profile changes in the base Deployment: GPUs, node placement, Triton's flags, probe budget."""
+def deployment_patch(cfg: ManifestsConfig, profile: DeploymentProfile, memory: Optional[dict] = None) -> dict:
+    """What a profile changes in the base Deployment: GPUs, node placement, Triton's flags, probe budget, and the
+    host memory `exporter.plan.memory_requests` sizes from the model's weights ({container: (request, limit)})."""
     n = names(cfg)
     gpus = profile.gpus_per_pod
+    ws = int(profile.builder.workspace_gib)
+    memory = memory or {"triton": (f"{16 * gpus}Gi", f"{32 * gpus}Gi"), "engine-build": (f"{ws + 8}Gi", f"{2 * ws + 16}Gi")}
     startup_min = STARTUP_BUDGET_MIN.get(profile.name, max(STARTUP_BUDGET_MIN.values()))
     exit_timeout_s = 60 if profile.name == "edge" else 120
     tolerations = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
@@ -329,9 +338,7 @@ def deployment_patch(cfg: ManifestsConfig, profile: DeploymentProfile) -> dict:
                 "name": "triton",
                 "env": [{"name": "R1DEPLOY_PROFILE", "value": profile.name}],
                 "args": triton_args(cfg, profile, exit_timeout_s),
-                "resources": _resources(
-                    str(2 * gpus), str(4 * gpus), f"{16 * gpus}Gi", f"{32 * gpus}Gi", gpus=gpus
-                ),
+                "resources": _resources(str(2 * gpus), str(4 * gpus), *memory["triton"], gpus=gpus),
                 "startupProbe": _http_probe(
                     "/v2/health/ready", PROBE_PERIOD_S, math.ceil(startup_min * 60 / PROBE_PERIOD_S)
                 ),
@@ -341,10 +348,7 @@ def deployment_patch(cfg: ManifestsConfig, profile: DeploymentProfile) -> dict:
             {
                 "name": "engine-build",
                 "env": [{"name": "R1DEPLOY_PROFILE", "value": profile.name}],
-                "resources": _resources(
-                    "4", "8", f"{int(profile.builder.workspace_gib) + 8}Gi",
-                    f"{2 * int(profile.builder.workspace_gib) + 16}Gi", gpus=1,
-                ),
+                "resources": _resources("4", "8", *memory["engine-build"], gpus=1),
             }
         ],
     }
@@ -415,15 +419,21 @@ def pod_disruption_budget(cfg: ManifestsConfig, profile: DeploymentProfile) -> d
     }
 
 
-def profile_configmap(cfg: ManifestsConfig, profile: DeploymentProfile) -> dict:
-    """The deployment profile the engine-build init container rebuilds with (user profiles included)."""
+def profile_configmap(cfg: ManifestsConfig, profile: DeploymentProfile, capacity: Optional[dict] = None) -> dict:
+    """The deployment profile the engine-build init container rebuilds with (user profiles included), and the
+    GPU memory plan the overlay was sized with (`capacity.json`: the generate scheduler's limits among it)."""
+    import json
+
     import yaml
 
     data = {k: v for k, v in to_data(profile).items() if k != "name"}
     text = yaml.safe_dump({profile.name: data}, sort_keys=True, default_flow_style=False)
+    files = {"profiles.yaml": text}
+    if capacity is not None:
+        files["capacity.json"] = json.dumps(capacity, indent=2, sort_keys=True) + "\n"
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {"name": names(cfg)["profile"]},
-        "data": {"profiles.yaml": text},
+        "data": files,
     }

@@ -15,7 +15,7 @@ from . import monitoring, objects
 from .config import LOCAL_STORAGE_PROFILES, ManifestsConfig, ManifestsResult
 
 KUSTOMIZE_API = "kustomize.config.k8s.io/v1beta1"
-OWNED_ENTRIES = {"base", "overlays", "extras"}  # what `out` may contain before it is replaced
+OWNED_ENTRIES = {"base", "overlays", "extras", "images"}  # what `out` may contain before it is replaced
 
 
 class _Dumper(yaml.SafeDumper):
@@ -69,12 +69,40 @@ def base_files(cfg: ManifestsConfig) -> dict[str, dict]:
     return files
 
 
+def _plan(cfg: ManifestsConfig, profile: DeploymentProfile):
+    """The GPU memory plan of a decoder on this profile (None for encoders); BadInput (exit 2, with the numbers)
+    when the model cannot run one sequence on the profile's GPU, so no overlay is written that could never start."""
+    if cfg.kind != "decoder":
+        return None
+    from ..plan import PlanConfig, ensure_deployable, load_shape, plan_capacity
+
+    plan = plan_capacity(PlanConfig(load_shape(cfg.model), profile))
+    ensure_deployable(plan)
+    return plan
+
+
+def _capacity_summary(plan) -> dict:
+    """What the overlay was sized with, in its profile ConfigMap: the generate scheduler's limits
+    (`exporter.plan.scheduler_limits`) and the figures behind them."""
+    from ..plan import scheduler_limits
+
+    return {
+        "model": plan.model, "precision": plan.precision, "gpu": plan.gpu, "weights_bytes": plan.weights.total,
+        "kv_bytes_per_token": plan.kv_bytes_per_token, "max_sequence_len": plan.max_sequence_len,
+        "scheduler": scheduler_limits(plan),
+        "decode_tokens_per_s_bound": plan.decode_tokens_per_s_planned,
+    }
+
+
 def overlay_files(cfg: ManifestsConfig, profile: DeploymentProfile) -> dict[str, dict]:
+    from ..plan import memory_requests
+
+    plan = _plan(cfg, profile)
     ns = namespace_for(profile)
     n = objects.names(cfg)
     resources = {
         "namespace.yaml": objects.namespace(ns),
-        "profile-configmap.yaml": objects.profile_configmap(cfg, profile),
+        "profile-configmap.yaml": objects.profile_configmap(cfg, profile, _capacity_summary(plan) if plan else None),
         "prometheusrule.yaml": monitoring.prometheus_rule(n["prometheusrule"], profile, ns, cfg.kind),
     }
     if profile.max_replicas > profile.replicas:
@@ -84,7 +112,8 @@ def overlay_files(cfg: ManifestsConfig, profile: DeploymentProfile) -> dict[str,
     local = profile.name in LOCAL_STORAGE_PROFILES
     if local:
         resources["storageclass.yaml"] = objects.local_storage_class()
-    patches = {"deployment-patch.yaml": objects.deployment_patch(cfg, profile)}
+    memory = memory_requests(plan, profile) if plan else None
+    patches = {"deployment-patch.yaml": objects.deployment_patch(cfg, profile, memory)}
     if local:
         patches["pvc-patch.yaml"] = objects.pvc_patch(cfg, access_mode="ReadWriteOnce", storage_class="local-storage")
     elif profile.max_replicas > 1:  # every replica, on its own node, mounts the same repository
@@ -116,6 +145,9 @@ def render_tree(cfg: ManifestsConfig) -> dict[str, str]:
             tree[f"overlays/{pname}/{name}"] = dump_yaml(obj, header)
     for name, obj in extras_files().items():
         tree[f"extras/{name}"] = dump_yaml(obj, header + " Goes into prometheus-adapter's config (docs/deploy.md).")
+    from ..images import image_files
+
+    tree.update(image_files())  # the images the pods run, from the same version table and UID (exporter/images.py)
     return dict(sorted(tree.items()))
 
 

@@ -125,12 +125,19 @@ def python_model_source(name: str) -> str:
 GENERATE_MODULES = ("llm_scheduler", "kv_padded", "kv_shared", "engine_runtimes")
 
 
-def scheduler_params(cfg: RepositoryConfig, engine_max_batch: int) -> dict:
+def scheduler_params(cfg: RepositoryConfig, engine_max_batch: int, capacity=None) -> dict:
     """The generate model's scheduler limits: the running batch (rows), the KV budget its sequences may reserve
-    (prompt + max_tokens each, reserved at admission so that nobody is evicted), the queue before "busy"."""
+    (prompt + max_tokens each, reserved at admission so that nobody is evicted), the queue before "busy". For a GPU
+    decoder the capacity plan (exporter.plan: what fits one GPU after the weights) bounds rows and budget."""
     profile: DeploymentProfile = cfg.profile
-    rows = cfg.max_rows or profile.max_batch_size
-    budget = cfg.kv_budget_tokens or rows * profile.max_sequence_len
+    planned = {}
+    if capacity is not None:
+        from ..plan import scheduler_limits
+
+        planned = scheduler_limits(capacity)
+    rows = cfg.max_rows or min(profile.max_batch_size, planned.get("max_rows", profile.max_batch_size))
+    budget = cfg.kv_budget_tokens or min(rows * profile.max_sequence_len,
+                                         planned.get("kv_budget_tokens", rows * profile.max_sequence_len))
     if budget < profile.max_sequence_len:
         raise BadInput(f"kv_budget_tokens {budget} holds less than one sequence of {profile.max_sequence_len} tokens")
     return {
@@ -158,6 +165,7 @@ class _Plan:
     batching: Batching
     notes: list[str]
     missing: list[str]
+    capacity: Optional[object] = None  # exporter.plan.CapacityPlan for a GPU decoder repository
 
 
 def _plan(cfg: RepositoryConfig) -> _Plan:
@@ -185,6 +193,11 @@ def _plan(cfg: RepositoryConfig) -> _Plan:
                 raise BadInput(f"{engine_dir / METADATA_FILE} exists but {ENGINE_FILE} does not; rebuild the engine")
             engine_files = [engine_dir / ENGINE_FILE]
             engine_max_batch = meta.max_batch_size
+            from ..versions import engine_version_problem
+
+            problem = engine_version_problem(meta)  # against the images' version table (data/versions.yaml)
+            if problem:
+                notes.append(problem)
             if meta.runtime is Runtime.TENSORRT_RTX:
                 # Unverified here (no GPU): said so that nobody ships this repository expecting it to load.
                 notes.append(
@@ -226,6 +239,18 @@ def _plan(cfg: RepositoryConfig) -> _Plan:
             f"{report['output_names']}; rebuild it from this export"
         )
     max_batch = profile.max_batch_size
+    capacity = None
+    if kind == "decoder" and cfg.device == "gpu":
+        # GPU memory plan (exporter.plan): refuses a repository whose model cannot run one sequence on the profile's
+        # GPU; caps the batch at what fits. `scheduler_limits(capacity)` is the generate scheduler's rows / KV budget.
+        from ..plan import plan_for_variant
+
+        kv_dtype = {"TYPE_FP16": "fp16"}.get(io.input("past_key_values.0.key").data_type, "fp32")
+        capacity = plan_for_variant(layout.tokenizer_dir / "config.json", profile, onnx_variant, kv_dtype)
+        if capacity.planned_batch < max_batch:
+            notes.append(f"max_batch_size {capacity.planned_batch}: the GPU memory plan fits no more sequences of "
+                         f"{profile.max_sequence_len} tokens (profile asks {max_batch}; `r1deploy plan`)")
+            max_batch = capacity.planned_batch
     if engine_max_batch is not None and engine_max_batch < max_batch:
         notes.append(f"max_batch_size {engine_max_batch}: the engine's shape profiles hold no more (profile asks {max_batch})")
         max_batch = engine_max_batch
@@ -237,7 +262,7 @@ def _plan(cfg: RepositoryConfig) -> _Plan:
         from ..engine.shapes import axis_ranges
 
         trt_profiles = len(axis_ranges(kind, profile))
-    return _Plan(layout, report, kind, onnx_variant, onnx_files, engine_files, trt_profiles, io, batching, notes, missing)
+    return _Plan(layout, report, kind, onnx_variant, onnx_files, engine_files, trt_profiles, io, batching, notes, missing, capacity)
 
 
 # Tokenizer files the served models load (tokenizers' Tokenizer.from_file / transformers' AutoTokenizer): without
@@ -357,7 +382,7 @@ def _decoder_models(w: _Writer, cfg: RepositoryConfig, plan: _Plan) -> None:
         "engine_call": cfg.engine_call,
         "kv_cache": {"slots": slots, "dtype": TRITON_TO_NUMPY[kv_type], "logits": "logits"},
         "eos_token_ids": _eos_ids(plan.layout),
-        "scheduler": scheduler_params(cfg, plan.batching.max_batch_size),
+        "scheduler": scheduler_params(cfg, plan.batching.max_batch_size, plan.capacity),
         "max_input_len": str(profile.max_input_len),
         "max_output_len": str(profile.max_output_len),
         "max_sequence_len": str(profile.max_sequence_len),

@@ -1,0 +1,507 @@
+"""Capacity plan: from a checkpoint's `config.json` alone (no weights), what one model needs on a deployment
+profile's GPU, and whether it fits.
+
+    shape = load_shape("r1-distill-qwen-32b")                      # a config-only preset, a dir or a config.json
+    p = plan_capacity(PlanConfig(shape=shape, profile=get_profile("production")))
+    p.fits, p.max_concurrent_sequences, p.decode_tokens_per_s_planned
+    scheduler_limits(p)  # {"max_rows": …, "kv_budget_tokens": …} for the generate model's scheduler
+
+The accounting follows what r1deploy writes, not an idealised deployment:
+
+* weights: every parameter transformers builds for the architecture (Qwen2's q/k/v biases, DeepseekV3's MLA
+  projections, routed and shared experts, router); FP32 = 4 B, FP16 = 2 B per parameter. INT4 as the quantize stage
+  writes it: linear weights whose reduction dimension is a multiple of the block size become 4-bit codes (two per
+  byte) + one FP32 scale per block (+ one 4-bit zero point per block when asymmetric, + AWQ's FP32 1/s vector per
+  linear input); embeddings, the LM head (unless quantized), norms, biases and linears the block does not divide
+  stay FP32 — the INT4 variant is derived from the FP32 export.
+* KV cache per token: 2 · layers · kv_heads · head_dim elements for GQA/MHA; for DeepseekV3's MLA the compressed
+  latent that transformers caches, layers · (kv_lora_rank + qk_rope_head_dim). The element type is the cache
+  IO of the exported graph: FP32 (the quantize stage keeps graph IO FP32 unless `--fp16-io`).
+* memory per GPU: weights + KV for max_batch_size × max_sequence_len + the logits of one max-length prefill
+  (the graph returns logits at every prompt position, FP32) + the builder workspace the profile allows + a fixed
+  allowance for the CUDA context and Triton. One GPU holds one whole replica: plain TensorRT engines (what the
+  engine stage builds) have no tensor or pipeline parallelism.
+* decode tokens/s upper bound per GPU: a decode step reads every weight it uses once and each running sequence's
+  KV cache (at the mean decode context, max_input_len + max_output_len / 2) from memory at the data-sheet bandwidth;
+  compute, kernel launch and scheduling cost nothing in this bound. The embedding table is not read (B rows are);
+  for MoE only the experts the batch's tokens are routed to are (the expected number of distinct experts).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+import yaml
+
+from .errors import BadInput
+from .profiles import DeploymentProfile, Precision, QuantSpec
+
+GIB = 1 << 30
+# CUDA context, cuBLAS/cuDNN handles and Triton's own per-GPU allocations: the usual ~0.5-1 GiB, taken at the top.
+RUNTIME_ALLOWANCE_BYTES = 1 * GIB
+DTYPE_BYTES = {"fp32": 4, "fp16": 2}
+SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "mistral", "deepseek_v3")
+
+
+# --- the model, from config.json ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Linear:
+    """A group of identical weight matrices: `count` of them, each [k (reduction), n]."""
+
+    role: str  # attention | mlp | shared_expert | routed_expert | router | lm_head
+    k: int
+    n: int
+    count: int
+
+    @property
+    def params(self) -> int:
+        return self.k * self.n * self.count
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The config.json fields that decide sizes; `from_config` reads them."""
+
+    name: str
+    model_type: str
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    tie_word_embeddings: bool
+    attention_bias: bool  # q/k/v projections carry a bias (Qwen2 always)
+    max_position_embeddings: int = 0
+    # DeepseekV3 (MLA + MoE); zero for dense GQA models
+    q_lora_rank: int = 0
+    kv_lora_rank: int = 0
+    qk_rope_head_dim: int = 0
+    qk_nope_head_dim: int = 0
+    v_head_dim: int = 0
+    n_routed_experts: int = 0
+    n_shared_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    first_k_dense_replace: int = 0
+    source: str = ""  # where the fields came from
+
+    @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def moe_layers(self) -> int:
+        return max(0, self.num_layers - self.first_k_dense_replace) if self.n_routed_experts else 0
+
+    @property
+    def dense_layers(self) -> int:
+        return self.num_layers - self.moe_layers
+
+    @classmethod
+    def from_config(cls, config: dict, name: str, source: str = "") -> ModelShape:
+        where = f"{source or name}: config.json"
+        model_type = config.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise BadInput(f"{where}: model_type {model_type!r} cannot be planned (decoders: {', '.join(SUPPORTED_MODEL_TYPES)})")
+
+        def need(key: str) -> int:
+            value = config.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise BadInput(f"{where}: {key} must be a positive integer, got {value!r}")
+            return value
+
+        heads = need("num_attention_heads")
+        hidden = need("hidden_size")
+        common = dict(
+            name=name, model_type=model_type, architecture=(config.get("architectures") or [model_type])[0],
+            vocab_size=need("vocab_size"), hidden_size=hidden, num_layers=need("num_hidden_layers"),
+            num_heads=heads, num_kv_heads=int(config.get("num_key_value_heads") or heads),
+            head_dim=int(config.get("head_dim") or hidden // heads), intermediate_size=need("intermediate_size"),
+            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            attention_bias=model_type == "qwen2" or bool(config.get("attention_bias", False)),
+            max_position_embeddings=int(config.get("max_position_embeddings") or 0), source=source,
+        )
+        if model_type != "deepseek_v3":
+            return cls(**common)
+        return cls(
+            **common,
+            q_lora_rank=int(config.get("q_lora_rank") or 0), kv_lora_rank=need("kv_lora_rank"),
+            qk_rope_head_dim=need("qk_rope_head_dim"), qk_nope_head_dim=need("qk_nope_head_dim"),
+            v_head_dim=need("v_head_dim"), n_routed_experts=int(config.get("n_routed_experts") or 0),
+            n_shared_experts=int(config.get("n_shared_experts") or 0),
+            num_experts_per_tok=int(config.get("num_experts_per_tok") or 0),
+            moe_intermediate_size=int(config.get("moe_intermediate_size") or 0),
+            first_k_dense_replace=int(config.get("first_k_dense_replace") or 0),
+        )
+
+    # -- what transformers builds ---------------------------------------------------------------------------
+    def linears(self) -> list[Linear]:
+        h, L = self.hidden_size, self.num_layers
+        out: list[Linear] = []
+        if self.is_mla:
+            qk_head = self.qk_nope_head_dim + self.qk_rope_head_dim
+            if self.q_lora_rank:
+                out += [Linear("attention", h, self.q_lora_rank, L),
+                        Linear("attention", self.q_lora_rank, self.num_heads * qk_head, L)]
+            else:
+                out.append(Linear("attention", h, self.num_heads * qk_head, L))
+            out += [
+                Linear("attention", h, self.kv_lora_rank + self.qk_rope_head_dim, L),
+                Linear("attention", self.kv_lora_rank, self.num_heads * (self.qk_nope_head_dim + self.v_head_dim), L),
+                Linear("attention", self.num_heads * self.v_head_dim, h, L),
+            ]
+        else:
+            q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            out += [Linear("attention", h, q, L), Linear("attention", h, kv, 2 * L), Linear("attention", q, h, L)]
+        if self.dense_layers:
+            out += [Linear("mlp", h, self.intermediate_size, 2 * self.dense_layers),
+                    Linear("mlp", self.intermediate_size, h, self.dense_layers)]
+        if self.moe_layers:
+            m, e = self.moe_intermediate_size, self.n_routed_experts
+            out += [Linear("router", h, e, self.moe_layers),
+                    Linear("routed_expert", h, m, 2 * e * self.moe_layers),
+                    Linear("routed_expert", m, h, e * self.moe_layers)]
+            if self.n_shared_experts:
+                s = m * self.n_shared_experts
+                out += [Linear("shared_expert", h, s, 2 * self.moe_layers), Linear("shared_expert", s, h, self.moe_layers)]
+        if not self.tie_word_embeddings:
+            out.append(Linear("lm_head", h, self.vocab_size, 1))
+        return out
+
+    def other_params(self) -> dict[str, int]:
+        """Parameters outside the linears: embedding table, norms, biases, the router's correction bias."""
+        h, L = self.hidden_size, self.num_layers
+        norms = 2 * h * L + h
+        if self.is_mla:
+            norms += L * (self.kv_lora_rank + self.q_lora_rank)
+        biases = L * (self.num_heads + 2 * self.num_kv_heads) * self.head_dim if self.attention_bias else 0
+        return {
+            "embedding": self.vocab_size * h,
+            "norms": norms,
+            "biases": biases,
+            "router_bias": self.n_routed_experts * self.moe_layers,  # DeepseekV3's e_score_correction_bias
+        }
+
+    @property
+    def parameters(self) -> int:
+        return sum(lin.params for lin in self.linears()) + sum(self.other_params().values())
+
+    def kv_elements_per_token(self) -> int:
+        if self.is_mla:  # transformers 5 caches MLA's compressed latent ("key" kv_lora_rank, "value" rope dims)
+            return self.num_layers * (self.kv_lora_rank + self.qk_rope_head_dim)
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim
+
+
+def builtin_shapes() -> dict[str, dict]:
+    return yaml.safe_load(resources.files("exporter").joinpath("data/model_configs.yaml").read_text())
+
+
+REAL_FAMILY = tuple(builtin_shapes())
+
+
+def load_shape(spec: str | Path, workdir: Optional[Path] = None) -> ModelShape:
+    """A config-only preset, a tiny preset (its checkpoint under `workdir` when given and built, else its declared
+    config with the tokenizer's vocabulary bound — what the manifests stage uses, so its output does not depend on
+    a local build), a checkpoint directory or a config.json file."""
+    spec_s = str(spec)
+    presets = builtin_shapes()
+    if spec_s in presets:
+        return ModelShape.from_config(presets[spec_s]["config"], spec_s, presets[spec_s]["source"])
+    from .tiny_models import TINY_CONFIGS, VOCAB_SIZE
+
+    if spec_s in TINY_CONFIGS:
+        built = Path(workdir) / "models" / spec_s / "config.json" if workdir is not None else None
+        if built is not None and built.is_file():
+            return ModelShape.from_config(json.loads(built.read_text()), spec_s, str(built))
+        # not built yet: the declared shape, with the tokenizer's size bound as the vocabulary (an upper bound)
+        return ModelShape.from_config({**TINY_CONFIGS[spec_s], "vocab_size": VOCAB_SIZE}, spec_s, "tiny_models.TINY_CONFIGS")
+    path = Path(spec_s).expanduser()
+    config_file = path / "config.json" if path.is_dir() else path
+    if not config_file.is_file():
+        known = ", ".join([*presets, *TINY_CONFIGS])
+        raise BadInput(f"no config.json for {spec_s!r} (presets: {known}; or a checkpoint directory)")
+    try:
+        config = json.loads(config_file.read_text())
+    except ValueError as exc:
+        raise BadInput(f"invalid config.json {config_file}: {exc}") from None
+    if not isinstance(config, dict):
+        raise BadInput(f"{config_file}: expected a JSON object")
+    name = (config_file.parent if config_file.name == "config.json" else config_file).name
+    return ModelShape.from_config(config, name, str(config_file))
+
+
+# --- bytes ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WeightBytes:
+    precision: str
+    total: int
+    quantized_params: int = 0  # INT4: parameters stored as 4-bit codes
+    codes: int = 0
+    scales: int = 0
+    zero_points: int = 0
+    awq_scales: int = 0
+    unquantized: int = 0  # bytes of everything else, in the base type
+    block_size: int = 0
+    symmetric: bool = True
+    by_role: dict[str, int] = field(default_factory=dict)  # bytes per linear role + embedding + other
+
+
+def _int4_linear_bytes(lin: Linear, q: QuantSpec) -> tuple[int, int, int]:
+    blocks = lin.k // q.block_size * lin.n * lin.count
+    codes = lin.params // 2
+    scales = 4 * blocks
+    zero_points = 0 if q.symmetric else (blocks + 1) // 2
+    return codes, scales, zero_points
+
+
+def _awq_vectors(shape: ModelShape, lin_roles_quantized: set[str]) -> int:
+    """AWQ's FP32 1/s vector, one per distinct input of the quantized dense linears: the attention input (q/k/v
+    share it) and o_proj's, the MLP input (gate/up share it) and down_proj's. MLA's latent inputs are left out
+    (< 0.001 % of the bytes)."""
+    h, L = shape.hidden_size, shape.num_layers
+    n = 0
+    if "attention" in lin_roles_quantized:
+        n += L * (h + shape.num_heads * (shape.v_head_dim or shape.head_dim))
+    if "mlp" in lin_roles_quantized:
+        n += shape.dense_layers * (h + shape.intermediate_size)
+    return 4 * n
+
+
+def weight_bytes(shape: ModelShape, precision: Precision | str, quant: QuantSpec = QuantSpec(),
+                 quantize_lm_head: bool = False) -> WeightBytes:
+    precision = Precision(precision)
+    linears = shape.linears()
+    other = shape.other_params()
+    if precision is not Precision.INT4:
+        b = DTYPE_BYTES[precision.value]
+        by_role: dict[str, int] = {}
+        for lin in linears:
+            by_role[lin.role] = by_role.get(lin.role, 0) + b * lin.params
+        by_role["embedding"] = b * other["embedding"]
+        by_role["other"] = b * (other["norms"] + other["biases"] + other["router_bias"])
+        return WeightBytes(precision.value, b * shape.parameters, unquantized=b * shape.parameters, by_role=by_role)
+    base = DTYPE_BYTES["fp32"]
+    codes = scales = zps = unq = qparams = 0
+    by_role = {}
+    roles_quantized: set[str] = set()
+    for lin in linears:
+        if lin.k % quant.block_size == 0 and (lin.role != "lm_head" or quantize_lm_head):
+            c, s, z = _int4_linear_bytes(lin, quant)
+            codes, scales, zps, qparams = codes + c, scales + s, zps + z, qparams + lin.params
+            by_role[lin.role] = by_role.get(lin.role, 0) + c + s + z
+            roles_quantized.add(lin.role)
+        else:
+            unq += base * lin.params
+            by_role[lin.role] = by_role.get(lin.role, 0) + base * lin.params
+    awq = _awq_vectors(shape, roles_quantized) if quant.method == "awq" else 0
+    rest = base * (other["norms"] + other["biases"] + other["router_bias"])
+    by_role["embedding"] = base * other["embedding"]
+    by_role["other"] = rest + awq
+    unq += by_role["embedding"] + rest
+    return WeightBytes("int4", codes + scales + zps + awq + unq, qparams, codes, scales, zps, awq, unq,
+                       quant.block_size, quant.symmetric, by_role)
+
+
+# --- the plan ---------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PlanConfig:
+    shape: ModelShape
+    profile: DeploymentProfile
+    precision: Optional[Precision] = None  # default: the profile's
+    kv_dtype: str = "fp32"  # the exported graph's cache IO (fp16 with `quantize --fp16-io`)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "precision", Precision(self.precision or self.profile.precision))
+        if self.kv_dtype not in DTYPE_BYTES:
+            raise BadInput(f"kv dtype {self.kv_dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
+        if not self.profile.gpu.memory_bandwidth_gb_s:
+            raise BadInput(f"profile {self.profile.name!r}: gpu.memory_bandwidth_gb_s is not set (needed for the decode bound)")
+
+
+@dataclass(frozen=True)
+class MemoryPerGpu:
+    weights: int
+    kv_cache: int
+    logits: int  # one max-length prefill's FP32 logits
+    workspace: int  # the builder workspace the profile allows the engine
+    runtime: int  # CUDA context + Triton
+    total: int
+
+
+@dataclass(frozen=True)
+class CapacityPlan:
+    model: str
+    profile: str
+    gpu: str
+    gpu_memory_bytes: int
+    gpus_per_pod: int
+    precision: str
+    parameters: int
+    weights: WeightBytes
+    kv_dtype: str
+    kv_bytes_per_token: int
+    max_batch_size: int  # the profile's
+    max_sequence_len: int
+    memory_at_limits: MemoryPerGpu  # at the profile's max_batch_size × max_sequence_len
+    fits: bool  # the profile's limits fit one GPU
+    max_concurrent_sequences: int  # of max_sequence_len each, in the memory left after the weights (0: none)
+    planned_batch: int  # min(profile max_batch_size, max_concurrent_sequences)
+    kv_budget_tokens: int  # KV positions the memory left holds, capped at planned_batch × max_sequence_len
+    gpus_per_replica: int  # if the model could be split evenly; > 1 is not deployable with plain TensorRT
+    decode_tokens_per_s_batch1: float
+    decode_tokens_per_s_planned: float
+    slo_tokens_per_s: Optional[float]
+    meets_slo: Optional[bool]  # the planned-batch bound against the SLO (None: no SLO or nothing fits)
+    alternatives: list[str] = field(default_factory=list)  # profile/precision combinations that fit, when this does not
+    notes: list[str] = field(default_factory=list)
+
+    def refusal(self) -> str:
+        """One line with the numbers: why a deployment of this plan cannot be written."""
+        m = self.memory_at_limits
+        alt = f"; fits: {', '.join(self.alternatives)}" if self.alternatives else "; no built-in profile/precision fits"
+        return (
+            f"{self.model} ({self.precision}) does not fit profile {self.profile!r} ({self.gpu}, "
+            f"{self.gpu_memory_bytes / GIB:.0f} GiB per GPU): weights {m.weights / GIB:.1f} GiB + workspace "
+            f"{m.workspace / GIB:.1f} GiB + logits {m.logits / GIB:.1f} GiB + runtime {m.runtime / GIB:.1f} GiB + KV "
+            f"{self.kv_bytes_per_token * self.max_sequence_len / GIB:.2f} GiB per {self.max_sequence_len}-token "
+            f"sequence leaves room for {self.max_concurrent_sequences} sequences; it needs {self.gpus_per_replica} "
+            f"GPUs and plain TensorRT engines cannot split a model across GPUs{alt}"
+        )
+
+
+def _decode_step_bytes(shape: ModelShape, w: WeightBytes, batch: int) -> float:
+    """Weight bytes one decode step reads at `batch` running sequences (embedding rows only; routed experts the
+    batch touches: E · (1 - (1 - k/E)^B))."""
+    read = sum(v for k, v in w.by_role.items() if k not in ("embedding", "routed_expert"))
+    read += batch * w.by_role.get("embedding", 0) / max(1, shape.vocab_size)
+    if "routed_expert" in w.by_role and shape.n_routed_experts:
+        e, k = shape.n_routed_experts, shape.num_experts_per_tok
+        touched = e * (1 - (1 - k / e) ** batch)
+        read += w.by_role["routed_expert"] * touched / e
+    return read
+
+
+def _tokens_per_s(shape: ModelShape, w: WeightBytes, kv_tok: int, ctx: int, batch: int, bandwidth: float) -> float:
+    if batch < 1:
+        return 0.0
+    step = _decode_step_bytes(shape, w, batch) + batch * kv_tok * ctx
+    return batch * bandwidth / step
+
+
+def _fixed(shape: ModelShape, profile: DeploymentProfile, w: WeightBytes) -> MemoryPerGpu:
+    logits = 4 * profile.max_input_len * shape.vocab_size
+    workspace = int(profile.builder.workspace_gib * GIB)
+    return MemoryPerGpu(w.total, 0, logits, workspace, RUNTIME_ALLOWANCE_BYTES,
+                        w.total + logits + workspace + RUNTIME_ALLOWANCE_BYTES)
+
+
+def _evaluate(cfg: PlanConfig, alternatives: list[str]) -> CapacityPlan:
+    shape, profile = cfg.shape, cfg.profile
+    w = weight_bytes(shape, cfg.precision, profile.quantization)
+    kv_tok = shape.kv_elements_per_token() * DTYPE_BYTES[cfg.kv_dtype]
+    seq = profile.max_sequence_len
+    gpu_bytes = profile.gpu.memory_gib * GIB
+    fixed = _fixed(shape, profile, w)
+    kv_limits = kv_tok * seq * profile.max_batch_size
+    at_limits = replace(fixed, kv_cache=kv_limits, total=fixed.total + kv_limits)
+    free = gpu_bytes - fixed.total
+    max_seqs = max(0, free // (kv_tok * seq)) if free > 0 else 0
+    planned = min(profile.max_batch_size, max_seqs)
+    kv_budget = min(max(0, free) // kv_tok, planned * seq) if planned else 0
+    # evenly split weights and workspace, each GPU still needs its runtime and one sequence's KV
+    gpus = max(1, math.ceil((fixed.total + kv_tok * seq) / gpu_bytes))
+    bandwidth = profile.gpu.memory_bandwidth_gb_s * 1e9
+    ctx = profile.max_input_len + profile.max_output_len // 2
+    tps1 = _tokens_per_s(shape, w, kv_tok, ctx, 1, bandwidth) if planned else 0.0
+    tpsb = _tokens_per_s(shape, w, kv_tok, ctx, planned, bandwidth)
+    slo = profile.slo.tokens_per_s
+    notes = []
+    if planned and planned < profile.max_batch_size:
+        notes.append(f"only {planned} of the profile's {profile.max_batch_size} sequences of {seq} tokens fit")
+    if shape.max_position_embeddings and seq > shape.max_position_embeddings:
+        notes.append(f"the profile allows {seq} positions but the model was trained for {shape.max_position_embeddings}")
+    if cfg.precision is Precision.INT4:
+        notes.append("INT4 as the quantize stage writes it: embeddings, LM head, norms and biases stay FP32")
+    return CapacityPlan(
+        model=shape.name, profile=profile.name, gpu=profile.gpu.product, gpu_memory_bytes=gpu_bytes,
+        gpus_per_pod=profile.gpus_per_pod, precision=cfg.precision.value, parameters=shape.parameters, weights=w,
+        kv_dtype=cfg.kv_dtype, kv_bytes_per_token=kv_tok, max_batch_size=profile.max_batch_size,
+        max_sequence_len=seq, memory_at_limits=at_limits, fits=at_limits.total <= gpu_bytes,
+        max_concurrent_sequences=int(max_seqs), planned_batch=int(planned), kv_budget_tokens=int(kv_budget),
+        gpus_per_replica=gpus, decode_tokens_per_s_batch1=round(tps1, 1), decode_tokens_per_s_planned=round(tpsb, 1),
+        slo_tokens_per_s=slo, meets_slo=(tpsb >= slo) if (slo and planned) else None,
+        alternatives=alternatives, notes=notes,
+    )
+
+
+def plan_capacity(cfg: PlanConfig, profiles: Optional[dict[str, DeploymentProfile]] = None) -> CapacityPlan:
+    """The plan of `cfg.shape` on `cfg.profile`; when it does not fit, `alternatives` names each
+    profile/precision (of `profiles`, default the built-in ones) that would run at least one sequence."""
+    first = _evaluate(cfg, [])
+    if first.planned_batch >= 1:
+        return first
+    if profiles is None:
+        from .profiles import load_profiles
+
+        profiles = load_profiles()
+    alts = []
+    for name, prof in profiles.items():
+        for prec in (Precision.FP16, Precision.INT4):
+            if name == cfg.profile.name and prec is cfg.precision:
+                continue
+            other = _evaluate(PlanConfig(cfg.shape, prof, prec, cfg.kv_dtype), [])
+            if other.planned_batch >= 1:
+                alts.append(f"{name}/{prec.value} (batch {other.planned_batch})")
+    return replace(first, alternatives=alts)
+
+
+def scheduler_limits(plan: CapacityPlan) -> dict[str, int]:
+    """What the generate model's scheduler may hold on one GPU: rows (concurrent sequences) and KV positions.
+    Written by the repository stage into the `scheduler` parameter of generate's config.pbtxt."""
+    return {"max_rows": plan.planned_batch, "kv_budget_tokens": plan.kv_budget_tokens}
+
+
+def ensure_deployable(plan: CapacityPlan) -> None:
+    """BadInput (exit 2) with the numbers when not even one sequence fits one GPU of the profile."""
+    if plan.planned_batch < 1:
+        raise BadInput(plan.refusal())
+
+
+def _variant_precision(onnx_variant: str) -> Precision:
+    return Precision(onnx_variant.split("-")[0])
+
+
+def plan_for_variant(config_json: Path, profile: DeploymentProfile, onnx_variant: str, kv_dtype: str) -> CapacityPlan:
+    """The repository stage's plan: the exported checkpoint's config.json, the ONNX variant actually served and its
+    KV-cache element type. BadInput (exit 2, with the numbers) when not one sequence fits."""
+    plan = plan_capacity(PlanConfig(load_shape(config_json), profile, _variant_precision(onnx_variant), kv_dtype))
+    ensure_deployable(plan)
+    return plan
+
+
+def memory_requests(plan: CapacityPlan, profile: DeploymentProfile) -> dict[str, tuple[str, str]]:
+    """Host-memory (request, limit) of the pod's containers, from the weight bytes: Triton holds one engine in host
+    memory while it deserialises it (all `gpus_per_pod` instances at once in the worst case, the limit), on top of
+    the python backend's per-GPU share; the engine-build init container holds the ONNX weights and the builder's copy
+    next to the workspace."""
+    gpus = profile.gpus_per_pod
+    w = math.ceil(plan.weights.total / GIB)
+    ws = int(profile.builder.workspace_gib)
+    return {
+        "triton": (f"{8 * gpus + w}Gi", f"{16 * gpus + w * gpus}Gi"),
+        "engine-build": (f"{ws + 8 + 2 * w}Gi", f"{2 * ws + 16 + 2 * w}Gi"),
+    }

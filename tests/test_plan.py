@@ -1,0 +1,273 @@
+"""`r1deploy plan`: sizes from config.json alone, checked against the real ONNX files r1deploy writes for the tiny
+presets (FP32 export, FP16 and INT4 from the quantize stage), against the published sizes of the R1 family, and
+the fit / refusal logic the repository and manifests stages rely on."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+
+import numpy as np
+import onnx
+import pytest
+
+from exporter import artifacts
+from exporter.errors import BadInput
+from exporter.plan import (
+    GIB,
+    REAL_FAMILY,
+    PlanConfig,
+    ensure_deployable,
+    load_shape,
+    plan_capacity,
+    scheduler_limits,
+    weight_bytes,
+)
+from exporter.profiles import Precision, QuantSpec, get_profile, load_profiles
+
+# The sizes DeepSeek publishes for each checkpoint (model cards), in billions of parameters.
+PUBLISHED_B = {
+    "r1-distill-qwen-1.5b": 1.78, "r1-distill-qwen-7b": 7.62, "r1-distill-qwen-14b": 14.8,
+    "r1-distill-qwen-32b": 32.8, "r1-distill-llama-8b": 8.03, "r1-distill-llama-70b": 70.6, "deepseek-r1": 671,
+}
+
+
+def _initializer_bytes(onnx_path) -> int:
+    """Bytes of every initializer of an ONNX model (external data included), INT4/UINT4 at two per byte."""
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    total = 0
+    for t in model.graph.initializer:
+        n = int(np.prod(t.dims)) if t.dims else 1
+        if t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4):
+            total += (n + 1) // 2
+        else:
+            total += n * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    return total
+
+
+@pytest.mark.parametrize("model", sorted(PUBLISHED_B))
+def test_parameter_counts_match_the_published_sizes(model):
+    shape = load_shape(model)
+    assert shape.parameters / 1e9 == pytest.approx(PUBLISHED_B[model], rel=0.006)
+
+
+@pytest.fixture(scope="module", params=["r1-distill-tiny", "r1-moe-tiny"])
+def tiny_variants(request, exported, session_workdir):
+    """A tiny preset exported (FP32) and quantized to FP16 and INT4 (AWQ, block 128, QDQ) by the real stages,
+    without a profile's mixed precision (which would keep layers FP32 at the gate's choice)."""
+    from quantize import QuantizeConfig, quantize_model
+
+    model = request.param
+    exported(model)
+    q = {"fp32": artifacts.ModelLayout(session_workdir, model).onnx_path("fp32")}
+    for precision in ("fp16", "int4"):
+        r = quantize_model(QuantizeConfig(model=model, workdir=session_workdir, precision=precision, method="awq",
+                                          block_size=128, format="qdq", symmetric=True))
+        q[precision] = r.onnx_path
+    return model, session_workdir, q
+
+
+def test_weight_bytes_reproduce_the_real_onnx_files(tiny_variants):
+    model, workdir, paths = tiny_variants
+    shape = load_shape(model, workdir)
+    assert shape.source.endswith("config.json")  # the built checkpoint's own config, not the declared one
+    for precision, path in paths.items():
+        planned = weight_bytes(shape, precision, QuantSpec(method="awq", block_size=128, format="qdq")).total
+        real = _initializer_bytes(path)
+        assert planned == pytest.approx(real, rel=0.01), f"{model} {precision}: plan {planned} B vs ONNX {real} B"
+
+
+def test_kv_bytes_per_token_match_the_exported_cache(tiny_variants):
+    """GQA: 2 · layers · kv_heads · head_dim; MLA: the compressed latent transformers caches (kv_lora_rank +
+    qk_rope_head_dim per layer) — both read back from the export's own cache layout."""
+    model, workdir, _ = tiny_variants
+    report = json.loads((artifacts.ModelLayout(workdir, model).onnx_dir("fp32") / artifacts.EXPORT_REPORT).read_text())
+    cache = report["cache"]
+    per_layer = int(np.prod(cache["key_shape"])) + int(np.prod(cache["value_shape"]))
+    assert load_shape(model, workdir).kv_elements_per_token() == cache["num_layers"] * per_layer
+
+
+def test_deepseek_r1_caches_the_mla_latent_not_full_heads():
+    shape = load_shape("deepseek-r1")
+    assert shape.kv_elements_per_token() == 61 * (512 + 64)
+    full_heads = 2 * 61 * 128 * (128 + 64)
+    assert full_heads / shape.kv_elements_per_token() > 40
+
+
+def test_int4_accounting_counts_codes_scales_and_zero_points():
+    shape = load_shape("r1-distill-qwen-7b")
+    sym = weight_bytes(shape, "int4", QuantSpec(block_size=128, symmetric=True, method="rtn"))
+    asym = weight_bytes(shape, "int4", QuantSpec(block_size=128, symmetric=False, method="rtn"))
+    b32 = weight_bytes(shape, "int4", QuantSpec(block_size=32, symmetric=True, method="rtn"))
+    assert sym.codes * 2 == sym.quantized_params and sym.zero_points == 0
+    assert sym.scales == 4 * sym.quantized_params // 128
+    assert asym.zero_points == pytest.approx(sym.quantized_params / 128 / 2, rel=1e-6)
+    assert b32.scales == 4 * sym.scales
+    assert sym.total < weight_bytes(shape, "fp16").total < weight_bytes(shape, "fp32").total
+
+
+def test_fit_batch_and_kv_budget_follow_the_memory_left():
+    production = get_profile("production")
+    small = plan_capacity(PlanConfig(load_shape("r1-distill-qwen-1.5b"), production, Precision.FP16))
+    assert small.fits and small.planned_batch == production.max_batch_size
+    assert small.kv_budget_tokens == production.max_batch_size * production.max_sequence_len
+    big = plan_capacity(PlanConfig(load_shape("r1-distill-qwen-14b"), production, Precision.FP16))
+    assert not big.fits and 0 < big.planned_batch < production.max_batch_size
+    left = big.gpu_memory_bytes - (big.memory_at_limits.total - big.memory_at_limits.kv_cache)
+    assert big.planned_batch == left // (big.kv_bytes_per_token * big.max_sequence_len)
+    assert scheduler_limits(big) == {"max_rows": big.planned_batch, "kv_budget_tokens": big.kv_budget_tokens}
+    # FP16 halves the KV per token and so (about) doubles the batch that fits
+    fp16_kv = plan_capacity(PlanConfig(load_shape("r1-distill-qwen-14b"), production, Precision.FP16, kv_dtype="fp16"))
+    assert fp16_kv.kv_bytes_per_token * 2 == big.kv_bytes_per_token
+    assert fp16_kv.planned_batch >= 2 * big.planned_batch - 1
+
+
+def test_a_model_that_cannot_fit_is_refused_with_the_numbers_and_what_would_fit():
+    plan = plan_capacity(PlanConfig(load_shape("r1-distill-llama-70b"), get_profile("production"), Precision.FP16))
+    assert plan.planned_batch == 0 and plan.gpus_per_replica >= 2
+    assert "production/int4" in " ".join(plan.alternatives)
+    with pytest.raises(BadInput) as err:
+        ensure_deployable(plan)
+    msg = err.value.message
+    assert "131.4 GiB" in msg and "cannot split a model across GPUs" in msg and "production/int4" in msg
+
+
+def test_full_r1_fits_no_profile():
+    shape = load_shape("deepseek-r1")
+    for profile in load_profiles().values():
+        for precision in (Precision.FP16, Precision.INT4):
+            p = plan_capacity(PlanConfig(shape, profile, precision))
+            assert p.planned_batch == 0 and p.alternatives == []
+
+
+def test_decode_bound_falls_with_weight_bytes_and_rises_with_batch():
+    edge = get_profile("edge")
+    shape = load_shape("r1-distill-llama-8b")
+    int4 = plan_capacity(PlanConfig(shape, edge, Precision.INT4))
+    # at batch 1 the bound is bandwidth / (every weight but the embedding table + one embedding row + the KV of
+    # one sequence at the mean decode context)
+    embedding = int4.weights.by_role["embedding"]
+    ctx = edge.max_input_len + edge.max_output_len // 2
+    step = int4.weights.total - embedding + embedding / shape.vocab_size + int4.kv_bytes_per_token * ctx
+    bound = edge.gpu.memory_bandwidth_gb_s * 1e9 / step
+    assert int4.decode_tokens_per_s_batch1 == pytest.approx(bound, rel=1e-3)
+    assert int4.decode_tokens_per_s_planned > int4.decode_tokens_per_s_batch1
+    fp16 = plan_capacity(PlanConfig(shape, get_profile("research"), Precision.FP16))
+    int4_r = plan_capacity(PlanConfig(shape, get_profile("research"), Precision.INT4))
+    assert int4_r.decode_tokens_per_s_batch1 > fp16.decode_tokens_per_s_batch1
+
+
+def test_moe_decode_reads_only_the_routed_experts():
+    shape = load_shape("deepseek-r1")
+    production = get_profile("production")
+    # a hypothetical GPU big enough for the INT4 weights, to get a bound at all
+    huge = dataclasses.replace(production, gpu=dataclasses.replace(production.gpu, memory_gib=1024))
+    p = plan_capacity(PlanConfig(shape, huge, Precision.INT4))
+    total_read_bound = huge.gpu.memory_bandwidth_gb_s * 1e9 / p.weights.total
+    assert p.decode_tokens_per_s_batch1 > 5 * total_read_bound  # 8 of 256 experts per token
+
+
+def test_config_json_of_a_checkpoint_dir_and_bad_configs(tmp_path):
+    d = tmp_path / "ckpt"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
+    with pytest.raises(BadInput, match="model_type 'bert' cannot be planned"):
+        load_shape(d)
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4}))
+    with pytest.raises(BadInput, match="vocab_size must be a positive integer"):
+        load_shape(d)
+    with pytest.raises(BadInput, match="no config.json"):
+        load_shape(tmp_path / "absent")
+
+
+def test_cli_json_every_profile_and_one_line_errors(r1):
+    res = r1("--json", "plan", "--model", "r1-distill-qwen-32b", "--precision", "all")
+    assert res.returncode == 0, res.stderr
+    plans = json.loads(res.stdout)["plans"]
+    assert {(p["profile"], p["precision"]) for p in plans} == {
+        (pr, pc) for pr in ("production", "research", "edge") for pc in ("fp16", "int4")}
+    fp16_prod = next(p for p in plans if (p["profile"], p["precision"]) == ("production", "fp16"))
+    assert fp16_prod["planned_batch"] == 0 and fp16_prod["weights"]["total"] > 60 * GIB
+    bad = r1("plan", "--model", "no-such-model")
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
+
+
+def test_cli_human_table_names_every_real_model(r1):
+    res = r1("plan", env={"COLUMNS": "160"})
+    assert res.returncode == 0, res.stderr
+    for model in REAL_FAMILY:
+        assert model in res.stdout
+    assert "cannot split a model across GPUs" in res.stdout
+
+
+# --- the plan in the repository and manifests stages ---------------------------------------------------------
+
+
+def _profiles_file(tmp_path, **edge_overrides) -> str:
+    import yaml
+
+    path = tmp_path / "profiles.yaml"
+    path.write_text(yaml.safe_dump({"small-gpu": {**_edge_data(), **edge_overrides}}))
+    return str(path)
+
+
+def _edge_data() -> dict:
+    from exporter.profiles import builtin_profile_data
+
+    return builtin_profile_data()["edge"]
+
+
+def test_repository_caps_the_batch_at_what_fits_and_refuses_what_cannot(tmp_path, exported, session_workdir, r1):
+    """A GPU repository of the real tiny export on a profile whose GPU is made small enough (through the
+    workspace the profile allows) for exactly two sequences, then for none."""
+    from exporter.profiles import load_profiles
+    from exporter.repository import RepositoryConfig, write_repository
+
+    exported("r1-distill-tiny")
+    base = load_profiles()["edge"]
+    shape = load_shape("r1-distill-tiny", session_workdir)
+    probe = plan_capacity(PlanConfig(shape, base, Precision.FP32))
+    seq_bytes = probe.kv_bytes_per_token * base.max_sequence_len
+    m = probe.memory_at_limits
+    workspace = (base.gpu.memory_gib * GIB - m.runtime - m.weights - m.logits - 2.5 * seq_bytes) / GIB
+    small = dataclasses.replace(base, name="small-gpu",
+                                builder=dataclasses.replace(base.builder, workspace_gib=workspace))
+    r = write_repository(RepositoryConfig(model="r1-distill-tiny", profile=small, workdir=session_workdir,
+                                          onnx_variant="fp32", out=tmp_path / "repo"))
+    assert r.max_batch_size == 2 and any("GPU memory plan" in n for n in r.notes)
+    assert "max_batch_size: 2" in (tmp_path / "repo" / "llm" / "config.pbtxt").read_text()
+
+    res = r1("--workdir", str(session_workdir), "--profiles", _profiles_file(tmp_path, builder={"workspace_gib": 23.5}),
+             "repository", "--model", "r1-distill-tiny", "--profile", "small-gpu", "--out", str(tmp_path / "none"))
+    assert res.returncode == 2 and res.stderr.count("\n") == 1, res.stderr
+    assert "does not fit profile 'small-gpu'" in res.stderr and "workspace 23.5 GiB" in res.stderr
+    assert not (tmp_path / "none").exists()
+
+
+def test_manifests_refuse_a_model_that_fits_no_gpu_and_size_memory_from_the_weights(tmp_path, r1):
+    out = tmp_path / "k8s"
+    res = r1("manifests", "--model", "r1-distill-llama-70b", "--profile", "production", "--out", str(out))
+    assert res.returncode == 2 and "does not fit profile 'production'" in res.stderr and "production/int4" in res.stderr
+    assert not out.exists()
+
+    int4 = tmp_path / "int4.yaml"
+    int4.write_text("production: {precision: int4}\n")
+    res = r1("--profiles", str(int4), "manifests", "--model", "r1-distill-llama-70b", "--profile", "production",
+             "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    import yaml
+
+    patch = yaml.safe_load((out / "overlays" / "production" / "deployment-patch.yaml").read_text())
+    pod = patch["spec"]["template"]["spec"]
+    triton = next(c for c in pod["containers"] if c["name"] == "triton")
+    weights_gib = math.ceil(plan_capacity(PlanConfig(load_shape("r1-distill-llama-70b"), get_profile("production"),
+                                                     Precision.INT4)).weights.total / GIB)
+    assert triton["resources"]["requests"]["memory"] == f"{8 * 8 + weights_gib}Gi"
+    assert sorted(p.name for p in (out / "overlays").iterdir()) == ["production"]
+    # the plan the overlay was sized with travels in its profile ConfigMap (mounted in the pod at /etc/r1deploy)
+    cm = yaml.safe_load((out / "overlays" / "production" / "profile-configmap.yaml").read_text())
+    capacity = json.loads(cm["data"]["capacity.json"])
+    int4_profile = load_profiles(int4)["production"]
+    expected = plan_capacity(PlanConfig(load_shape("r1-distill-llama-70b"), int4_profile))
+    assert capacity["scheduler"] == scheduler_limits(expected) and capacity["scheduler"]["max_rows"] == 6
