@@ -39,6 +39,8 @@ from .reasoning import ReasoningSplitter
 from .triton import Chunk, TritonClient, TritonError, aclose_quietly, build_request
 
 log = logging.getLogger("r1deploy.gateway")
+# the model id a request named, for the metrics (a typed key where aiohttp has them)
+MODEL_ID = web.RequestKey("model_id", str) if hasattr(web, "RequestKey") else "model_id"
 ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
 
 
@@ -121,7 +123,7 @@ class Gateway:
             raise
         finally:
             if endpoint not in ("/metrics", "/health"):
-                self.metrics.request(endpoint, request.get("model_id", ""), status)
+                self.metrics.request(endpoint, request.get(MODEL_ID, ""), status)
 
     # ---- small endpoints --------------------------------------------------------------------------------------
     def _model_object(self, model_id: str, model: ServedModel) -> dict:
@@ -160,7 +162,7 @@ class Gateway:
         raw = await request.read()  # past client_max_size: HTTPRequestEntityTooLarge → 413
         body = parse_body(raw, self.cfg.max_json_depth)
         p = parse_request(body, self.models, chat, self.cfg.sampling)
-        request["model_id"] = p.model_id
+        request[MODEL_ID] = p.model_id
         rid = new_id("chatcmpl" if chat else "cmpl")
         chunks = self.client.generate(build_request(p.model, p.generation, rid), self.cfg.request_timeout_s)
         state = _Output(self, p, chat, received)
@@ -258,7 +260,7 @@ class Gateway:
         except TritonError as exc:
             # the status line is gone: OpenAI's clients raise on an `error` event
             await resp.write(b"data: " + json.dumps(ApiError(exc.status, str(exc)).body()).encode() + b"\n\n")
-            request["model_id"] = p.model_id
+            request[MODEL_ID] = p.model_id
             await resp.write_eof()
             return resp
         except StopAsyncIteration:
