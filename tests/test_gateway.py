@@ -500,3 +500,26 @@ def test_health_and_metrics(gateway, client):
     assert "r1deploy_gateway_time_to_first_token_seconds_count" in text
     count = [ln for ln in text.splitlines() if ln.startswith('r1deploy_gateway_completion_tokens_total{model="generate"}')]
     assert count and int(count[0].split()[-1]) >= 2
+
+
+@pytest.mark.triton
+def test_serve_starts_the_gateway_beside_triton(repos):
+    import openai
+
+    from exporter.serve import free_port
+
+    port = free_port()
+    proc = subprocess.Popen([str(R1DEPLOY), "--json", "serve", "--repository", str(repos["real"]), "--openai-port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    try:
+        info = json.loads(proc.stdout.readline())
+        assert info["openai"] == f"http://127.0.0.1:{port}"
+        c = openai.OpenAI(base_url=info["openai"] + "/v1", api_key="none", max_retries=0)
+        assert [m.id for m in c.models.list()] == ["generate"]
+        r = c.completions.create(model="generate", prompt=PROMPT, max_tokens=3, temperature=0)
+        assert r.usage.completion_tokens == 3
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=60)
+    assert proc.returncode == 0, proc.stderr.read()

@@ -72,3 +72,22 @@ def command(app: App, triton, repositories, host, port, api_key_file, served_mod
         server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def start_beside_triton(app: App, grpc_endpoint: str, repositories, port: int, api_key_file):
+    """For `r1deploy serve`: the gateway on 127.0.0.1:`port` in front of the Triton just started, or None when
+    the repositories hold no LLM (an embedding-only repository has nothing to chat with)."""
+    from ..gateway import GatewayServer
+    from ..gateway.models import read_repositories
+
+    try:
+        read_repositories(list(repositories))
+    except BadInput as exc:
+        if str(exc).startswith("no LLM"):
+            return None
+        raise
+    cfg = gateway_config(app, grpc_endpoint, repositories, "127.0.0.1", port, api_key_file, (), None)
+    try:
+        return GatewayServer(cfg).start()
+    except OSError as exc:
+        raise StageFailed(f"gateway cannot listen on 127.0.0.1:{port}: {exc.strerror or exc}") from None

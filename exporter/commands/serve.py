@@ -24,9 +24,14 @@ from .common import App, pass_app
               help="Response cache size (models with response_cache enabled, e.g. embed); 0 turns it off.")
 @click.option("--log-file", type=click.Path(path_type=Path), help="Server log [default: a temporary file].")
 @click.option("--log-verbose", type=int, default=0, show_default=True)
+@click.option("--openai-port", type=int, default=0, help="The OpenAI-compatible gateway's port beside Triton (0: a free port).")
+@click.option("--no-openai", is_flag=True, help="Do not start the OpenAI-compatible gateway.")
+@click.option("--api-key-file", type=click.Path(path_type=Path), help="The gateway's API keys, one per line (also $R1DEPLOY_API_KEYS).")
 @pass_app
-def command(app: App, repositories, http_port, grpc_port, metrics_port, cache_mib, log_file, log_verbose):
-    """Serve a model repository with a real Triton server on 127.0.0.1 until Ctrl-C or SIGTERM."""
+def command(app: App, repositories, http_port, grpc_port, metrics_port, cache_mib, log_file, log_verbose,
+            openai_port, no_openai, api_key_file):
+    """Serve a model repository with a real Triton server on 127.0.0.1 until Ctrl-C or SIGTERM, and the
+    OpenAI-compatible gateway in front of it when the repository holds an LLM."""
     cfg = ServerConfig(
         model_repository=repositories[0], extra_repositories=list(repositories[1:]), http_port=http_port,
         grpc_port=grpc_port, metrics_port=metrics_port, response_cache_bytes=cache_mib << 20, log_file=log_file,
@@ -35,21 +40,31 @@ def command(app: App, repositories, http_port, grpc_port, metrics_port, cache_mi
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     server = TritonServer(cfg)
+    gateway = None
     try:
         server.start()
         info = {"pid": server.pid, "http": server.endpoints.http, "grpc": server.endpoints.grpc,
                 "metrics": server.endpoints.metrics, "log": str(server.log_path)}
+        if not no_openai:
+            from .gateway import start_beside_triton
+
+            gateway = start_beside_triton(app, server.endpoints.grpc, repositories, openai_port, api_key_file)
+            if gateway is not None:
+                info["openai"] = gateway.url
         if app.as_json:
             sys.stdout.write(json.dumps(info) + "\n")
             sys.stdout.flush()
         elif not app.quiet:
             console.print(f"tritonserver ready (pid {server.pid}); Ctrl-C or SIGTERM stops it")
-            for key in ("http", "grpc", "metrics", "log"):
-                console.print(f"  {key:<8} {info[key]}")
+            for key in ("http", "grpc", "metrics", "openai", "log"):
+                if key in info:
+                    console.print(f"  {key:<8} {info[key]}" + ("/v1" if key == "openai" else ""))
         while not stop.wait(0.5):
             if server.process.poll() is not None:
                 raise StageFailed(f"tritonserver exited with code {server.process.returncode} (log: {server.log_path})")
     finally:
+        if gateway is not None:
+            gateway.stop()
         server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
