@@ -523,3 +523,35 @@ def test_serve_starts_the_gateway_beside_triton(repos):
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     assert proc.returncode == 0, proc.stderr.read()
+
+
+def test_manifests_run_the_gateway_beside_triton(tmp_path):
+    """The committed k8s/ overlays (what `r1deploy manifests` renders): the gateway is a second container of the
+    Triton pod with its own probes and resources, keys from a Secret volume (no Secret object, no env value),
+    reachable through the Service and the NetworkPolicy; an embedding model gets none."""
+    from exporter.manifests import ManifestsConfig, checks, render_manifests
+
+    for overlay in sorted((REPO / "k8s" / "overlays").iterdir()):
+        objects = checks.kustomize_build(overlay)
+        kinds = {o["kind"]: o for o in objects}
+        assert "Secret" not in kinds
+        pod = kinds["Deployment"]["spec"]["template"]["spec"]
+        gw = next(c for c in pod["containers"] if c["name"] == "openai-gateway")
+        assert gw["readinessProbe"]["httpGet"] == {"path": "/health", "port": "openai"}
+        assert gw["livenessProbe"]["httpGet"] == {"path": "/health/live", "port": "openai"}
+        assert {"cpu", "memory"} <= set(gw["resources"]["limits"]) and "nvidia.com/gpu" not in gw["resources"]["limits"]
+        assert "--triton=localhost:8001" in gw["args"] and "--profile=$(R1DEPLOY_PROFILE)" in gw["args"]
+        assert {"name": "R1DEPLOY_PROFILE", "value": overlay.name} in gw["env"]
+        assert not any("KEY" in e["name"] for e in gw["env"])
+        keys = next(v for v in pod["volumes"] if v["name"] == "openai-api-keys")
+        assert keys["secret"]["secretName"] == "r1-distill-tiny-openai-api-keys" and not keys["secret"].get("optional")
+        mount = next(m for m in gw["volumeMounts"] if m["name"] == "openai-api-keys")
+        assert any(a == f"--api-key-file={mount['mountPath']}/keys" for a in gw["args"])
+        assert {"name": "openai", "port": 9000, "targetPort": "openai", "protocol": "TCP"} in kinds["Service"]["spec"]["ports"]
+        ingress = kinds["NetworkPolicy"]["spec"]["ingress"]
+        assert any({"port": 9000, "protocol": "TCP"} in rule["ports"] for rule in ingress)
+        assert not checks.check_objects(objects)
+    render_manifests(ManifestsConfig(model="minilm", out=tmp_path / "k8s"))
+    objects = checks.kustomize_build(tmp_path / "k8s" / "overlays" / "edge")
+    pod = next(o for o in objects if o["kind"] == "Deployment")["spec"]["template"]["spec"]
+    assert [c["name"] for c in pod["containers"]] == ["triton"]

@@ -41,7 +41,7 @@ from .triton import Chunk, TritonClient, TritonError, aclose_quietly, build_requ
 log = logging.getLogger("r1deploy.gateway")
 # the model id a request named, for the metrics (a typed key where aiohttp has them)
 MODEL_ID = web.RequestKey("model_id", str) if hasattr(web, "RequestKey") else "model_id"
-ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics"}
+ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/health/live", "/metrics"}
 
 
 @dataclass
@@ -74,6 +74,7 @@ class Gateway:
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/health/live", self.live)
         app.router.add_get("/metrics", self.prometheus)
         app.on_startup.append(self._startup)
         app.on_cleanup.append(self._cleanup)
@@ -122,7 +123,7 @@ class Gateway:
             status = 499  # the client went away (nginx's convention); nothing is sent
             raise
         finally:
-            if endpoint not in ("/metrics", "/health"):
+            if endpoint not in ("/metrics", "/health", "/health/live"):
                 self.metrics.request(endpoint, request.get(MODEL_ID, ""), status)
 
     # ---- small endpoints --------------------------------------------------------------------------------------
@@ -145,6 +146,10 @@ class Gateway:
         if not ready:
             raise ApiError(503, why)
         return web.json_response({"status": "ready", "triton": self.cfg.triton, "models": sorted(self.models)})
+
+    async def live(self, request):
+        """Liveness: the gateway answers, whatever Triton's state (a restart would not make Triton ready)."""
+        return web.json_response({"status": "live"})
 
     async def prometheus(self, request):
         return web.Response(text=self.metrics.render(), content_type="text/plain", charset="utf-8",
