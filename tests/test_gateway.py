@@ -555,3 +555,22 @@ def test_manifests_run_the_gateway_beside_triton(tmp_path):
     objects = checks.kustomize_build(tmp_path / "k8s" / "overlays" / "edge")
     pod = next(o for o in objects if o["kind"] == "Deployment")["spec"]["template"]["spec"]
     assert [c["name"] for c in pod["containers"]] == ["triton"]
+
+
+@pytest.mark.triton
+def test_bench_speaks_openai(gateway, tmp_path):
+    from conftest import run_cli
+
+    r = run_cli("--json", "bench", "--protocol", "openai", "--url", gateway, "--model", "generate", "--concurrency", "2",
+                "--duration", "1", "--warmup", "0.2", "--max-trials", "4", "--stability-percentage", "100",
+                "--output-tokens", "8", "--input-tokens", "8", "--out", str(tmp_path),
+                env={"OPENAI_API_KEY": KEY, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    level = result["levels"][0]
+    assert result["protocol"] == "openai" and result["kind"] == "llm" and level["errors"] == 0
+    llm = level["llm"]
+    # every request asked for 8 tokens; the tiny model may end one early at its eos
+    assert 0 < llm["tokens_per_request"] <= 8 and llm["output_tokens_per_s"] > 0 and llm["ttft_ms"]["p50"] > 0
+    bad = run_cli("bench", "--protocol", "openai", "--url", gateway, "--model", "nope", env={"OPENAI_API_KEY": KEY})
+    assert bad.returncode == 2 and "nope" in bad.stderr

@@ -14,6 +14,7 @@ from ..profiles import SloTargets
 class Protocol(str, enum.Enum):
     GRPC = "grpc"
     HTTP = "http"
+    OPENAI = "openai"  # an OpenAI-compatible endpoint (r1deploy gateway): LLMs only
 
 
 class StabilityLatency(str, enum.Enum):
@@ -25,7 +26,7 @@ class StabilityLatency(str, enum.Enum):
 
 @dataclass
 class BenchConfig:
-    url: str  # HOST:PORT of the protocol's endpoint
+    url: str  # HOST:PORT of the protocol's endpoint (openai: also http://HOST:PORT)
     model: str
     protocol: Protocol = Protocol.GRPC
     model_version: str = ""
@@ -60,6 +61,10 @@ class BenchConfig:
     def __post_init__(self) -> None:
         self.protocol = Protocol(self.protocol)
         self.stability_latency = StabilityLatency(self.stability_latency)
+        if self.protocol is Protocol.OPENAI:
+            self.url = self.url.removeprefix("http://").rstrip("/").removesuffix("/v1")
+            if self.llm is False:
+                raise BadInput("--protocol openai benchmarks LLMs only (drop --no-llm)")
         host, sep, port = self.url.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise BadInput(f"--url must be HOST:PORT, got {self.url!r}")
