@@ -8,7 +8,14 @@ The server is real: r1-distill-tiny exported, written as a python_ort repository
 Triton; the gateway runs in its own process, as in the pod. On this 2-core machine the benchmark client, the
 gateway and Triton share the cores, so the gateway's CPU cost shows up as lost throughput.
 
-    .venv/bin/python benchmarks/gateway_overhead.py --concurrency 1,16 --duration 5 --rounds 2
+    .venv/bin/python benchmarks/gateway_overhead.py --concurrency 1,16 --duration 5 --rounds 2 \
+        --aiperf /work/wt/_venvs/aiperf/bin/aiperf
+
+With --aiperf (NVIDIA's OpenAI benchmark client, 0.13, in its own venv: `python -m venv V && V/bin/pip install
+aiperf`), the same gateway is also measured by aiperf at each concurrency (synthetic prompts of the same token
+length, the same max_tokens, server token counts), as a cross-check of `r1deploy bench --protocol openai`.
+aiperf 0.13 quirks met here: with HF_HUB_OFFLINE=1 it treats a local tokenizer path as a hub repo id (so it runs
+without it; nothing is downloaded from a local path), and its `builtin` tokenizer downloads tiktoken data.
 """
 
 from __future__ import annotations
@@ -45,6 +52,52 @@ def bench(url: str, protocol: str, concurrency: int, args, out: Path) -> dict:
             "itl_p50_ms": level["llm"]["itl_ms"]["p50"], "stable": level["stable"], "errors": level["errors"]}
 
 
+def prompt_tokens(tokenizer_dir: Path, words: int, seed: int = 0) -> int:
+    """Mean token count of the synthetic prompts `r1deploy bench` sends (--input-tokens counts words; this tiny
+    vocabulary spends several tokens on a word), so that aiperf is given prompts of the same length."""
+    import numpy as np
+    from tokenizers import Tokenizer
+
+    from exporter.bench.inputs import _words
+
+    tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    rng = np.random.default_rng(seed)
+    return round(statistics.mean(len(tok.encode(_words(words, rng)).ids) for _ in range(64)))
+
+
+def run_aiperf(binary: str, port: int, concurrency: int, tokenizer: Path, input_tokens: int, args, out: Path) -> dict:
+    requests = max(40, int(args.aiperf_requests_per_conc * concurrency))
+    cmd = [binary, "profile", "--model-names", "generate", "--url", f"http://127.0.0.1:{port}", "--endpoint-type",
+           "completions", "--streaming", "--concurrency", str(concurrency), "--request-count", str(requests),
+           "--warmup-request-count", str(2 * concurrency),
+           "--prompt-input-tokens-mean", str(input_tokens), "--prompt-input-tokens-stddev", "0",
+           "--prompt-output-tokens-mean", str(args.output_tokens), "--prompt-output-tokens-stddev", "0",
+           "--tokenizer", str(tokenizer.resolve()), "--use-server-token-count", "--output-artifact-dir", str(out)]
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    export = out / "profile_export_aiperf.json"
+    if proc.returncode != 0 or not export.is_file():
+        raise RuntimeError(f"aiperf c={concurrency} failed: {(proc.stdout + proc.stderr).strip()[-400:]}")
+    d = json.loads(export.read_text())
+    return {"tokens_per_s": d["output_token_throughput"]["avg"], "ttft_p50_ms": d["time_to_first_token"]["p50"],
+            "itl_p50_ms": d["inter_token_latency"]["p50"], "input_tokens": input_tokens}
+
+
+def aiperf_tokenizer(src: Path, dest: Path) -> Path:
+    """A copy of the tokenizer files that aiperf's loader takes (tokenizer_class spelled the way every
+    transformers release reads it)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file():
+            (dest / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((dest / "tokenizer_config.json").read_text())
+    cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    cfg.pop("backend", None)
+    cfg["additional_special_tokens"] = cfg.pop("extra_special_tokens", [])
+    (dest / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return dest
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--concurrency", default="1,16")
@@ -53,6 +106,8 @@ def main() -> None:
     ap.add_argument("--input-tokens", type=int, default=128)
     ap.add_argument("--output-tokens", type=int, default=64)
     ap.add_argument("--workdir", type=Path, default=None, help="r1deploy workdir to reuse (default: a temporary one)")
+    ap.add_argument("--aiperf", default=None, help="aiperf binary (its own venv): cross-check the gateway figures")
+    ap.add_argument("--aiperf-requests-per-conc", type=float, default=60.0)
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
@@ -88,6 +143,10 @@ def main() -> None:
                         runs[protocol].append(bench(url, protocol, c, args, work / "bench" / f"{protocol}-c{c}-r{r}"))
                 med = {p: {k: statistics.median(x[k] for x in v) for k in ("tokens_per_s", "ttft_p50_ms", "itl_p50_ms")}
                        for p, v in runs.items()}
+                if args.aiperf:
+                    tok = aiperf_tokenizer(repo / "generate" / "1" / "tokenizer", work / "aiperf-tokenizer")
+                    n_in = prompt_tokens(tok, args.input_tokens)
+                    med["aiperf"] = run_aiperf(args.aiperf, port, c, tok, n_in, args, work / "aiperf" / f"c{c}")
                 rows.append((c, med, runs))
         finally:
             gw.send_signal(signal.SIGTERM)
@@ -99,6 +158,11 @@ def main() -> None:
         d, g = med["grpc"], med["openai"]
         print(f"{c:>3} {d['tokens_per_s']:>13.0f} {g['tokens_per_s']:>14.0f} {g['tokens_per_s'] / d['tokens_per_s']:>6.2f} "
               f"{d['ttft_p50_ms']:>16.2f} {g['ttft_p50_ms']:>17.2f} {g['ttft_p50_ms'] - d['ttft_p50_ms']:>9.2f}")
+        if "aiperf" in med:
+            a = med["aiperf"]
+            print(f"    aiperf on the gateway ({a['input_tokens']} prompt tokens): {a['tokens_per_s']:.0f} tok/s ({g['tokens_per_s'] / a['tokens_per_s']:.2f}x "
+                  f"r1deploy/aiperf), TTFT p50 {a['ttft_p50_ms']:.2f} ms ({g['ttft_p50_ms'] / a['ttft_p50_ms']:.2f}x), "
+                  f"ITL p50 {a['itl_p50_ms']:.2f} ms (r1deploy {g['itl_p50_ms']:.2f})")
         unstable = [p for p, v in runs.items() for x in v if not x["stable"] or x["errors"]]
         if unstable:
             print(f"    note: c={c} had unstable or failing windows in {', '.join(sorted(set(unstable)))}")
