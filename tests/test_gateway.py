@@ -160,7 +160,7 @@ def test_request_shapes_follow_each_config(tmp_path, tiny_tokenizer):
 
 
 def test_json_nesting_is_bounded_before_anything_else():
-    deep = b"[" * 30000 + b"]" * 30000  # ~120 KB: crashes the bundled Triton 2.51 if forwarded
+    deep = b"[" * 60000 + b"]" * 60000  # ~120 KB: crashes the bundled Triton 2.51 if forwarded
     with pytest.raises(ApiError) as err:
         parse_body(b'{"model": "m", "x": ' + deep + b"}", 32)
     assert err.value.status == 400 and "nested deeper than 32" in err.value.message
@@ -249,8 +249,7 @@ def gateway(repos, triton):
     port = free_port()
     proc = subprocess.Popen(
         [str(R1DEPLOY), "gateway", "--triton", triton.endpoints.grpc, "--repository", str(repos["real"]),
-         "--repository", str(repos["scripted"]), "--port", str(port), "--api-key-file", str(keys),
-         "--max-body-bytes", "65536"],
+         "--repository", str(repos["scripted"]), "--port", str(port), "--api-key-file", str(keys)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
     )
     url = f"http://127.0.0.1:{port}"
@@ -426,7 +425,7 @@ def test_every_error_status_reaches_the_client(client, gateway, repos):
     assert e.status_code == 400 and "nested deeper" in e.message
     e = _status_error(lambda: chat(model="no-such-model", messages=msg))
     assert e.status_code == 404 and isinstance(e, openai.NotFoundError)
-    e = _status_error(lambda: client.completions.create(model="generate", prompt="x" * 70_000))
+    e = _status_error(lambda: client.completions.create(model="generate", prompt="x" * (1 << 20)))  # > 1 MiB
     assert e.status_code == 413
     e = _status_error(lambda: chat(model="scripted", messages=[{"role": "user", "content": "[busy] hi"}]))
     assert e.status_code == 429 and isinstance(e, openai.RateLimitError) and "server busy" in e.message
@@ -450,7 +449,7 @@ def test_every_error_status_reaches_the_client(client, gateway, repos):
 
 @pytest.mark.triton
 def test_deep_json_body_never_reaches_triton(gateway, triton):
-    body = b'{"model": "generate", "prompt": ' + b"[" * 30000 + b"]" * 30000 + b"}"
+    body = b'{"model": "generate", "prompt": ' + b"[" * 60000 + b"]" * 60000 + b"}"
     req = urllib.request.Request(gateway + "/v1/completions", data=body,
                                  headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as err:
@@ -574,3 +573,14 @@ def test_bench_speaks_openai(gateway, tmp_path):
     assert 0 < llm["tokens_per_request"] <= 8 and llm["output_tokens_per_s"] > 0 and llm["ttft_ms"]["p50"] > 0
     bad = run_cli("bench", "--protocol", "openai", "--url", gateway, "--model", "nope", env={"OPENAI_API_KEY": KEY})
     assert bad.returncode == 2 and "nope" in bad.stderr
+
+
+def test_triton_errors_map_to_statuses():
+    from exporter.gateway.triton import error_status
+
+    assert error_status("server busy: 8 requests queued (max_queue 8)") == 429
+    assert error_status("prompt has 5000 tokens; this deployment accepts at most 2048") == 400
+    assert error_status("max_tokens must lie in 1..512, got 0") == 400
+    assert error_status("the server is shutting down") == 503
+    assert error_status("Request for unknown model: 'generate' is not found") == 503
+    assert error_status("generate failed: RuntimeError: boom") == 500

@@ -176,8 +176,10 @@ def parse_request(body: dict, models: dict[str, ServedModel], chat: bool, profil
     defaults = {**model.default_sampling, **profile_sampling}
     seed = _integer(body, "seed")
     seed_spec = model.inputs.get("seed")
-    if seed is not None and not (0 <= seed < 2**63 or (seed_spec and not seed_spec.datatype.startswith("U") and -2**63 <= seed < 0)):
-        raise ApiError(400, f"seed must lie in 0..{2**63 - 1}, got {seed}", "seed")
+    if seed is not None:
+        lowest = 0 if seed_spec is not None and seed_spec.datatype.startswith("UINT") else -(2**63)
+        if not lowest <= seed < 2**63:
+            raise ApiError(400, f"seed must lie in {lowest}..{2**63 - 1}, got {seed}", "seed")
     stop = body.get("stop")
     if stop is None:
         stop = []

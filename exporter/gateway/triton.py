@@ -59,7 +59,7 @@ def error_status(message: str) -> int:
     text = message.strip().lower()
     if text.startswith("server busy"):
         return 429
-    if "shutting down" in text or "is not ready" in text or "unknown model" in text or "not found" in text:
+    if "shutting down" in text or "is not ready" in text or text.startswith("request for unknown model"):
         return 503
     if text.startswith("generate failed"):
         return 500
