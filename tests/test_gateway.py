@@ -584,3 +584,17 @@ def test_triton_errors_map_to_statuses():
     assert error_status("the server is shutting down") == 503
     assert error_status("Request for unknown model: 'generate' is not found") == 503
     assert error_status("generate failed: RuntimeError: boom") == 500
+
+
+def test_short_prompts_skip_the_count_but_never_pass_a_long_one(tiny_tokenizer, tmp_path, session_workdir):
+    """`surely_fits` may skip tokenizing only when the byte bound proves the prompt short enough."""
+    from exporter.artifacts import ModelLayout
+    from exporter.gateway.models import read_model
+
+    tok_dir = ModelLayout(session_workdir, "r1-distill-tiny").tokenizer_dir
+    model = read_model(_write_scripted(tmp_path / "repo", tok_dir, tmp_path / "m") / "scripted")  # max_input_len 64
+    for prompt in ["hi", "<｜User｜>hello<｜Assistant｜><think>\n", "é" * 20, "日本語" * 5, "word " * 12, "x" * 70]:
+        n = model.count_tokens(prompt)
+        if model.surely_fits(prompt):
+            assert n <= 64, prompt
+    assert not model.surely_fits("word " * 100)

@@ -62,6 +62,8 @@ class Gateway:
     def __init__(self, cfg: GatewayConfig):
         self.cfg = cfg
         self.models: dict[str, ServedModel] = read_repositories(cfg.repositories, cfg.served_model_names)
+        for model in self.models.values():
+            _ = model.tokenizer  # loaded now: a missing tokenizer is bad input at start, not a first slow request
         self._keys = [k.encode() for k in cfg.api_keys]
         self.metrics = Metrics()
         self.client: Optional[TritonClient] = None
@@ -289,7 +291,7 @@ class _Output:
         self.gw, self.p, self.received = gw, p, received
         self.first_at: Optional[float] = None
         self.finish = ""
-        self.prompt_tokens = p.prompt_tokens
+        self.prompt_tokens = p.prompt_tokens  # the model's own count replaces it; counted here at the end if none
         self.completion_tokens = 0
 
     def count(self, c: Chunk) -> None:
@@ -309,11 +311,16 @@ class _Output:
         tok = model.tokenizer
         return ReasoningSplitter(model.think_end_id, lambda ids: tok.decode(ids, skip_special_tokens=True))
 
+    def _prompt_tokens(self) -> int:
+        if self.prompt_tokens is None:
+            self.prompt_tokens = self.p.model.count_tokens(self.p.generation.prompt)
+        return self.prompt_tokens
+
     def usage(self) -> dict:
-        return usage(self.prompt_tokens, self.completion_tokens)
+        return usage(self._prompt_tokens(), self.completion_tokens)
 
     def done(self) -> None:
-        self.gw.metrics.tokens(self.p.model_id, self.prompt_tokens, self.completion_tokens)
+        self.gw.metrics.tokens(self.p.model_id, self._prompt_tokens(), self.completion_tokens)
 
 
 # ---- running it ---------------------------------------------------------------------------------------------------

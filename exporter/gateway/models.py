@@ -81,6 +81,15 @@ class ServedModel:
         # the same call the generate model makes (tokenizer.encode with its default special-token handling)
         return len(self.tokenizer.encode(prompt).ids)
 
+    def surely_fits(self, prompt: str) -> bool:
+        """True when the prompt cannot exceed max_input_len, without tokenizing it: no tokenizer r1deploy serves
+        (byte-level BPE, byte fallback, WordPiece) makes more tokens than UTF-8 bytes, plus the special tokens
+        its post-processor adds. Tokenizing a 300-token prompt costs ~0.6 ms here, on the way to the first
+        token of every request; the count is needed only for long prompts and, for a model that does not
+        return its own count, for the usage after the answer."""
+        extra = self.tokenizer.num_special_tokens_to_add(False)
+        return len(prompt.encode("utf-8")) + extra <= self.limits.max_input_len
+
 
 def _param(config: mc.ModelConfig, key: str) -> Optional[str]:
     p = config.parameters.get(key)

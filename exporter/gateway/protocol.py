@@ -94,7 +94,7 @@ class Parsed:
     model_id: str
     model: ServedModel
     generation: Generation
-    prompt_tokens: int
+    prompt_tokens: Optional[int]  # None: not counted yet (short enough to need no check)
     stream: bool
     include_usage: bool
     separate_reasoning: bool
@@ -161,8 +161,8 @@ def parse_request(body: dict, models: dict[str, ServedModel], chat: bool, profil
     if not prompt.strip():
         raise ApiError(400, "the prompt is empty", "messages" if chat else "prompt")
     limits = model.limits
-    prompt_tokens = model.count_tokens(prompt)
-    if prompt_tokens > limits.max_input_len:
+    prompt_tokens = None if model.surely_fits(prompt) else model.count_tokens(prompt)
+    if prompt_tokens is not None and prompt_tokens > limits.max_input_len:
         raise ApiError(400, f"prompt has {prompt_tokens} tokens; this deployment accepts at most {limits.max_input_len}",
                        "messages" if chat else "prompt", "context_length_exceeded")
     key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
