@@ -598,3 +598,15 @@ def test_short_prompts_skip_the_count_but_never_pass_a_long_one(tiny_tokenizer, 
         if model.surely_fits(prompt):
             assert n <= 64, prompt
     assert not model.surely_fits("word " * 100)
+
+
+@pytest.mark.triton
+def test_failure_after_the_stream_started_reaches_the_client(client):
+    import openai
+
+    stream = client.completions.create(model="scripted", prompt="[fail-mid] go", max_tokens=8, stream=True)
+    seen = []
+    with pytest.raises(openai.APIError, match="engine lost"):
+        for chunk in stream:
+            seen.append(chunk.choices[0].text)
+    assert seen == [" tick", " tick"]

@@ -181,6 +181,11 @@ class Gateway:
         except asyncio.CancelledError:
             self.metrics.cancelled += 1
             raise
+        except ConnectionError:
+            # the client went away while an event was being written (before aiohttp cancelled the handler):
+            # the same as a cancellation — nothing more can be sent, and the Triton request is cancelled below
+            self.metrics.cancelled += 1
+            raise asyncio.CancelledError() from None
         finally:
             self.metrics.in_flight -= 1
             await aclose_quietly(chunks)  # a request not read to its end is cancelled in Triton
@@ -267,7 +272,6 @@ class Gateway:
         except TritonError as exc:
             # the status line is gone: OpenAI's clients raise on an `error` event
             await resp.write(b"data: " + json.dumps(ApiError(exc.status, str(exc)).body()).encode() + b"\n\n")
-            request[MODEL_ID] = p.model_id
             await resp.write_eof()
             return resp
         except StopAsyncIteration:

@@ -8,6 +8,7 @@ Directives found in the prompt:
   [busy]           an error response "server busy: …" (the gateway answers 429)
   [slow]           one token every 50 ms up to max_tokens; a cancelled request writes <marker_dir>/cancelled-<seed>,
                    one that ran to its end <marker_dir>/finished-<seed>
+  [fail-mid]       two chunks, then an error response (a failure after the stream started)
   [script:NAME]    the chunks of SCRIPTS[NAME], one response each when streaming
 """
 
@@ -74,6 +75,11 @@ class TritonPythonModel:
             n_in = len(self.tokenizer.encode(prompt).ids)
             if "[busy]" in prompt:
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError("server busy: 4 requests queued (max_queue 4)")), flags=final)
+                return
+            if "[fail-mid]" in prompt:
+                for i in range(2):
+                    sender.send(self._response(" tick", [100 + i], "", n_in))
+                sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError("generate failed: RuntimeError: engine lost")), flags=final)
                 return
             if "[slow]" in prompt:
                 for i in range(max_tokens):
