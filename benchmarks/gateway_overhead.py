@@ -98,6 +98,48 @@ def aiperf_tokenizer(src: Path, dest: Path) -> Path:
     return dest
 
 
+def ttft_probe(grpc_url: str, repo: Path, gateway: str, requests: int, input_words: int, output_tokens: int) -> dict:
+    """TTFT p50 of `requests` sequential streamed requests: the gateway's own gRPC client calling Triton, then the
+    same prompt through the gateway (raw aiohttp, first event with text) — what the gateway adds, without the
+    load generator's windows."""
+    import asyncio
+
+    import aiohttp
+    import numpy as np
+
+    from exporter.bench.inputs import _words
+    from exporter.gateway.models import read_repositories
+    from exporter.gateway.triton import Generation, TritonClient, build_request
+
+    model = read_repositories([repo])["generate"]
+    rng = np.random.default_rng(0)
+    prompts = [_words(input_words, rng) for _ in range(32)]
+
+    async def run() -> dict:
+        client = TritonClient(grpc_url)
+        direct, via = [], []
+        async with aiohttp.ClientSession() as session:
+            for i in range(requests):
+                prompt = prompts[i % len(prompts)]
+                t0 = time.perf_counter()
+                req = build_request(model, Generation(prompt=prompt, max_tokens=output_tokens, stream=True))
+                async for chunk in client.generate(req):
+                    if chunk.text:
+                        direct.append(time.perf_counter() - t0)
+                        break
+                t0 = time.perf_counter()
+                body = {"model": "generate", "prompt": prompt, "max_tokens": output_tokens, "stream": True}
+                async with session.post(gateway + "/v1/completions", json=body) as r:
+                    async for line in r.content:
+                        if line.startswith(b"data: ") and b'"text": ""' not in line:
+                            via.append(time.perf_counter() - t0)
+                            break
+        await client.close()
+        return {"direct_ttft_p50_ms": statistics.median(direct) * 1e3, "gateway_ttft_p50_ms": statistics.median(via) * 1e3}
+
+    return asyncio.run(run())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--concurrency", default="1,16")
@@ -108,6 +150,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None, help="r1deploy workdir to reuse (default: a temporary one)")
     ap.add_argument("--aiperf", default=None, help="aiperf binary (its own venv): cross-check the gateway figures")
     ap.add_argument("--aiperf-requests-per-conc", type=float, default=60.0)
+    ap.add_argument("--probe", type=int, default=100, help="sequential requests of the TTFT probe (0: none)")
     args = ap.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
@@ -133,6 +176,8 @@ def main() -> None:
                     if time.monotonic() > deadline:
                         raise RuntimeError("gateway never became ready") from None
                     time.sleep(0.2)
+            probe = ttft_probe(triton.endpoints.grpc, repo, f"http://127.0.0.1:{port}", args.probe, args.input_tokens,
+                               args.output_tokens) if args.probe else None
             rows = []
             for c in levels:
                 runs: dict[str, list[dict]] = {"grpc": [], "openai": []}
@@ -166,6 +211,9 @@ def main() -> None:
         unstable = [p for p, v in runs.items() for x in v if not x["stable"] or x["errors"]]
         if unstable:
             print(f"    note: c={c} had unstable or failing windows in {', '.join(sorted(set(unstable)))}")
+    if probe:
+        print(f"TTFT probe ({args.probe} sequential requests): direct {probe['direct_ttft_p50_ms']:.2f} ms, through the "
+              f"gateway {probe['gateway_ttft_p50_ms']:.2f} ms (+{probe['gateway_ttft_p50_ms'] - probe['direct_ttft_p50_ms']:.2f} ms)")
     print(json.dumps([{"concurrency": c, **{p: m for p, m in med.items()}} for c, med, _ in rows]))
 
 
