@@ -610,3 +610,45 @@ def test_failure_after_the_stream_started_reaches_the_client(client):
         for chunk in stream:
             seen.append(chunk.choices[0].text)
     assert seen == [" tick", " tick"]
+
+
+def test_profile_sampling_applies_when_the_request_sets_none(tmp_path, session_workdir, tiny_tokenizer):
+    from exporter.artifacts import ModelLayout
+    from exporter.gateway.models import read_model
+    from exporter.gateway.protocol import parse_request
+    from exporter.profiles import load_profiles
+
+    tok_dir = ModelLayout(session_workdir, "r1-distill-tiny").tokenizer_dir
+    model = read_model(_write_scripted(tmp_path / "repo", tok_dir, tmp_path / "m") / "scripted")
+    sampling = load_profiles()["edge"].sampling.as_dict()
+    assert sampling == {"temperature": 0.6, "top_p": 0.95}
+    body = {"model": "scripted", "messages": [{"role": "user", "content": "hi"}]}
+    g = parse_request(body, {"scripted": model}, True, sampling).generation
+    assert (g.temperature, g.top_p) == (0.6, 0.95)
+    g = parse_request({**body, "temperature": 0, "top_p": 0.5}, {"scripted": model}, True, sampling).generation
+    assert (g.temperature, g.top_p) == (0.0, 0.5)
+    g = parse_request(body, {"scripted": model}, True, {}).generation
+    assert (g.temperature, g.top_p) == (None, None)  # generate's own default
+    assert g.prompt.endswith("<｜Assistant｜><think>\n") and g.skip_special_tokens is False
+
+
+@pytest.mark.triton
+def test_disconnect_before_a_whole_response_cancels_too(gateway, repos):
+    import http.client
+
+    markers = repos["markers"]
+    body = {"model": "scripted", "prompt": "[slow] go", "max_tokens": 64, "seed": 4343}
+    host, port = gateway.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("POST", "/v1/completions", body=json.dumps(body),
+                 headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    deadline = time.monotonic() + 60
+    while not (markers / "started-4343").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert (markers / "started-4343").exists()
+    conn.sock.close()  # gone while the model generates, before any byte of the answer
+    conn.close()
+    while not (markers / "cancelled-4343").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (markers / "cancelled-4343").exists(), "generation was not cancelled"
+    assert not (markers / "finished-4343").exists()

@@ -6,8 +6,8 @@ whose cancellation it records. Not part of r1deploy: tests/test_gateway.py write
 
 Directives found in the prompt:
   [busy]           an error response "server busy: …" (the gateway answers 429)
-  [slow]           one token every 50 ms up to max_tokens; a cancelled request writes <marker_dir>/cancelled-<seed>,
-                   one that ran to its end <marker_dir>/finished-<seed>
+  [slow]           one token every 50 ms up to max_tokens; writes <marker_dir>/started-<seed> first, then
+                   cancelled-<seed> when cancelled or finished-<seed> when it ran to its end
   [fail-mid]       two chunks, then an error response (a failure after the stream started)
   [script:NAME]    the chunks of SCRIPTS[NAME], one response each when streaming
 """
@@ -82,6 +82,7 @@ class TritonPythonModel:
                 sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError("generate failed: RuntimeError: engine lost")), flags=final)
                 return
             if "[slow]" in prompt:
+                (self.marker_dir / f"started-{seed}").write_text("")
                 for i in range(max_tokens):
                     if request.is_cancelled():
                         (self.marker_dir / f"cancelled-{seed}").write_text(str(i))
