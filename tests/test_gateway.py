@@ -652,3 +652,21 @@ def test_disconnect_before_a_whole_response_cancels_too(gateway, repos):
         time.sleep(0.1)
     assert (markers / "cancelled-4343").exists(), "generation was not cancelled"
     assert not (markers / "finished-4343").exists()
+
+
+def test_metrics_text_passes_promtool():
+    """Prometheus' own linter on the exposition text (Debian's prometheus package ships promtool)."""
+    promtool = shutil.which("promtool") or os.environ.get("R1DEPLOY_PROMTOOL")
+    if not promtool:
+        pytest.skip("promtool not installed (apt-get install prometheus, or set R1DEPLOY_PROMTOOL)")
+    from exporter.gateway.metrics import Metrics
+
+    m = Metrics()
+    m.request("/v1/completions", "generate", 200)
+    m.request("/v1/chat/completions", "", 404)
+    m.tokens("generate", 10, 5)
+    m.first_token("generate", 0.012)
+    m.first_token("generate", 3.0)
+    r = subprocess.run([promtool, "check", "metrics"], input=m.render(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert 'r1deploy_gateway_time_to_first_token_seconds_bucket{model="generate",le="0.025"} 1' in m.render()
