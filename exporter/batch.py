@@ -51,6 +51,14 @@ class BatchConfig:
             raise BadInput("--input, --output and --errors must be three different files")
 
 
+class BatchFailed(StageFailed):
+    """Some requests failed (their lines are in the errors file); carries the run's result."""
+
+    def __init__(self, message: str, result: BatchResult):
+        super().__init__(message)
+        self.result = result
+
+
 @dataclass
 class BatchRequest:
     line: int
@@ -260,7 +268,5 @@ def run_batch(cfg: BatchConfig) -> BatchResult:
     result = BatchResult(cfg.output, cfg.errors, len(requests), len(done), succeeded, failed,
                          time.perf_counter() - started)
     if failed:
-        error = StageFailed(f"{failed} of {len(todo)} requests failed (reasons in {cfg.errors}); rerun to retry them")
-        error.result = result
-        raise error
+        raise BatchFailed(f"{failed} of {len(todo)} requests failed (reasons in {cfg.errors}); rerun to retry them", result)
     return result

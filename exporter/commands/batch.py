@@ -35,8 +35,7 @@ def command(app: App, url, input_path, output_path, errors_path, concurrency, ap
     the custom_ids already written; each line is fsynced). Exit 0 only when every request succeeded."""
     import os
 
-    from ..batch import BatchConfig, run_batch
-    from ..errors import StageFailed
+    from ..batch import BatchConfig, BatchFailed, run_batch
 
     key = None
     if api_key_file is not None:
@@ -47,8 +46,7 @@ def command(app: App, url, input_path, output_path, errors_path, concurrency, ap
                       api_key=key, timeout_s=timeout, retries=retries, progress=not (app.quiet or app.as_json))
     try:
         result = run_batch(cfg)
-    except StageFailed as exc:
-        if getattr(exc, "result", None) is not None:
-            emit(app, exc.result, _human)
+    except BatchFailed as exc:
+        emit(app, exc.result, _human)  # the counts, then the one-line error and exit 1
         raise
     emit(app, result, _human)
