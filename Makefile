@@ -9,7 +9,7 @@ PY          := $(BIN)/python
 # newer one) pulls the multi-GB CUDA build. Where the local package index offers a CPU build of this version,
 # pip takes it.
 TORCH_VERSION ?= 2.13.0
-EXTRAS        ?= minilm,serve,k8s,bench,rtx,dev
+EXTRAS        ?= minilm,serve,gateway,k8s,bench,rtx,dev
 STAMP         := $(VENV)/.r1deploy-installed
 
 # Pipeline / engine variables (override on the command line: make build-engine MODEL=minilm PROFILE=research)

@@ -22,6 +22,8 @@ COMMANDS = {
     "build-engine": "engine",
     "repository": "repository",
     "serve": "serve",
+    "gateway": "gateway",
+    "batch": "batch",
     "manifests": "manifests",
     "plan": "plan",
     "bench": "bench",

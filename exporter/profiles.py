@@ -108,6 +108,18 @@ class BuilderSpec:
 
 
 @dataclass(frozen=True)
+class SamplingDefaults:
+    """Sampling the OpenAI gateway applies to a request that sets none (None: the model's own default).
+    DeepSeek-R1's authors recommend temperature 0.5–0.7 (0.6) and top_p 0.95 against endless repetition."""
+
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: v for k, v in (("temperature", self.temperature), ("top_p", self.top_p)) if v is not None}
+
+
+@dataclass(frozen=True)
 class DeploymentProfile:
     name: str
     description: str
@@ -127,6 +139,7 @@ class DeploymentProfile:
     accuracy: AccuracyGate
     quantization: QuantSpec = field(default_factory=QuantSpec)
     builder: BuilderSpec = field(default_factory=BuilderSpec)
+    sampling: SamplingDefaults = field(default_factory=SamplingDefaults)
 
     def __post_init__(self) -> None:
         where = f"profile {self.name!r}"
@@ -148,6 +161,9 @@ class DeploymentProfile:
             raise ValueError(f"{where}: max_input_len and max_output_len must be ≥ 1")
         if not 1 <= self.replicas <= self.max_replicas:
             raise ValueError(f"{where}: need 1 ≤ replicas ≤ max_replicas")
+        t, p = self.sampling.temperature, self.sampling.top_p
+        if (t is not None and not 0 <= t <= 2) or (p is not None and not 0 < p <= 1):
+            raise ValueError(f"{where}: sampling.temperature must lie in [0, 2] and sampling.top_p in (0, 1]")
         if self.quantization.block_size not in (32, 64, 128):
             raise ValueError(f"{where}: quantization.block_size must be 32, 64 or 128")
 

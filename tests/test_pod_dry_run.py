@@ -117,7 +117,8 @@ def test_overlay_pod_starts_here(overlay, node, tmp_path):
         assert "unrecognized arguments" not in res.stderr
 
     # 2. the Triton container: its command and args, remapped, on the CPU Triton
-    [triton] = spec["containers"]
+    # the pod's other container is the OpenAI gateway (tests/test_gateway.py runs its arguments)
+    triton = next(c for c in spec["containers"] if c.get("command") == ["tritonserver"])
     env = _container_env(triton, node)
     ports = dict(zip(("http", "grpc", "metrics"), free_ports(3, "127.0.0.1"), strict=True))
     args = []

@@ -21,6 +21,7 @@ _OPTION = {"window_s": "--duration", "warmup_s": "--warmup", "stability_pct": "-
 class Protocol(str, enum.Enum):
     GRPC = "grpc"
     HTTP = "http"
+    OPENAI = "openai"  # an OpenAI-compatible endpoint (r1deploy gateway): LLMs only
 
 
 class StabilityLatency(str, enum.Enum):
@@ -32,7 +33,7 @@ class StabilityLatency(str, enum.Enum):
 
 @dataclass
 class BenchConfig:
-    url: str  # HOST:PORT of the protocol's endpoint
+    url: str  # HOST:PORT of the protocol's endpoint (openai: also http://HOST:PORT)
     model: str
     protocol: Protocol = Protocol.GRPC
     model_version: str = ""
@@ -74,6 +75,10 @@ class BenchConfig:
         if any(not math.isfinite(r) for r in self.request_rate):
             raise BadInput(f"--request-rate must be finite numbers > 0, got {self.request_rate}")
         self.stability_latency = StabilityLatency(self.stability_latency)
+        if self.protocol is Protocol.OPENAI:
+            self.url = self.url.removeprefix("http://").rstrip("/").removesuffix("/v1")
+            if self.llm is False:
+                raise BadInput("--protocol openai benchmarks LLMs only (drop --no-llm)")
         host, sep, port = self.url.rpartition(":")
         if not sep or not host or not port.isdigit():
             raise BadInput(f"--url must be HOST:PORT, got {self.url!r}")

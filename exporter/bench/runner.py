@@ -53,10 +53,14 @@ def _is_llm(cfg: BenchConfig, spec: ModelSpec) -> bool:
 
 async def _connect(cfg: BenchConfig):
     connections = max(cfg.levels) if not cfg.open_loop else 0
-    transport = make_transport(cfg.protocol.value, cfg.url, int(connections))
+    import os
+
+    api_key = os.environ.get("OPENAI_API_KEY") if cfg.protocol.value == "openai" else None
+    transport = make_transport(cfg.protocol.value, cfg.url, int(connections), api_key)
     if not await transport.live():
         await transport.close()
-        raise BadInput(f"cannot reach Triton at {cfg.url} over {cfg.protocol.value} (is the server running? right port?)")
+        what = "an OpenAI endpoint" if cfg.protocol.value == "openai" else "Triton"
+        raise BadInput(f"cannot reach {what} at {cfg.url} over {cfg.protocol.value} (is the server running? right port?)")
     try:
         metadata = await transport.metadata(cfg.model, cfg.model_version)
         config = await transport.config(cfg.model, cfg.model_version)

@@ -327,7 +327,134 @@ class _HttpStream(StreamSession):
         return None
 
 
-def make_transport(protocol: str, url: str, connections: int = 0) -> Transport:
+class OpenAITransport(Transport):
+    """An OpenAI-compatible endpoint (`r1deploy gateway`, vLLM, …): LLM load only, as streamed (or whole)
+    /v1/completions; the model's "metadata" is what /v1/models lists, and there are no server statistics."""
+
+    protocol = "openai"
+
+    def __init__(self, url: str, connections: int = 0, api_key: Optional[str] = None):
+        import aiohttp
+
+        self.aiohttp = aiohttp
+        self.base = (url if url.startswith(("http://", "https://")) else f"http://{url}").rstrip("/").removesuffix("/v1")
+        self.headers = {"Content-Type": "application/json"}
+        if api_key:
+            self.headers["Authorization"] = f"Bearer {api_key}"
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=connections))
+        self.control = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=2))
+
+    async def _models(self, timeout_s: float = _CONTROL_TIMEOUT_S) -> list[str]:
+        try:
+            async with self.control.get(self.base + "/v1/models", headers=self.headers,
+                                        timeout=self.aiohttp.ClientTimeout(total=timeout_s)) as r:
+                body = await r.read()
+                if r.status != 200:
+                    raise RequestError(_http_error(r.status, body))
+                return [m.get("id") for m in json.loads(body).get("data", [])]
+        except (self.aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
+            raise RequestError(f"{type(exc).__name__}: {exc}") from None
+
+    async def live(self) -> bool:
+        try:
+            await self._models(timeout_s=2.0)
+            return True
+        except RequestError:
+            return False
+
+    async def metadata(self, model, version):
+        served = await self._models()
+        if model not in served:
+            raise RequestError(f"not served (models: {', '.join(served)})")
+        meta = pb.ModelMetadataResponse(name=model, versions=["1"])
+        for name, datatype in (("text_input", "BYTES"), ("max_tokens", "INT32"), ("stream", "BOOL")):
+            meta.inputs.add(name=name, datatype=datatype, shape=[1])
+        meta.outputs.add(name="text_output", datatype="BYTES", shape=[1])
+        return meta
+
+    async def config(self, model, version):
+        config = mc.ModelConfig(name=model, max_batch_size=0)
+        config.model_transaction_policy.decoupled = True
+        for name in ("max_tokens", "stream"):
+            config.input.add(name=name, optional=True)
+        return config
+
+    async def statistics(self, model, version):
+        return None
+
+    def infer_fn(self, model, version, payload, timeout_s):
+        raise RequestError("--protocol openai benchmarks LLMs only (generate-style models)")
+
+    def stream_session(self, model, version, timeout_s):
+        return _OpenAIStream(self, model, timeout_s)
+
+    async def close(self):
+        await self.session.close()
+        await self.control.close()
+
+
+class _OpenAIStream(StreamSession):
+    """POST /v1/completions; tokens counted from the final usage (stream_options.include_usage), times from the
+    events that carry text."""
+
+    def __init__(self, transport: OpenAITransport, model: str, timeout_s: float):
+        self.transport, self.model, self.timeout_s = transport, model, timeout_s
+        self.bodies: dict[int, tuple[bytes, bool]] = {}
+
+    def _body(self, payload: Payload) -> tuple[bytes, bool]:
+        cached = self.bodies.get(id(payload))
+        if cached is None:
+            values = {t.name: t.array.reshape(-1)[0] for t in payload.tensors}
+            text = values["text_input"]
+            stream = bool(values.get("stream", True))
+            doc = {"model": self.model, "prompt": text.decode() if isinstance(text, bytes) else str(text),
+                   "max_tokens": int(payload.max_tokens or values.get("max_tokens", 16)), "stream": stream}
+            if stream:
+                doc["stream_options"] = {"include_usage": True}
+            cached = self.bodies[id(payload)] = (json.dumps(doc).encode(), stream)
+        return cached
+
+    async def generate(self, payload: Payload) -> StreamOutcome:
+        aiohttp = self.transport.aiohttp
+        body, stream = self._body(payload)
+        first = last = 0.0
+        tokens = 0
+        try:
+            async with self.transport.session.post(
+                self.transport.base + "/v1/completions", data=body, headers=self.transport.headers,
+                timeout=aiohttp.ClientTimeout(total=self.timeout_s),
+            ) as r:
+                if r.status != 200:
+                    raise RequestError(_http_error(r.status, await r.read()))
+                if not stream:
+                    doc = json.loads(await r.read())
+                    first = last = time.perf_counter()
+                    return first, last, int(doc["usage"]["completion_tokens"])
+                async for line in r.content:
+                    if not line.startswith(b"data: "):
+                        continue
+                    if line.startswith(b"data: [DONE]"):
+                        break
+                    event = json.loads(line[6:])
+                    if "error" in event:
+                        raise RequestError(f"stream: {event['error'].get('message')}")
+                    if event.get("usage"):
+                        tokens = int(event["usage"]["completion_tokens"])
+                    if any(c.get("text") for c in event.get("choices", ())):
+                        last = time.perf_counter()
+                        if not first:
+                            first = last
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, KeyError) as exc:
+            raise RequestError(_transport_error(exc, self.timeout_s)) from None
+        return first, last, tokens
+
+    async def close(self):
+        return None
+
+
+def make_transport(protocol: str, url: str, connections: int = 0, api_key: Optional[str] = None) -> Transport:
+    if protocol == "openai":
+        return OpenAITransport(url, connections, api_key)
     return GrpcTransport(url) if protocol == "grpc" else HttpTransport(url, connections)
 
 

@@ -31,10 +31,11 @@ def _human(r: BenchResult) -> None:
 
 
 @click.command("bench")
-@click.option("--url", required=True, help="Triton endpoint HOST:PORT (the gRPC port with --protocol grpc).")
+@click.option("--url", required=True, help="Triton endpoint HOST:PORT (the gRPC port with --protocol grpc; the gateway's with openai).")
 @click.option("--model", required=True, help="Served model name.")
 @click.option("--model-version", default="", help="Model version (default: the server's choice).")
-@click.option("--protocol", type=click.Choice(["grpc", "http"]), default="grpc", show_default=True)
+@click.option("--protocol", type=click.Choice(["grpc", "http", "openai"]), default="grpc", show_default=True,
+              help="openai: an OpenAI-compatible endpoint (r1deploy gateway; key from $OPENAI_API_KEY), LLMs only.")
 @click.option("--concurrency", default="1", show_default=True, help="Closed loop: comma-separated concurrencies, e.g. 1,2,4,8.")
 @click.option("--request-rate", default=None, help="Open loop instead: comma-separated request rates (requests/s).")
 @click.option("--duration", type=float, default=5.0, show_default=True, help="Seconds per measurement window.")
@@ -58,8 +59,8 @@ def _human(r: BenchResult) -> None:
 def command(app: App, url, model, model_version, protocol, concurrency, request_rate, duration, requests, warmup,
             stability_percentage, stability_latency, max_trials, timeout, batch_size, input_data, llm, prompts,
             input_tokens, output_tokens, no_stream, profile_name, out_dir):
-    """Benchmark a model served by Triton: throughput, latency percentiles and server-side time (TTFT,
-    inter-token latency and tokens/s for streaming LLMs), written as JSON, CSV and a plot."""
+    """Benchmark a model served by Triton (or through the OpenAI gateway): throughput, latency percentiles and
+    server-side time (TTFT, inter-token latency and tokens/s for streaming LLMs), written as JSON, CSV and a plot."""
     slo = app.profile(profile_name).slo if profile_name else None
     cfg = BenchConfig(
         url=url, model=model, model_version=model_version, protocol=protocol,

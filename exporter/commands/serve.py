@@ -28,11 +28,16 @@ from .common import App, pass_app
               help="Seconds to wait for the server (and every model) to be ready.")
 @click.option("--max-restarts", type=click.IntRange(min=0), default=5, show_default=True,
               help="Restart a server that dies (a crash, the OOM killer) this many times before giving up.")
+@click.option("--openai-port", type=click.IntRange(0, 65535), default=0,
+              help="The OpenAI-compatible gateway's port beside Triton (0: a free port).")
+@click.option("--no-openai", is_flag=True, help="Do not start the OpenAI-compatible gateway.")
+@click.option("--api-key-file", type=click.Path(path_type=Path), help="The gateway's API keys, one per line (also $R1DEPLOY_API_KEYS).")
 @pass_app
 def command(app: App, repositories, http_port, grpc_port, metrics_port, cache_mib, log_file, log_verbose,
-            startup_timeout, max_restarts):
-    """Serve a model repository with a real Triton server on 127.0.0.1 until Ctrl-C or SIGTERM; a server that
-    dies is started again on the same ports (saying so), up to --max-restarts times."""
+            startup_timeout, max_restarts, openai_port, no_openai, api_key_file):
+    """Serve a model repository with a real Triton server on 127.0.0.1 until Ctrl-C or SIGTERM, and the
+    OpenAI-compatible gateway in front of it when the repository holds an LLM; a server that dies is started
+    again on the same ports (saying so), up to --max-restarts times."""
     if cache_mib < 0:
         raise BadInput(f"--cache-mib must be ≥ 0, got {cache_mib}")
     cfg = ServerConfig(
@@ -43,21 +48,30 @@ def command(app: App, repositories, http_port, grpc_port, metrics_port, cache_mi
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     server = TritonServer(cfg)
+    gateway = None
     restarts = 0
 
     def announce() -> None:
         info = {"pid": server.pid, "http": server.endpoints.http, "grpc": server.endpoints.grpc,
                 "metrics": server.endpoints.metrics, "log": str(server.log_path), "restarts": restarts}
+        if gateway is not None:
+            info["openai"] = gateway.url
         if app.as_json:
             sys.stdout.write(json.dumps(info) + "\n")
             sys.stdout.flush()
         elif not app.quiet:
             console.print(f"tritonserver ready (pid {server.pid}); Ctrl-C or SIGTERM stops it")
-            for key in ("http", "grpc", "metrics", "log"):
-                console.print(f"  {key:<8} {info[key]}")
+            for key in ("http", "grpc", "metrics", "openai", "log"):
+                if key in info:
+                    console.print(f"  {key:<8} {info[key]}" + ("/v1" if key == "openai" else ""))
 
     try:
         server.start()
+        if not no_openai:
+            from .gateway import start_beside_triton
+
+            # the gateway stays up across Triton restarts: they keep the same ports
+            gateway = start_beside_triton(app, server.endpoints.grpc, repositories, openai_port, api_key_file)
         announce()
         while not stop.wait(0.5):
             code = server.process.poll()
@@ -73,6 +87,8 @@ def command(app: App, repositories, http_port, grpc_port, metrics_port, cache_mi
             server.start()
             announce()
     finally:
+        if gateway is not None:
+            gateway.stop()
         server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

@@ -210,14 +210,18 @@ def prometheus_rule(name: str, profile: DeploymentProfile, namespace: str, kind:
     }
 
 
-def service_monitor(name: str, selector: dict) -> dict:
+def service_monitor(name: str, selector: dict, gateway: bool = False) -> dict:
+    """Triton's metrics port, and the OpenAI gateway's /metrics (on its API port) where the pod runs one."""
+    endpoints = [{"port": "metrics", "path": "/metrics", "interval": "15s", "scheme": "http"}]
+    if gateway:
+        endpoints.append({"port": "openai", "path": "/metrics", "interval": "15s", "scheme": "http"})
     return {
         "apiVersion": "monitoring.coreos.com/v1",
         "kind": "ServiceMonitor",
         "metadata": {"name": name},
         "spec": {
             "selector": {"matchLabels": selector},
-            "endpoints": [{"port": "metrics", "path": "/metrics", "interval": "15s", "scheme": "http"}],
+            "endpoints": endpoints,
         },
     }
 

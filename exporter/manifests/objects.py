@@ -24,6 +24,8 @@ UID = load_versions().uid  # the non-root user both r1deploy images create (k8s/
 MODELS_MOUNT = "/models"  # the claim holds r1deploy's workdir: <model>/engines/<profile>/, <model>/model_repository/<profile>/
 PROFILE_MOUNT = "/etc/r1deploy"
 HTTP, GRPC, METRICS = 8000, 8001, 8002
+OPENAI = 9000  # the OpenAI-compatible gateway beside Triton (decoder models only)
+API_KEYS_MOUNT = "/etc/r1deploy-api-keys"  # not under PROFILE_MOUNT: a configMap volume is read-only
 PROBE_PERIOD_S = 10
 
 
@@ -50,6 +52,8 @@ def names(cfg: ManifestsConfig) -> dict[str, str]:
         "hpa": f"{app}-triton",
         "pdb": f"{app}-triton",
         "profile": f"{app}-r1deploy-profile",
+        # created by the operator, never by r1deploy (docs/serving.md): key `keys`, one API key per line
+        "api_keys": f"{app}-openai-api-keys",
     }
 
 
@@ -73,9 +77,9 @@ def _resources(cpu: str, cpu_limit: str, memory: str, memory_limit: str, gpus: i
     return {"requests": requests, "limits": limits}
 
 
-def _http_probe(path: str, period: int, failures: int, initial: int = 0) -> dict:
+def _http_probe(path: str, period: int, failures: int, initial: int = 0, port: str = "http") -> dict:
     probe = {
-        "httpGet": {"path": path, "port": "http"},
+        "httpGet": {"path": path, "port": port},
         "periodSeconds": period,
         "failureThreshold": failures,
         "timeoutSeconds": 5,
@@ -100,8 +104,13 @@ def service_account(cfg: ManifestsConfig) -> dict:
     }
 
 
+def has_gateway(cfg: ManifestsConfig) -> bool:
+    """Only an LLM (a `generate` model) gets the OpenAI gateway; an embedding model has nothing to chat with."""
+    return cfg.kind == "decoder"
+
+
 def service(cfg: ManifestsConfig) -> dict:
-    ports = [("http", HTTP), ("grpc", GRPC), ("metrics", METRICS)]
+    ports = [("http", HTTP), ("grpc", GRPC), ("metrics", METRICS)] + ([("openai", OPENAI)] if has_gateway(cfg) else [])
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -144,8 +153,12 @@ def local_storage_class() -> dict:
 
 
 def network_policy(cfg: ManifestsConfig) -> dict:
-    """Inference ports from any pod in the cluster, metrics only from the `monitoring` namespace."""
+    """Inference ports (Triton's and the OpenAI gateway's) from any pod in the cluster, Triton's metrics only from
+    the `monitoring` namespace (the gateway's /metrics shares its API port)."""
     monitoring = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}}}
+    inference = [{"port": HTTP, "protocol": "TCP"}, {"port": GRPC, "protocol": "TCP"}]
+    if has_gateway(cfg):
+        inference.append({"port": OPENAI, "protocol": "TCP"})
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -154,10 +167,7 @@ def network_policy(cfg: ManifestsConfig) -> dict:
             "podSelector": {"matchLabels": selector_labels(cfg)},
             "policyTypes": ["Ingress"],
             "ingress": [
-                {
-                    "from": [{"namespaceSelector": {}}],
-                    "ports": [{"port": HTTP, "protocol": "TCP"}, {"port": GRPC, "protocol": "TCP"}],
-                },
+                {"from": [{"namespaceSelector": {}}], "ports": inference},
                 {"from": [monitoring], "ports": [{"port": METRICS, "protocol": "TCP"}]},
             ],
         },
@@ -218,6 +228,40 @@ def _engine_init_container(cfg: ManifestsConfig) -> dict:
     }
 
 
+def _gateway_container(cfg: ManifestsConfig) -> dict:
+    """The OpenAI-compatible gateway: r1deploy's image, Triton over gRPC on localhost, the model repository read
+    for names, tokenizer and limits, API keys from a Secret mounted as a file (never an env value)."""
+    return {
+        "name": "openai-gateway",
+        "image": cfg.r1deploy_image,
+        "command": ["python3", "-m", "exporter.cli"],
+        "args": [
+            f"--profiles={PROFILE_MOUNT}/profiles.yaml",
+            "gateway",
+            f"--triton=localhost:{GRPC}",
+            f"--repository={repository_path(cfg, '$(R1DEPLOY_PROFILE)')}",
+            "--host=0.0.0.0",
+            f"--port={OPENAI}",
+            f"--api-key-file={API_KEYS_MOUNT}/keys",
+            f"--served-model-name={cfg.model_dir}",
+            "--profile=$(R1DEPLOY_PROFILE)",
+        ],
+        "env": [{"name": "R1DEPLOY_PROFILE", "value": "unset"}, {"name": "HOME", "value": "/tmp"}],
+        "ports": [{"name": "openai", "containerPort": OPENAI, "protocol": "TCP"}],
+        # ready only when Triton and its models are (the gateway asks Triton); alive as long as it answers
+        "readinessProbe": _http_probe("/health", 5, 3, port="openai"),
+        "livenessProbe": _http_probe("/health/live", PROBE_PERIOD_S, 6, port="openai"),
+        "resources": _resources("1", "2", "1Gi", "2Gi"),
+        "securityContext": _container_security(),
+        "volumeMounts": [
+            {"name": "model-repository", "mountPath": MODELS_MOUNT, "readOnly": True},
+            {"name": "r1deploy-profile", "mountPath": PROFILE_MOUNT, "readOnly": True},
+            {"name": "openai-api-keys", "mountPath": API_KEYS_MOUNT, "readOnly": True},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+
+
 def deployment(cfg: ManifestsConfig) -> dict:
     n = names(cfg)
     init = ([_storage_init_container(cfg)] if cfg.storage is not Storage.PVC else []) + [_engine_init_container(cfg)]
@@ -255,6 +299,11 @@ def deployment(cfg: ManifestsConfig) -> dict:
         # The python backend (generate, tokenizer) exchanges tensors through shared memory.
         {"name": "shm", "emptyDir": {"medium": "Memory", "sizeLimit": "2Gi"}},
     ]
+    containers = [triton]
+    if has_gateway(cfg):
+        containers.append(_gateway_container(cfg))
+        # not optional: a gateway without its keys would serve without authentication
+        volumes.append({"name": "openai-api-keys", "secret": {"secretName": n["api_keys"], "defaultMode": 0o440}})
     return {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
@@ -279,7 +328,7 @@ def deployment(cfg: ManifestsConfig) -> dict:
                         "seccompProfile": {"type": "RuntimeDefault"},
                     },
                     "initContainers": init,
-                    "containers": [triton],
+                    "containers": containers,
                     "volumes": volumes,
                 },
             },
@@ -343,7 +392,8 @@ def deployment_patch(cfg: ManifestsConfig, profile: DeploymentProfile, memory: O
                     "/v2/health/ready", PROBE_PERIOD_S, math.ceil(startup_min * 60 / PROBE_PERIOD_S)
                 ),
             }
-        ],
+        ] + ([{"name": "openai-gateway", "env": [{"name": "R1DEPLOY_PROFILE", "value": profile.name}]}]
+             if has_gateway(cfg) else []),
         "initContainers": [
             {
                 "name": "engine-build",

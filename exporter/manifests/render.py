@@ -48,7 +48,7 @@ def base_files(cfg: ManifestsConfig) -> dict[str, dict]:
         "persistentvolumeclaim.yaml": objects.persistent_volume_claim(cfg),
         "deployment.yaml": objects.deployment(cfg),
         "networkpolicy.yaml": objects.network_policy(cfg),
-        "servicemonitor.yaml": monitoring.service_monitor(n["servicemonitor"], objects.selector_labels(cfg)),
+        "servicemonitor.yaml": monitoring.service_monitor(n["servicemonitor"], objects.selector_labels(cfg), objects.has_gateway(cfg)),
         "dashboard-configmap.yaml": monitoring.dashboard_configmap(n["dashboard"], f"r1deploy {cfg.app} Triton"),
     }
     files["kustomization.yaml"] = {

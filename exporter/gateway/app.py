@@ -1,0 +1,395 @@
+"""The OpenAI-compatible gateway: an aiohttp application in front of Triton's gRPC streaming API.
+
+Routes: GET /v1/models[/{id}], POST /v1/chat/completions, POST /v1/completions, GET /health, GET /metrics.
+The gateway holds no model: it renders prompts (chat template), counts tokens and checks limits with the
+tokenizer files of the model repository, forwards a request it has validated field by field (never the client's
+body), and turns `generate`'s responses back into OpenAI objects or server-sent events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from aiohttp import web
+
+from .metrics import Metrics
+from .models import ServedModel, read_repositories
+from .protocol import (
+    ApiError,
+    Parsed,
+    finish_reason,
+    new_id,
+    now,
+    parse_body,
+    parse_request,
+    reasoning_fields,
+    usage,
+)
+from .reasoning import ReasoningSplitter
+from .triton import Chunk, TritonClient, TritonError, aclose_quietly, build_request
+
+log = logging.getLogger("r1deploy.gateway")
+# the model id a request named, for the metrics (a typed key where aiohttp has them)
+MODEL_ID = web.RequestKey("model_id", str) if hasattr(web, "RequestKey") else "model_id"
+ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/health/live", "/metrics"}
+
+
+@dataclass
+class GatewayConfig:
+    triton: str  # HOST:PORT of Triton's gRPC endpoint
+    repositories: list[Path]
+    host: str = "127.0.0.1"
+    port: int = 9000  # 0: a free port
+    api_keys: list[str] = field(default_factory=list, repr=False)  # empty: no authentication
+    served_model_names: list[str] = field(default_factory=list)
+    sampling: dict[str, float] = field(default_factory=dict)  # the profile's default temperature / top_p
+    max_body_bytes: int = 1 << 20
+    max_json_depth: int = 32
+    request_timeout_s: float = 600.0
+
+
+class Gateway:
+    def __init__(self, cfg: GatewayConfig):
+        self.cfg = cfg
+        self.models: dict[str, ServedModel] = read_repositories(cfg.repositories, cfg.served_model_names)
+        for model in self.models.values():
+            _ = model.tokenizer  # loaded now: a missing tokenizer is bad input at start, not a first slow request
+        self._keys = [k.encode() for k in cfg.api_keys]
+        self.metrics = Metrics()
+        self.client: Optional[TritonClient] = None
+
+    # ---- application ----------------------------------------------------------------------------------------
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.cfg.max_body_bytes, middlewares=[self._middleware])
+        app.router.add_get("/v1/models", self.list_models)
+        app.router.add_get("/v1/models/{model:.+}", self.get_model)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/health/live", self.live)
+        app.router.add_get("/metrics", self.prometheus)
+        app.on_startup.append(self._startup)
+        app.on_cleanup.append(self._cleanup)
+        return app
+
+    async def _startup(self, app) -> None:
+        self.client = TritonClient(self.cfg.triton)
+
+    async def _cleanup(self, app) -> None:
+        if self.client is not None:
+            await self.client.close()
+
+    def _authorized(self, header: str) -> bool:
+        if not self._keys:
+            return True
+        given = header[7:].strip().encode() if header[:7].lower() == "bearer " else b""
+        ok = False
+        for key in self._keys:  # every key compared, each in constant time: no early exit to time
+            ok |= hmac.compare_digest(given, key)
+        return ok
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler):
+        endpoint = request.path if request.path in ENDPOINTS else (
+            "/v1/models" if request.path.startswith("/v1/models/") else "other")
+        status = 500
+        try:
+            if request.path.startswith("/v1/") and not self._authorized(request.headers.get("Authorization", "")):
+                raise ApiError(401, "Invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key")
+            response = await handler(request)
+            status = response.status
+            return response
+        except ApiError as exc:
+            status = exc.status
+            return web.json_response(exc.body(), status=exc.status)
+        except web.HTTPException as exc:
+            status = exc.status
+            if exc.status == 413:
+                message = f"request body larger than {self.cfg.max_body_bytes} bytes"
+            elif exc.status == 404:
+                message = f"no route {request.method} {request.path}"
+            else:
+                message = exc.reason
+            return web.json_response(ApiError(exc.status, message).body(), status=exc.status)
+        except asyncio.CancelledError:
+            status = 499  # the client went away (nginx's convention); nothing is sent
+            raise
+        finally:
+            if endpoint not in ("/metrics", "/health", "/health/live"):
+                self.metrics.request(endpoint, request.get(MODEL_ID, ""), status)
+
+    # ---- small endpoints --------------------------------------------------------------------------------------
+    def _model_object(self, model_id: str, model: ServedModel) -> dict:
+        return {"id": model_id, "object": "model", "created": model.created, "owned_by": "r1deploy",
+                "root": model.name, "max_model_len": model.limits.max_sequence_len}
+
+    async def list_models(self, request):
+        data = [self._model_object(i, m) for i, m in sorted(self.models.items())]
+        return web.json_response({"object": "list", "data": data})
+
+    async def get_model(self, request):
+        model_id = request.match_info["model"]
+        if model_id not in self.models:
+            raise ApiError(404, f"The model `{model_id}` does not exist", "model", "model_not_found")
+        return web.json_response(self._model_object(model_id, self.models[model_id]))
+
+    async def health(self, request):
+        ready, why = await self.client.ready(sorted({m.name for m in self.models.values()}))
+        if not ready:
+            raise ApiError(503, why)
+        return web.json_response({"status": "ready", "triton": self.cfg.triton, "models": sorted(self.models)})
+
+    async def live(self, request):
+        """Liveness: the gateway answers, whatever Triton's state (a restart would not make Triton ready)."""
+        return web.json_response({"status": "live"})
+
+    async def prometheus(self, request):
+        return web.Response(text=self.metrics.render(), content_type="text/plain", charset="utf-8",
+                            headers={"X-Prometheus-Format": "0.0.4"})
+
+    # ---- generation -------------------------------------------------------------------------------------------
+    async def chat(self, request):
+        return await self._generate(request, chat=True)
+
+    async def completions(self, request):
+        return await self._generate(request, chat=False)
+
+    async def _generate(self, request: web.Request, chat: bool):
+        received = time.perf_counter()
+        raw = await request.read()  # past client_max_size: HTTPRequestEntityTooLarge → 413
+        body = parse_body(raw, self.cfg.max_json_depth)
+        p = parse_request(body, self.models, chat, self.cfg.sampling)
+        request[MODEL_ID] = p.model_id
+        rid = new_id("chatcmpl" if chat else "cmpl")
+        chunks = self.client.generate(build_request(p.model, p.generation, rid), self.cfg.request_timeout_s)
+        state = _Output(self, p, chat, received)
+        self.metrics.in_flight += 1
+        try:
+            if p.stream:
+                return await self._stream(request, p, chat, rid, chunks, state)
+            return await self._whole(p, chat, rid, chunks, state)
+        except asyncio.CancelledError:
+            self.metrics.cancelled += 1
+            raise
+        except ConnectionError:
+            # the client went away while an event was being written (before aiohttp cancelled the handler):
+            # the same as a cancellation — nothing more can be sent, and the Triton request is cancelled below
+            self.metrics.cancelled += 1
+            raise asyncio.CancelledError() from None
+        finally:
+            self.metrics.in_flight -= 1
+            await aclose_quietly(chunks)  # a request not read to its end is cancelled in Triton
+
+    async def _whole(self, p: Parsed, chat: bool, rid: str, chunks: AsyncIterator[Chunk], state: _Output):
+        texts: list[str] = []
+        ids: list[int] = []
+        try:
+            async for c in chunks:
+                state.count(c)
+                texts.append(c.text)
+                ids.extend(c.token_ids)
+        except TritonError as exc:
+            raise ApiError(exc.status, str(exc)) from None
+        text = "".join(texts)
+        choice: dict = {"index": 0, "logprobs": None, "finish_reason": finish_reason(state.finish)}
+        if chat:
+            message: dict = {"role": "assistant", "content": text}
+            if p.separate_reasoning:
+                splitter = state.splitter()
+                r1, c1 = splitter.feed(text, ids)
+                r2, c2 = splitter.finish()
+                reasoning, content = r1 + r2, c1 + c2
+                message["content"] = content if content or not reasoning else None
+                message.update(reasoning_fields(reasoning or None))
+            choice["message"] = message
+        else:
+            choice["text"] = text
+        state.done()
+        return web.json_response({
+            "id": rid, "object": "chat.completion" if chat else "text_completion", "created": now(),
+            "model": p.model_id, "choices": [choice], "usage": state.usage(),
+        })
+
+    async def _stream(self, request: web.Request, p: Parsed, chat: bool, rid: str, chunks: AsyncIterator[Chunk],
+                      state: _Output):
+        it = chunks.__aiter__()
+        try:
+            # the first response before the headers: a refused request (busy, too long) gets its own status
+            first: Optional[Chunk] = await it.__anext__()
+        except TritonError as exc:
+            raise ApiError(exc.status, str(exc)) from None
+        except StopAsyncIteration:
+            raise ApiError(502, "Triton sent no response") from None
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await resp.prepare(request)
+        created = now()
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        async def send(choice: Optional[dict], extra: Optional[dict] = None) -> None:
+            obj = {"id": rid, "object": kind, "created": created, "model": p.model_id,
+                   "choices": [choice] if choice is not None else []}
+            if extra:
+                obj.update(extra)
+            await resp.write(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")
+
+        def piece(reasoning: str, content: str) -> Optional[dict]:
+            if chat:
+                delta: dict = {}
+                if reasoning:
+                    delta.update(reasoning_fields(reasoning))
+                if content:
+                    delta["content"] = content
+                return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None} if delta else None
+            return {"index": 0, "text": content, "logprobs": None, "finish_reason": None} if content else None
+
+        splitter = state.splitter() if p.separate_reasoning else None
+        if chat:
+            await send({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
+        try:
+            chunk = first
+            while chunk is not None:
+                state.count(chunk)
+                r, c = splitter.feed(chunk.text, chunk.token_ids) if splitter else ("", chunk.text)
+                if chunk.final and splitter:
+                    r2, c2 = splitter.finish()
+                    r, c = r + r2, c + c2
+                out = piece(r, c)
+                if out is not None:
+                    await send(out)
+                if chunk.final:
+                    break
+                chunk = await it.__anext__()
+        except TritonError as exc:
+            # the status line is gone: OpenAI's clients raise on an `error` event
+            await resp.write(b"data: " + json.dumps(ApiError(exc.status, str(exc)).body()).encode() + b"\n\n")
+            await resp.write_eof()
+            return resp
+        except StopAsyncIteration:
+            pass
+        end = {"index": 0, "logprobs": None, "finish_reason": finish_reason(state.finish)}
+        end.update({"delta": {}} if chat else {"text": ""})
+        await send(end)
+        state.done()
+        if p.include_usage:
+            await send(None, {"usage": state.usage()})
+        await resp.write(b"data: [DONE]\n\n")
+        await resp.write_eof()
+        return resp
+
+
+class _Output:
+    """Counts of one request's output as the chunks pass: TTFT, finish reason, usage (the model's own counts
+    where it returns them, else the prompt tokenized here and the token ids counted)."""
+
+    def __init__(self, gw: Gateway, p: Parsed, chat: bool, received: float):
+        self.gw, self.p, self.received = gw, p, received
+        self.first_at: Optional[float] = None
+        self.finish = ""
+        self.prompt_tokens = p.prompt_tokens  # the model's own count replaces it; counted here at the end if none
+        self.completion_tokens = 0
+
+    def count(self, c: Chunk) -> None:
+        if self.first_at is None and (c.text or c.token_ids):
+            self.first_at = time.perf_counter()
+            self.gw.metrics.first_token(self.p.model_id, self.first_at - self.received)
+        if c.num_input_tokens is not None:
+            self.prompt_tokens = c.num_input_tokens
+        self.completion_tokens += c.num_output_tokens if c.num_output_tokens is not None else len(c.token_ids)
+        if c.finish_reason:
+            self.finish = c.finish_reason
+
+    def splitter(self) -> ReasoningSplitter:
+        model = self.p.model
+        if "skip_special_tokens" in model.inputs:
+            return ReasoningSplitter()  # text mode: the tags are in the text
+        tok = model.tokenizer
+        return ReasoningSplitter(model.think_end_id, lambda ids: tok.decode(ids, skip_special_tokens=True))
+
+    def _prompt_tokens(self) -> int:
+        if self.prompt_tokens is None:
+            self.prompt_tokens = self.p.model.count_tokens(self.p.generation.prompt)
+        return self.prompt_tokens
+
+    def usage(self) -> dict:
+        return usage(self._prompt_tokens(), self.completion_tokens)
+
+    def done(self) -> None:
+        self.gw.metrics.tokens(self.p.model_id, self._prompt_tokens(), self.completion_tokens)
+
+
+# ---- running it ---------------------------------------------------------------------------------------------------
+class GatewayServer:
+    """The gateway on its own event loop in a background thread: `start()` returns once it listens;
+    `url` is then http://HOST:PORT (the real port when cfg.port is 0); `stop()` closes it."""
+
+    def __init__(self, cfg: GatewayConfig):
+        self.gateway = Gateway(cfg)  # reads the repository now: bad input fails before anything starts
+        self.cfg = cfg
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
+        self.thread: Optional[threading.Thread] = None
+        self.port: Optional[int] = None
+        self._ready = threading.Event()
+        self._error: Optional[BaseException] = None
+        self._stop: Optional[asyncio.Event] = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.cfg.host}:{self.port}"
+
+    async def _main(self) -> None:
+        self._stop = asyncio.Event()
+        # handler_cancellation: a client that disconnects cancels its handler, and with it the Triton request
+        runner = web.AppRunner(self.gateway.app(), handler_cancellation=True, access_log=None)
+        await runner.setup()
+        try:
+            site = web.TCPSite(runner, self.cfg.host, self.cfg.port)
+            await site.start()
+            self.port = runner.addresses[0][1]
+            self._ready.set()
+            await self._stop.wait()
+        finally:
+            await runner.cleanup()
+
+    def _run(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        try:
+            self.loop.run_until_complete(self._main())
+        except BaseException as exc:  # noqa: BLE001 — reported by start()
+            self._error = exc
+            self._ready.set()
+        finally:
+            with contextlib.suppress(Exception):
+                self.loop.close()
+
+    def start(self, timeout_s: float = 30.0) -> GatewayServer:
+        self.thread = threading.Thread(target=self._run, name="r1deploy-gateway", daemon=True)
+        self.thread.start()
+        if not self._ready.wait(timeout_s):
+            raise RuntimeError("gateway did not start")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def alive(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+    def stop(self) -> None:
+        if self.loop is not None and self._stop is not None and self.thread is not None and self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self._stop.set)
+            self.thread.join(timeout=15)
+
+    def __enter__(self) -> GatewayServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,228 @@
+"""OpenAI's wire format: request bodies validated into a `Generation` (nothing reaches Triton unvalidated), errors
+in OpenAI's shape, and the response / chunk objects."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from .chat import TemplateRejected
+from .models import ServedModel
+from .triton import Generation
+
+MAX_STOP_STRINGS = 16
+
+_ERROR_TYPES = {
+    400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
+    405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
+    500: "server_error", 502: "server_error", 503: "service_unavailable", 504: "server_error",
+}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": _ERROR_TYPES.get(self.status, "server_error"),
+                          "param": self.param, "code": self.code}}
+
+
+def json_depth_exceeds(value: Any, limit: int) -> bool:
+    """Whether `value` nests deeper than `limit` (iterative: a deep value cannot exhaust the stack here)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            children = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return False
+
+
+def parse_body(raw: bytes, max_depth: int) -> dict:
+    try:
+        body = json.loads(raw)
+    except RecursionError:
+        raise ApiError(400, f"JSON nested deeper than {max_depth} levels") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "request body must be a JSON object")
+    if json_depth_exceeds(body, max_depth):
+        raise ApiError(400, f"JSON nested deeper than {max_depth} levels")
+    return body
+
+
+def _number(body: dict, key: str, lo: float, hi: float, lo_open: bool = False) -> Optional[float]:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ApiError(400, f"{key} must be a number", key)
+    if value > hi or value < lo or (lo_open and value == lo):
+        raise ApiError(400, f"{key} must lie in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {value}", key)
+    return float(value)
+
+
+def _integer(body: dict, key: str) -> Optional[int]:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ApiError(400, f"{key} must be an integer", key)
+    return value
+
+
+def _flag(body: dict, key: str, default: bool) -> bool:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ApiError(400, f"{key} must be true or false", key)
+    return value
+
+
+@dataclass
+class Parsed:
+    model_id: str
+    model: ServedModel
+    generation: Generation
+    prompt_tokens: Optional[int]  # None: not counted yet (short enough to need no check)
+    stream: bool
+    include_usage: bool
+    separate_reasoning: bool
+
+
+def lookup_model(body: dict, models: dict[str, ServedModel]) -> tuple[str, ServedModel]:
+    model_id = body.get("model")
+    if not isinstance(model_id, str) or not model_id:
+        raise ApiError(400, "model is required (GET /v1/models lists them)", "model")
+    if model_id not in models:
+        raise ApiError(404, f"The model `{model_id}` does not exist (served: {', '.join(sorted(models))})", "model",
+                       "model_not_found")
+    return model_id, models[model_id]
+
+
+def _messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "messages must be a non-empty list", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ApiError(400, f"{where} must be an object with a role", where)
+        content = m.get("content")
+        if isinstance(content, list):  # content parts: text only
+            texts = []
+            for part in content:
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise ApiError(400, f"{where}.content: only text parts are supported", where)
+                texts.append(part["text"])
+            content = "".join(texts)
+        elif content is None:
+            content = ""
+        elif not isinstance(content, str):
+            raise ApiError(400, f"{where}.content must be a string or a list of text parts", where)
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def _prompt(body: dict) -> str:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list):
+        if len(prompt) != 1 or not isinstance(prompt[0], str):
+            raise ApiError(400, "prompt must be a string (or a list of one string): one completion per request", "prompt")
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise ApiError(400, "prompt must be a string", "prompt")
+    return prompt
+
+
+def parse_request(body: dict, models: dict[str, ServedModel], chat: bool, profile_sampling: dict) -> Parsed:
+    model_id, model = lookup_model(body, models)
+    n = _integer(body, "n")
+    if n is not None and n != 1:
+        raise ApiError(400, f"n must be 1 (this server returns one choice per request), got {n}", "n")
+    if chat:
+        try:
+            prompt = model.template.render(_messages(body))
+        except TemplateRejected as exc:
+            raise ApiError(400, str(exc), "messages") from None
+    else:
+        prompt = _prompt(body)
+    if not prompt.strip():
+        raise ApiError(400, "the prompt is empty", "messages" if chat else "prompt")
+    limits = model.limits
+    prompt_tokens = None if model.surely_fits(prompt) else model.count_tokens(prompt)
+    if prompt_tokens is not None and prompt_tokens > limits.max_input_len:
+        raise ApiError(400, f"prompt has {prompt_tokens} tokens; this deployment accepts at most {limits.max_input_len}",
+                       "messages" if chat else "prompt", "context_length_exceeded")
+    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    max_tokens = _integer(body, key)
+    if max_tokens is None:
+        max_tokens = limits.default_max_tokens
+    elif not 1 <= max_tokens <= limits.max_output_len:
+        raise ApiError(400, f"{key} must lie in 1..{limits.max_output_len}, got {max_tokens}", key)
+    temperature = _number(body, "temperature", 0.0, 2.0)
+    top_p = _number(body, "top_p", 0.0, 1.0, lo_open=True)
+    defaults = {**model.default_sampling, **profile_sampling}
+    seed = _integer(body, "seed")
+    seed_spec = model.inputs.get("seed")
+    if seed is not None:
+        lowest = 0 if seed_spec is not None and seed_spec.datatype.startswith("UINT") else -(2**63)
+        if not lowest <= seed < 2**63:
+            raise ApiError(400, f"seed must lie in {lowest}..{2**63 - 1}, got {seed}", "seed")
+    stop = body.get("stop")
+    if stop is None:
+        stop = []
+    elif isinstance(stop, str):
+        stop = [stop]
+    elif not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise ApiError(400, "stop must be a string or a list of strings", "stop")
+    stop = [s for s in stop if s]
+    if len(stop) > MAX_STOP_STRINGS:
+        raise ApiError(400, f"at most {MAX_STOP_STRINGS} stop strings", "stop")
+    stream = _flag(body, "stream", False)
+    options = body.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise ApiError(400, "stream_options must be an object", "stream_options")
+    include_usage = bool(options and _flag(options, "include_usage", False))
+    separate = _flag(body, "separate_reasoning", True) and chat and model.think_end_id is not None
+    generation = Generation(
+        prompt=prompt, max_tokens=max_tokens,
+        temperature=temperature if temperature is not None else defaults.get("temperature"),
+        top_p=top_p if top_p is not None else defaults.get("top_p"),
+        seed=seed, stop=stop, stream=stream,
+        # keep `</think>` in the text where the model can (the reasoning split, and the raw text, need it)
+        skip_special_tokens=not (chat and model.think_end_id is not None),
+    )
+    return Parsed(model_id, model, generation, prompt_tokens, stream, include_usage, separate)
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+def finish_reason(triton_reason: str) -> str:
+    return "length" if triton_reason == "length" else "stop"
+
+
+def usage(prompt: int, completion: int) -> dict:
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def reasoning_fields(text: Optional[str]) -> dict:
+    # both names: DeepSeek's API and SGLang say reasoning_content, vLLM says reasoning
+    return {"reasoning_content": text, "reasoning": text}

@@ -1,0 +1,195 @@
+"""The gateway's only way to Triton: one gRPC `ModelStreamInfer` call per request (grpc.aio, the raw stub — no
+tritonclient object per call), read until the FINAL response, cancelled when the client goes away (Triton then
+cancels the request and `generate` stops decoding it)."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Optional
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc.service_pb2_grpc import GRPCInferenceServiceStub
+from tritonclient.utils import serialize_byte_tensor, triton_to_np_dtype
+
+from .models import ServedModel
+
+_GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+
+
+@dataclass
+class Generation:
+    """What one OpenAI request asks of `generate`, validated; None = the model's own default."""
+
+    prompt: str
+    max_tokens: int
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    seed: Optional[int] = None
+    stop: list[str] = field(default_factory=list)
+    stream: bool = True
+    skip_special_tokens: bool = True
+
+
+@dataclass
+class Chunk:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "" until the last response
+    num_input_tokens: Optional[int] = None
+    num_output_tokens: Optional[int] = None
+    final: bool = False
+
+
+class TritonError(Exception):
+    """An error response from Triton or the model; `status` is the HTTP status the gateway answers with."""
+
+    def __init__(self, message: str, status: int):
+        super().__init__(message)
+        self.status = status
+
+
+def error_status(message: str) -> int:
+    """The contract's error messages → HTTP status (busy 429; shutting down 503; a model's own failure 500;
+    anything else names a bad parameter or a too long prompt: 400)."""
+    text = message.strip().lower()
+    if text.startswith("server busy"):
+        return 429
+    if "shutting down" in text or "is not ready" in text or text.startswith("request for unknown model"):
+        return 503
+    if text.startswith("generate failed"):
+        return 500
+    return 400
+
+
+def build_request(model: ServedModel, g: Generation, request_id: str = "") -> pb.ModelInferRequest:
+    """The one place a Triton request is shaped. Dtypes and shapes come from the model's config.pbtxt: a scalar is
+    [1, 1] when max_batch_size > 0 (the contract's generate: max_batch_size 1) and [1] otherwise (the older
+    max_batch_size 0 model); a string list [1, N] or [N]. Inputs the model does not declare are not sent (Triton
+    rejects undeclared inputs), so one gateway serves both kinds of generate."""
+    batched = model.max_batch_size > 0
+    req = pb.ModelInferRequest(model_name=model.name, id=request_id)
+    # without it, the FINAL flag of a decoupled model's last (empty) response never reaches the client
+    req.parameters["triton_enable_empty_final_response"].bool_param = True
+
+    def add(name: str, values: list) -> None:
+        spec = model.inputs.get(name)
+        if spec is None:
+            return
+        shape = [1, len(values)] if batched else [len(values)]
+        if spec.datatype == "BYTES":
+            array = np.array([v.encode("utf-8") for v in values], dtype=np.object_)
+            raw = serialize_byte_tensor(array).item()
+        else:
+            raw = np.array(values, dtype=triton_to_np_dtype(spec.datatype)).tobytes()
+        req.inputs.add(name=name, datatype=spec.datatype, shape=shape)
+        req.raw_input_contents.append(raw)
+
+    add("text_input", [g.prompt])
+    add("max_tokens", [g.max_tokens])
+    if g.temperature is not None:
+        add("temperature", [g.temperature])
+    if g.top_p is not None:
+        add("top_p", [g.top_p])
+    if g.seed is not None:
+        add("seed", [g.seed])
+    if g.stop:
+        add("stop_words" if "stop_words" in model.inputs else "stop", g.stop)
+    add("stream", [g.stream])
+    add("skip_special_tokens", [g.skip_special_tokens])
+    add("exclude_input_in_output", [True])
+    add("return_num_input_tokens", [True])
+    add("return_num_output_tokens", [True])
+    return req
+
+
+def _bytes_elements(raw: bytes) -> list[bytes]:
+    out, at = [], 0
+    while at + 4 <= len(raw):
+        (n,) = struct.unpack_from("<I", raw, at)
+        out.append(raw[at + 4 : at + 4 + n])
+        at += 4 + n
+    return out
+
+
+def parse_response(resp: pb.ModelInferResponse) -> Chunk:
+    chunk = Chunk("", [], "")
+    for i, out in enumerate(resp.outputs):
+        raw = resp.raw_output_contents[i] if i < len(resp.raw_output_contents) else b""
+        if out.name == "text_output":
+            chunk.text = b"".join(_bytes_elements(raw)).decode("utf-8", errors="replace")
+        elif out.name == "finish_reason":
+            chunk.finish_reason = b"".join(_bytes_elements(raw)).decode("utf-8", errors="replace")
+        elif out.name == "token_ids":
+            chunk.token_ids = np.frombuffer(raw, dtype=triton_to_np_dtype(out.datatype)).astype(int).tolist()
+        elif out.name in ("num_input_tokens", "num_output_tokens") and raw:
+            value = int(np.frombuffer(raw, dtype=triton_to_np_dtype(out.datatype)).reshape(-1)[0])
+            setattr(chunk, out.name, value)
+    final = resp.parameters.get("triton_final_response")
+    chunk.final = final is None or final.bool_param
+    return chunk
+
+
+class TritonClient:
+    def __init__(self, url: str):
+        self.url = url
+        self.channel = grpc.aio.insecure_channel(url, options=_GRPC_OPTIONS)
+        self.stub = GRPCInferenceServiceStub(self.channel)
+
+    async def ready(self, models: list[str], timeout_s: float = 2.0) -> tuple[bool, str]:
+        """(ready, why not): the server and every model ready."""
+        try:
+            if not (await self.stub.ServerReady(pb.ServerReadyRequest(), timeout=timeout_s)).ready:
+                return False, "Triton is not ready"
+            for name in models:
+                if not (await self.stub.ModelReady(pb.ModelReadyRequest(name=name), timeout=timeout_s)).ready:
+                    return False, f"model {name} is not ready"
+        except grpc.aio.AioRpcError as exc:
+            return False, f"Triton at {self.url} unreachable: {exc.code().name}"
+        return True, ""
+
+    async def generate(self, request: pb.ModelInferRequest, timeout_s: Optional[float] = None) -> AsyncIterator[Chunk]:
+        """The responses of one request, the FINAL one last. Leaving the loop early (the client went away, a
+        task was cancelled) cancels the gRPC call, which cancels the request in Triton."""
+        call = self.stub.ModelStreamInfer(timeout=timeout_s)
+        finished = False
+        try:
+            await call.write(request)
+            await call.done_writing()
+            while True:
+                resp = await call.read()
+                if resp is grpc.aio.EOF:
+                    raise TritonError("Triton closed the stream before the final response", 502)
+                if resp.error_message:
+                    finished = True
+                    raise TritonError(resp.error_message, error_status(resp.error_message))
+                chunk = parse_response(resp.infer_response)
+                if chunk.final:
+                    finished = True
+                yield chunk
+                if finished:
+                    return
+        except grpc.aio.AioRpcError as exc:
+            finished = True
+            code = exc.code()
+            status = 503 if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED) else (
+                504 if code is grpc.StatusCode.DEADLINE_EXCEEDED else 502)
+            raise TritonError(f"Triton at {self.url}: {code.name}: {exc.details()}", status) from None
+        finally:
+            if not finished:
+                call.cancel()
+
+    async def close(self) -> None:
+        await self.channel.close(grace=None)
+
+
+async def aclose_quietly(agen) -> None:
+    """Close an async generator (cancelling its Triton call) without raising."""
+    try:
+        await agen.aclose()
+    except (Exception, asyncio.CancelledError):  # noqa: BLE001 — closing after an error already reported
+        pass
