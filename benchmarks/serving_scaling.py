@@ -342,6 +342,7 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=REPO / "build" / "bench-serving")
     ap.add_argument("--vllm-venv", type=Path, default=REPO / "build" / "bench-venvs" / "vllm")
     ap.add_argument("--no-vllm", action="store_true")
+    ap.add_argument("--gateway", action="store_true", help="also measure r1deploy through its OpenAI gateway")
     ap.add_argument("--graph", choices=["fused", "generic"], default="fused",
                     help="the decoder graph r1deploy serves (and the in-process baseline runs)")
     ap.add_argument("--http-threads", type=int, default=0, help="Triton --http-thread-count (0: r1deploy serve's default)")
@@ -409,6 +410,31 @@ def main() -> None:
             return await streams[loop](text, args.max_tokens)
 
         run_server("r1deploy", send, srv.pid)
+        if args.gateway:
+            # r1deploy's OpenAI gateway (its own process, as in the pod) in front of the same Triton, driven by the
+            # very request code that drives vLLM: the same client, protocol and endpoint shape on both sides
+            port = free_port()
+            gw = subprocess.Popen([str(Path(sys.executable).parent / "r1deploy"), "-q", "gateway", "--triton",
+                                   srv.endpoints.grpc, "--repository", str(repo.out), "--port", str(port)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            gw_base = f"http://127.0.0.1:{port}"
+            try:
+                import urllib.request
+
+                deadline = time.monotonic() + 60
+                while True:
+                    try:
+                        with urllib.request.urlopen(f"{gw_base}/health", timeout=2):
+                            break
+                    except OSError:
+                        if time.monotonic() > deadline or gw.poll() is not None:
+                            raise RuntimeError("the gateway did not start") from None
+                        time.sleep(0.5)
+                run_server("gateway", lambda s, t, stream: vllm_request(s, gw_base, "generate", t, args.max_tokens, stream),
+                           srv.pid)
+            finally:
+                gw.terminate()
+                gw.wait(30)
 
     if not args.no_vllm:
         exe = ensure_vllm(args.vllm_venv)
@@ -426,9 +452,10 @@ def main() -> None:
                     finally:
                         vllm.stop()
 
-    print("\n| concurrency | in-process one batch | r1deploy whole | r1deploy stream | vLLM whole | vLLM stream | "
-          "whole / in-process | whole / vLLM | stream / vLLM | p99 whole (ms) r1deploy / vLLM |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("\n| concurrency | in-process one batch | r1deploy whole | r1deploy stream | gateway whole | gateway stream | "
+          "vLLM whole | vLLM stream | whole / in-process | whole / vLLM | stream / vLLM | gateway stream / vLLM | "
+          "p99 whole (ms) r1deploy / vLLM |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for c in levels:
         lv = results["levels"][str(c)]
 
@@ -439,9 +466,11 @@ def main() -> None:
             return lv.get(key, {}).get("p99_ms", float("nan"))
 
         ip = lv["inprocess_one_batch"]
-        print(f"| {c} | {ip:.0f} | {tps('r1deploy_whole'):.0f} | {tps('r1deploy_stream'):.0f} | {tps('vllm_whole'):.0f} | "
-              f"{tps('vllm_stream'):.0f} | {tps('r1deploy_whole') / ip:.2f} | {tps('r1deploy_whole') / tps('vllm_whole'):.2f} | "
-              f"{tps('r1deploy_stream') / tps('vllm_stream'):.2f} | {p99('r1deploy_whole'):.0f} / {p99('vllm_whole'):.0f} |")
+        print(f"| {c} | {ip:.0f} | {tps('r1deploy_whole'):.0f} | {tps('r1deploy_stream'):.0f} | {tps('gateway_whole'):.0f} | "
+              f"{tps('gateway_stream'):.0f} | {tps('vllm_whole'):.0f} | {tps('vllm_stream'):.0f} | "
+              f"{tps('r1deploy_whole') / ip:.2f} | {tps('r1deploy_whole') / tps('vllm_whole'):.2f} | "
+              f"{tps('r1deploy_stream') / tps('vllm_stream'):.2f} | {tps('gateway_stream') / tps('vllm_stream'):.2f} | "
+              f"{p99('r1deploy_whole'):.0f} / {p99('vllm_whole'):.0f} |")
     results["machine"]["load_at_end"] = os.getloadavg()[0]
     if args.json:
         args.json.write_text(json.dumps(results, indent=2, default=float))

@@ -673,3 +673,17 @@ def test_metrics_text_passes_promtool():
     r = subprocess.run([promtool, "check", "metrics"], input=m.render(), capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stdout + r.stderr
     assert 'r1deploy_gateway_time_to_first_token_seconds_bucket{model="generate",le="0.025"} 1' in m.render()
+
+
+def test_ignore_eos_is_forwarded(tmp_path, tiny_tokenizer):
+    """vLLM's `ignore_eos` extension reaches generate (benchmarks ask every request for exactly max_tokens)."""
+    import numpy as np
+
+    from exporter.gateway.models import read_model
+    from exporter.gateway.triton import Generation, build_request
+
+    committed = read_model(REPO / "model_repository" / "edge" / "generate")
+    with_flag = build_request(committed, Generation(prompt="hi", max_tokens=7, ignore_eos=True))
+    raw = dict(zip([i.name for i in with_flag.inputs], with_flag.raw_input_contents, strict=True))
+    assert np.frombuffer(raw["ignore_eos"], np.bool_).tolist() == [True]
+    assert "ignore_eos" not in [i.name for i in build_request(committed, Generation(prompt="hi", max_tokens=7)).inputs]

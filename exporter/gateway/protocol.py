@@ -191,6 +191,7 @@ def parse_request(body: dict, models: dict[str, ServedModel], chat: bool, profil
     if len(stop) > MAX_STOP_STRINGS:
         raise ApiError(400, f"at most {MAX_STOP_STRINGS} stop strings", "stop")
     stream = _flag(body, "stream", False)
+    ignore_eos = _flag(body, "ignore_eos", False)  # vLLM's extension, for benchmarks with fixed output lengths
     options = body.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise ApiError(400, "stream_options must be an object", "stream_options")
@@ -200,7 +201,7 @@ def parse_request(body: dict, models: dict[str, ServedModel], chat: bool, profil
         prompt=prompt, max_tokens=max_tokens,
         temperature=temperature if temperature is not None else defaults.get("temperature"),
         top_p=top_p if top_p is not None else defaults.get("top_p"),
-        seed=seed, stop=stop, stream=stream,
+        seed=seed, stop=stop, stream=stream, ignore_eos=ignore_eos,
         # keep `</think>` in the text where the model can (the reasoning split, and the raw text, need it)
         skip_special_tokens=not (chat and model.think_end_id is not None),
     )

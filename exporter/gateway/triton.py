@@ -33,6 +33,7 @@ class Generation:
     stop: list[str] = field(default_factory=list)
     stream: bool = True
     skip_special_tokens: bool = True
+    ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
 
 
 @dataclass
@@ -100,6 +101,8 @@ def build_request(model: ServedModel, g: Generation, request_id: str = "") -> pb
     if g.stop:
         add("stop_words" if "stop_words" in model.inputs else "stop", g.stop)
     add("stream", [g.stream])
+    if g.ignore_eos:
+        add("ignore_eos", [True])
     add("skip_special_tokens", [g.skip_special_tokens])
     add("exclude_input_in_output", [True])
     add("return_num_input_tokens", [True])
