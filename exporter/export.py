@@ -341,12 +341,19 @@ def _export_fused(cfg: ExportConfig, source: ModelSource, layout_dirs: artifacts
     with artifacts.atomic_dir(final) as tmp:
         out = tmp / "model.onnx"
         with status(f"writing the fused graph of {source.name} from its weights"):
-            fused_graph.build(source.path, out)
+            try:
+                fused_graph.build(source.path, out)
+            except KeyError as exc:  # the graph is written from the checkpoint's tensors by name: one is not there
+                raise BadInput(
+                    f"{source.path} does not match its config.json: the fused graph needs weight {exc.args[0]!r}, "
+                    "which is not in the checkpoint (the fused graph cannot be written without it; --graph generic "
+                    "with --allow-weight-mismatch exports with random weights instead)"
+                ) from None
         n_params = 0
         refs = []
         if cfg.verify:
             with status(f"loading {source.name} ({source.architecture}) for verification"):
-                model, _tokenizer = load_model(source)
+                model, _tokenizer = load_model(source, allow_weight_mismatch=cfg.allow_weight_mismatch)
             n_params = sum(p.numel() for p in model.parameters())
             with torch.no_grad():
                 refs = fused_references(DecoderWithPast(model).eval(), layout, spec.vocab)

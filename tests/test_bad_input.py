@@ -43,7 +43,11 @@ def test_weights_that_do_not_match_the_architecture(r1, tmp_path, tiny_ckpt, nam
     bad = _broken(name, tiny_ckpt, tmp_path)
     line = assert_one_line(r1("--workdir", str(tmp_path / "w"), "export", "--model", str(bad)), 2, needle)
     assert "--allow-weight-mismatch" in line
-    assert not (tmp_path / "w" / name / "onnx").exists(), "nothing exported"
+    # the fused graph is written from the tensors by name: refused as well, before anything is kept
+    fused = assert_one_line(r1("--workdir", str(tmp_path / "w"), "export", "--graph", "fused", "--model", str(bad)), 2,
+                            "does not match its config.json")
+    assert ("needs weight 'model.embed_tokens.weight'" in fused) if name == "prefixed-weights" else (needle in fused)
+    assert not (tmp_path / "w" / name / "onnx").exists() or not any((tmp_path / "w" / name / "onnx").iterdir()), "nothing exported"
 
 
 def test_allow_weight_mismatch_exports_anyway(r1, tmp_path, tiny_ckpt):

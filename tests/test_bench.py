@@ -72,7 +72,10 @@ def test_plain_model_writes_json_csv_png(server, tmp_path):
     for lv in data["levels"]:
         assert lv["stable"] and lv["errors"] == 0 and lv["requests"] > 0 and lv["throughput_rps"] > 0
         assert ordered(lv["latency_ms"])
-        assert lv["server"]["requests"] >= lv["requests"] and lv["server"]["compute_infer_us"] > 0
+        # A window's mark reads the server's statistics, then the client's count: a request that completes
+        # between the two at the closing mark is the client's but not yet the server's — at most one per
+        # concurrent client (this failed by 2 of 1787 on a loaded machine when it asked for >=).
+        assert lv["server"]["requests"] >= lv["requests"] - lv["concurrency"] and lv["server"]["compute_infer_us"] > 0
         assert lv["client_cpu_us_per_request"] > 0
         assert len(lv["windows"]) >= 3
     rows = list(csv.DictReader((out / "bench.csv").open()))
