@@ -150,6 +150,24 @@ def run_pipeline(cfg: PipelineConfig, on_stage: Callable[[StageSummary], None] |
     exp = exported["result"]
     model_name = exp.model
 
+    # The fused graph (GroupQueryAttention over an in-place KV buffer) is what the CPU repository serves for the
+    # architectures it is written for: 2-3x the generic graph's decode speed here (docs/benchmarks.md).
+    from .fused_graph import SUPPORTED as FUSED_ARCHITECTURES
+
+    fused = exp.kind.value == "decoder" and exp.architecture in FUSED_ARCHITECTURES.values()
+    if fused:
+        def export_fused():
+            f = export_model(ExportConfig(model=cfg.model, workdir=cfg.workdir, force=cfg.force, graph="fused",
+                                          allow_pickle=cfg.allow_pickle, trust_remote_code=cfg.trust_remote_code))
+            diff = max(f.max_abs_diff.values()) if f.max_abs_diff else float("nan")
+            return StageSummary(
+                "export fused", "ok", f"fused graph (GroupQueryAttention, in-place KV buffer), {_mb(f.onnx_bytes)}, "
+                f"max abs diff vs PyTorch {diff:.1e}" + (" (up to date)" if f.skipped else ""), f.onnx_path, f.seconds,
+                {"max_abs_diff": diff, "bytes": f.onnx_bytes},
+            )
+
+        run.stage("export fused", export_fused)
+
     # Quantize once per distinct variant the profiles deploy.
     from quantize import QuantizeConfig, quantize_model
 
@@ -212,11 +230,26 @@ def run_pipeline(cfg: PipelineConfig, on_stage: Callable[[StageSummary], None] |
     cpu_profile = next((p for p in profiles.values() if p.runtime is Runtime.TENSORRT_RTX), next(iter(profiles.values())))
     cpu_out = artifacts.ModelLayout(cfg.workdir, model_name).root / "model_repository" / "cpu"
     cpu_repo = None
+    if fused and cpu_profile.precision is not Precision.FP32:
+        # the CPU repository serves the cpu profile's precision on the fused graph: quantize that graph too
+        def quantize_fused():
+            q = quantize_model(QuantizeConfig(model=cfg.model, workdir=cfg.workdir, profile=cpu_profile, force=cfg.force,
+                                              graph="fused"))
+            keys = _HEADLINE_ACCURACY[exp.kind.value]
+            acc = ", ".join(f"{k} {q.accuracy[k]:.4f}" for k in keys if isinstance(q.accuracy.get(k), float))
+            return StageSummary(
+                f"quantize {q.variant}", "ok",
+                f"{_mb(q.sizes.model_bytes_fp32)} → {_mb(q.sizes.model_bytes)}; {acc} (gate of {cpu_profile.name})"
+                + (" (up to date)" if q.skipped else ""), q.onnx_path, figures={"accuracy": q.accuracy, "bytes": q.sizes.model_bytes},
+            )
+
+        run.stage(f"quantize {artifacts.profile_onnx_variant(cpu_profile)}-fused", quantize_fused)
 
     def repo_cpu():
         nonlocal cpu_repo
         cpu_repo = write_repository(RepositoryConfig(model=cfg.model, profile=cpu_profile, workdir=cfg.workdir,
-                                                     variant=ServingVariant.PYTHON_ORT, out=cpu_out))
+                                                     variant=ServingVariant.PYTHON_ORT, out=cpu_out,
+                                                     graph="fused" if fused else "generic"))
         return StageSummary("repository cpu", "ok", f"python_ort variant of {cpu_profile.name} ({cpu_repo.onnx_variant}) for the CPU Triton", cpu_repo.out)
 
     run.stage("repository cpu", repo_cpu)

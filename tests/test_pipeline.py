@@ -70,7 +70,7 @@ def test_a_failed_stage_prints_the_summary_so_far_and_json(tmp_path, r1, exporte
     assert "libcudart.so.13" in line
     result = json.loads(proc.stdout)
     rows = [(s["stage"], s["status"]) for s in result["stages"]]
-    assert rows == [("export", "ok"), ("quantize int4-awq-b128-qdq", "ok"), ("engine edge", "failed")]
+    assert rows == [("export", "ok"), ("export fused", "ok"), ("quantize int4-awq-b128-qdq", "ok"), ("engine edge", "failed")]
     assert result["failed"].startswith("engine edge: TensorRT-RTX is installed but cannot be loaded")
     # without --json the human table is printed before the error
     human = r1("--workdir", str(wd), "pipeline", "--profile", "edge", "--no-serve", env=env, timeout=900)
