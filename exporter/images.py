@@ -30,6 +30,13 @@ TRITON_PACKAGES = (
     "aiohttp==3.14.5",
     "tritonclient[grpc,http]==2.73.0",
     "jinja2==3.1.6",
+    # r1deploy itself (its wheel, --no-deps) for the OpenAI gateway container, which runs this image: what the
+    # gateway command imports beyond the above
+    "click==8.5.1",
+    "rich==15.0.0",
+    "pyyaml==6.0.4",
+    "protobuf==6.33.6",
+    "psutil==7.2.2",
 )
 # The engine-build image installs with --no-deps: this is its whole dependency closure (r1deploy's own wheel goes in
 # without torch/transformers — on the node the engine is built from ONNX already there).
@@ -106,10 +113,19 @@ def triton_dockerfile(table: VersionTable) -> Dockerfile:
     a = build_args(table=table)
     base = f"{table.triton_image}:${{TRITON_RELEASE}}-py3"
     packages = Stage(base, "packages", [
+        Instruction("WORKDIR", "/src"),
         Instruction("COPY", "k8s/images/triton/requirements.txt /tmp/requirements.txt"),
         Instruction(
             "RUN", "python3 -m pip install --no-cache-dir --target /opt/r1deploy/site-packages -r /tmp/requirements.txt",
             "the python backend runs the image's own Python; a separate prefix keeps the image's packages untouched",
+        ),
+        Instruction("COPY", "pyproject.toml README.md ./"),
+        Instruction("COPY", "exporter ./exporter"),
+        Instruction("COPY", "quantize ./quantize"),
+        Instruction(
+            "RUN", "python3 -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \\\n"
+                   "    && python3 -m pip install --no-cache-dir --no-deps --target /opt/r1deploy/site-packages /wheels/*.whl",
+            "r1deploy for the OpenAI gateway container (no torch or transformers: the gateway imports neither)",
         ),
     ])
     final = Stage(base, None, [
@@ -121,7 +137,7 @@ def triton_dockerfile(table: VersionTable) -> Dockerfile:
         Instruction(
             "RUN", 'python3 -c "import sys; v = \'%d.%d\' % sys.version_info[:2]; '
                    'assert v == \'${PYTHON_VERSION}\', \'image Python \' + v + \' is not the version table\\\'s ${PYTHON_VERSION}\'" \\\n'
-                   '    && python3 -c "import tokenizers, numpy, onnxruntime, aiohttp, tritonclient.grpc, jinja2"',
+                   '    && python3 -c "import tokenizers, numpy, onnxruntime, aiohttp, tritonclient.grpc, jinja2, exporter.gateway.app"',
             "fail the build, not the pod, when the base image's Python is not the table's or a package does not import",
         ),
         Instruction("WORKDIR", HOME),

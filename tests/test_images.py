@@ -91,7 +91,8 @@ def test_every_release_of_the_table_selects_its_own_images(release):
     r = TABLE.releases[release]
     base, *_ = _pod_objects(ManifestsConfig(tensorrt_version=r.tensorrt_major_minor))
     images = [c["image"] for c in base["spec"]["template"]["spec"]["containers"]]
-    assert images == [f"registry.invalid/r1deploy/triton:{image_tag(release)}"]
+    # the Triton container and the OpenAI gateway beside it run the same image
+    assert images == [f"registry.invalid/r1deploy/triton:{image_tag(release)}"] * 2
 
 
 def test_digests_pin_the_images_and_bad_ones_are_refused():
@@ -99,7 +100,7 @@ def test_digests_pin_the_images_and_bad_ones_are_refused():
     base, *_ = _pod_objects(ManifestsConfig(image_repository="registry.example.com/team", triton_digest=digest,
                                             engine_build_digest=digest))
     pod = base["spec"]["template"]["spec"]
-    assert [c["image"] for c in pod["containers"]] == [f"registry.example.com/team/triton@{digest}"]
+    assert [c["image"] for c in pod["containers"]] == [f"registry.example.com/team/triton@{digest}"] * 2
     assert pod["initContainers"][-1]["image"] == f"registry.example.com/team/engine-build@{digest}"
     with pytest.raises(BadInput, match="not an image digest"):
         ManifestsConfig(triton_digest="sha256:123")

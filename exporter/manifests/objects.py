@@ -229,11 +229,13 @@ def _engine_init_container(cfg: ManifestsConfig) -> dict:
 
 
 def _gateway_container(cfg: ManifestsConfig) -> dict:
-    """The OpenAI-compatible gateway: r1deploy's image, Triton over gRPC on localhost, the model repository read
-    for names, tokenizer and limits, API keys from a Secret mounted as a file (never an env value)."""
+    """The OpenAI-compatible gateway: the Triton image (which carries r1deploy and what the gateway imports),
+    Triton over gRPC on localhost, the model repository read for names, tokenizer and limits, API keys from a
+    Secret mounted as a file (never an env value)."""
     return {
         "name": "openai-gateway",
-        "image": cfg.r1deploy_image,
+        "image": cfg.triton_image,
+        "imagePullPolicy": "Always",
         "command": ["python3", "-m", "exporter.cli"],
         "args": [
             f"--profiles={PROFILE_MOUNT}/profiles.yaml",
