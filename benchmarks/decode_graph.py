@@ -8,9 +8,11 @@ peak RSS of both builders.
 Models: r1-distill-tiny (the preset) and a random Qwen2 of ~125M parameters (12 layers, hidden 768, vocab 32000;
 the checkpoint benchmarks/export_vs_optimum.py builds). Per batch size B: B distinct 128-token prompts in ONE batch,
 64 new tokens each, greedy, end-of-sequence ignored; tokens/s = B·64 / wall time of the whole generation (prefill
-included). All three run the same onnxruntime library in this one process, with the same intra-op thread count
-(--threads, written into genai_config.json for onnxruntime-genai), and take turns round by round (--rounds), the
-order rotating each round, so load from other processes falls on all of them alike. Two figures per side: the
+included). All three run the same onnxruntime library with the same intra-op thread count (--threads, written
+into genai_config.json for onnxruntime-genai), each round in a fresh process of its own (sessions created in one
+process run at different speeds depending on the order they were created in — up to ±15% on the 122M model
+here — so no side may share a process with another), and take turns round by round (--rounds), the order
+rotating each round, so load from other processes falls on all of them alike. Two figures per side: the
 best round (the run least disturbed by other processes: on a shared machine the noise only ever slows a run
 down, so the fastest run is the closest to what the code itself costs) and the median. Greedy tokens of the fused
 graph are checked against the generic graph's (same weights, fp32).
@@ -28,6 +30,7 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -140,29 +143,32 @@ def bench_model(name: str, ckpt: Path, work: Path, args) -> dict:
             genai_dir = None
     model_name = ckpt.name
     sides = {
-        "generic graph, ORT loop": generic_side(work / "r1g" / model_name / "onnx" / "fp32" / "model.onnx", args.threads),
-        "fused graph, SharedKVEngine": fused_side(work / "r1f" / model_name / "onnx" / "fp32-fused" / "model.onnx",
-                                                  args.threads, max(args.batches)),
+        "generic graph, ORT loop": ("generic", work / "r1g" / model_name / "onnx" / "fp32" / "model.onnx"),
+        "fused graph, SharedKVEngine": ("fused", work / "r1f" / model_name / "onnx" / "fp32-fused" / "model.onnx"),
     }
     if genai_dir is not None:
-        sides["onnxruntime-genai builder + generator"] = genai_side(genai_dir)
+        sides["onnxruntime-genai builder + generator"] = ("genai", genai_dir)
     vocab = json.loads((ckpt / "config.json").read_text())["vocab_size"]
-    rng = np.random.default_rng(0)
-    prompts = {b: rng.integers(3, vocab, (b, PROMPT)).astype(np.int64) for b in args.batches}
     rates: dict[str, dict[int, list[float]]] = {s: {b: [] for b in args.batches} for s in sides}
     agree: dict[int, float] = {}
     names = list(sides)
     for rnd in range(args.rounds):
         order = names[rnd % len(names):] + names[: rnd % len(names)]
-        for b in args.batches:
-            outs = {}
-            for side in order:
-                gen = sides[side]
-                start = time.perf_counter()
-                outs[side] = gen(prompts[b])
-                rates[side][b].append(b * NEW / (time.perf_counter() - start))
-            if rnd == 0:
-                agree[b] = float(np.mean(outs["generic graph, ORT loop"] == outs["fused graph, SharedKVEngine"]))
+        outs = {}
+        for side in order:
+            kind, path = sides[side]
+            cmd = [sys.executable, __file__, "--worker", kind, "--path", str(path), "--vocab", str(vocab),
+                   "--threads", str(args.threads), "--batches", *map(str, args.batches)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode:
+                raise SystemExit(f"{side} failed:\n{done.stderr[-2000:]}")
+            outs[side] = json.loads(done.stdout.strip().splitlines()[-1])
+            for b in args.batches:
+                rates[side][b].append(outs[side][str(b)]["tokens_per_s"])
+        if rnd == 0:
+            for b in args.batches:
+                agree[b] = float(np.mean(np.asarray(outs["generic graph, ORT loop"][str(b)]["tokens"])
+                                         == np.asarray(outs["fused graph, SharedKVEngine"][str(b)]["tokens"])))
         print(f"  {name}: round {rnd + 1}/{args.rounds} done (load {os.getloadavg()[0]:.2f})", flush=True)
     medians = {s: {b: statistics.median(v) for b, v in per.items()} for s, per in rates.items()}
     best = {s: {b: max(v) for b, v in per.items()} for s, per in rates.items()}
@@ -170,14 +176,39 @@ def bench_model(name: str, ckpt: Path, work: Path, args) -> dict:
             "greedy_agreement_fused_vs_generic": agree}
 
 
+def worker(args) -> None:
+    """One side, one round: every batch size in turn, the same prompts in every process (seeded)."""
+    if args.worker == "generic":
+        gen = generic_side(args.path, args.threads)
+    elif args.worker == "fused":
+        gen = fused_side(args.path, args.threads, max(args.batches))
+    else:
+        gen = genai_side(args.path)
+    rng = np.random.default_rng(0)
+    prompts = {b: rng.integers(3, args.vocab, (b, PROMPT)).astype(np.int64) for b in args.batches}
+    gen(prompts[min(args.batches)][:1])  # first-call set-up (allocations, arena growth) is not measured
+    out = {}
+    for b in args.batches:
+        start = time.perf_counter()
+        tokens = gen(prompts[b])
+        out[b] = {"tokens_per_s": b * NEW / (time.perf_counter() - start), "tokens": np.asarray(tokens).tolist()}
+    print(json.dumps(out))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", choices=["generic", "fused", "genai"], help=argparse.SUPPRESS)
+    ap.add_argument("--path", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 32])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads, every side")
     ap.add_argument("--models", nargs="+", default=["r1-distill-tiny", "qwen2-125m"])
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if args.worker:
+        worker(args)
+        return
     results = {}
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="decode-graph-") as tmp:
