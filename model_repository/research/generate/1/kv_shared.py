@@ -105,11 +105,16 @@ class SharedKVEngine:
             step.seqlens += step.query
         else:
             step = self._prepare_decode(rows)
-        step.ids[step.at, 0] = tokens
+        if step.whole:  # rows == range(lo, hi): plain slices, no gathers
+            step.ids[:, 0] = tokens
+        else:
+            step.ids[step.at, 0] = tokens
         self.session.run_with_iobinding(step.io)
         self._lengths[step.lo : step.hi] += step.query
         step.longest += 1
         self._steady = step
+        if step.whole:
+            return step.logits[:, 0].astype(np.float32)  # a copy: the step's buffer is rewritten next call
         return step.logits[step.at, 0].astype(np.float32)
 
     def _prepare_decode(self, rows: list[int]) -> "_Step":
@@ -134,6 +139,7 @@ class SharedKVEngine:
         np.maximum(lengths + step.query, 1, out=step.seqlens, casting="unsafe")
         step.seqlens -= 1
         step.rows, step.at, step.epoch, step.longest = list(rows), at, self._epoch, int(mine.max())
+        step.whole = bool(len(rows) == hi - lo and np.array_equal(at, np.arange(hi - lo)))
         return step
 
     def release(self, rows: list[int]) -> None:
@@ -189,7 +195,7 @@ class _Step:
         self.lo, self.hi = lo, hi
         self.rows: list[int] = []  # decode: the rows it was prepared for, their offsets, the engine's epoch then
         self.at = np.zeros(0, np.int64)
-        self.epoch, self.longest = -1, 0
+        self.epoch, self.longest, self.whole = -1, 0, False
         rows = hi - lo
         self.ids = np.zeros((rows, width), np.int64)
         self.seqlens = np.zeros(rows, np.int32)
