@@ -171,6 +171,19 @@ def run_pipeline(cfg: PipelineConfig, on_stage: Callable[[StageSummary], None] |
     # Quantize once per distinct variant the profiles deploy.
     from quantize import QuantizeConfig, quantize_model
 
+    def quantize_one(profile: DeploymentProfile, graph: str) -> StageSummary:
+        q = quantize_model(QuantizeConfig(model=cfg.model, workdir=cfg.workdir, profile=profile, force=cfg.force,
+                                          graph=graph))
+        keys = _HEADLINE_ACCURACY[exp.kind.value]
+        acc = ", ".join(f"{k} {q.accuracy[k]:.4f}" for k in keys if isinstance(q.accuracy.get(k), float))
+        kept = f", kept {len(q.kept_layers)} layer(s) unquantized" if q.kept_layers else ""
+        return StageSummary(
+            f"quantize {q.variant}", "ok",
+            f"{_mb(q.sizes.model_bytes_fp32)} → {_mb(q.sizes.model_bytes)}; {acc}{kept} (gate of {profile.name})"
+            + (" (up to date)" if q.skipped else ""),
+            q.onnx_path, figures={"accuracy": q.accuracy, "bytes": q.sizes.model_bytes},
+        )
+
     done: set[str] = set()
     for profile in profiles.values():
         if profile.precision is Precision.FP32:
@@ -180,19 +193,7 @@ def run_pipeline(cfg: PipelineConfig, on_stage: Callable[[StageSummary], None] |
             continue
         done.add(variant)
 
-        def quantize_one(profile=profile, variant=variant):
-            q = quantize_model(QuantizeConfig(model=cfg.model, workdir=cfg.workdir, profile=profile, force=cfg.force))
-            keys = _HEADLINE_ACCURACY[exp.kind.value]
-            acc = ", ".join(f"{k} {q.accuracy[k]:.4f}" for k in keys if isinstance(q.accuracy.get(k), float))
-            kept = f", kept {len(q.kept_layers)} layer(s) unquantized" if q.kept_layers else ""
-            return StageSummary(
-                f"quantize {q.variant}", "ok",
-                f"{_mb(q.sizes.model_bytes_fp32)} → {_mb(q.sizes.model_bytes)}; {acc}{kept} (gate of {profile.name})"
-                + (" (up to date)" if q.skipped else ""),
-                q.onnx_path, figures={"accuracy": q.accuracy, "bytes": q.sizes.model_bytes},
-            )
-
-        run.stage(f"quantize {variant}", quantize_one)
+        run.stage(f"quantize {variant}", lambda profile=profile: quantize_one(profile, "generic"))
 
     # Engines: every profile; a runtime that is not installed is a skip with its reason.
     from .engine import EngineConfig, build_engine
@@ -232,18 +233,7 @@ def run_pipeline(cfg: PipelineConfig, on_stage: Callable[[StageSummary], None] |
     cpu_repo = None
     if fused and cpu_profile.precision is not Precision.FP32:
         # the CPU repository serves the cpu profile's precision on the fused graph: quantize that graph too
-        def quantize_fused():
-            q = quantize_model(QuantizeConfig(model=cfg.model, workdir=cfg.workdir, profile=cpu_profile, force=cfg.force,
-                                              graph="fused"))
-            keys = _HEADLINE_ACCURACY[exp.kind.value]
-            acc = ", ".join(f"{k} {q.accuracy[k]:.4f}" for k in keys if isinstance(q.accuracy.get(k), float))
-            return StageSummary(
-                f"quantize {q.variant}", "ok",
-                f"{_mb(q.sizes.model_bytes_fp32)} → {_mb(q.sizes.model_bytes)}; {acc} (gate of {cpu_profile.name})"
-                + (" (up to date)" if q.skipped else ""), q.onnx_path, figures={"accuracy": q.accuracy, "bytes": q.sizes.model_bytes},
-            )
-
-        run.stage(f"quantize {artifacts.profile_onnx_variant(cpu_profile)}-fused", quantize_fused)
+        run.stage(f"quantize {artifacts.profile_onnx_variant(cpu_profile)}-fused", lambda: quantize_one(cpu_profile, "fused"))
 
     def repo_cpu():
         nonlocal cpu_repo
