@@ -284,34 +284,47 @@ def export_model(cfg: ExportConfig, source: ModelSource | None = None) -> Export
                 cases = compare_onnx(out, refs, output_names, tolerances=dict.fromkeys(output_names, cfg.tolerance))
         if not external:
             inline_external_data(out)
-        max_diff = _max_diffs(cases)
-        report = {
-            "model": source.name,
-            "source": str(source.path),
-            "architecture": source.architecture,
-            "kind": source.kind.value,
-            "graph": GraphForm.GENERIC.value,
-            "parameters": n_params,
-            "opset": cfg.opset,
-            "exporter": cfg.exporter.value,
-            "external_data": external,
-            "input_names": input_names,
-            "output_names": output_names,
-            "cache": to_data(layout) if layout else None,
-            "vocab_size": vocab_size,
-            "max_abs_diff": max_diff,
-            "cases": to_data(cases),
-        }
+        report = _report(source, GraphForm.GENERIC, n_params, cfg.opset, cfg.exporter.value, external, input_names,
+                         output_names, to_data(layout) if layout else None, vocab_size, cases)
         artifacts.write_json(tmp / artifacts.EXPORT_REPORT, report)
         artifacts.write_manifest(
             tmp, stage="export", fp=fp, inputs=inputs, config=cfg.fingerprint_config(), tools=tools
         )
     _copy_tokenizer(source, layout_dirs.tokenizer_dir)
+    return _result(source, final, report, cases, started)
+
+
+def _report(source: ModelSource, graph: GraphForm, n_params: int, opset: int, exporter: str, external: bool,
+            input_names: list[str], output_names: list[str], cache, vocab_size, cases: list[CaseCheck],
+            **extra) -> dict:
+    """export_report.json: the same keys, in the same order, for both graph forms (`extra` before the checks)."""
+    return {
+        "model": source.name,
+        "source": str(source.path),
+        "architecture": source.architecture,
+        "kind": source.kind.value,
+        "graph": graph.value,
+        "parameters": n_params,
+        "opset": opset,
+        "exporter": exporter,
+        "external_data": external,
+        "input_names": input_names,
+        "output_names": output_names,
+        "cache": cache,
+        "vocab_size": vocab_size,
+        **extra,
+        "max_abs_diff": _max_diffs(cases),
+        "cases": to_data(cases),
+    }
+
+
+def _result(source: ModelSource, final: Path, report: dict, cases: list[CaseCheck], started: float) -> ExportResult:
     return ExportResult(
         model=source.name, kind=source.kind, architecture=source.architecture, onnx_path=final / "model.onnx",
-        report_path=report_path, skipped=False, external_data=external, input_names=input_names,
-        output_names=output_names, parameters=n_params, onnx_bytes=artifacts.onnx_bytes(final / "model.onnx"),
-        seconds=time.perf_counter() - started, max_abs_diff=max_diff, cases=cases,
+        report_path=final / artifacts.EXPORT_REPORT, skipped=False, external_data=report["external_data"],
+        input_names=report["input_names"], output_names=report["output_names"], parameters=report["parameters"],
+        onnx_bytes=artifacts.onnx_bytes(final / "model.onnx"), seconds=time.perf_counter() - started,
+        max_abs_diff=report["max_abs_diff"], cases=cases,
     )
 
 
@@ -367,34 +380,12 @@ def _export_fused(cfg: ExportConfig, source: ModelSource, layout_dirs: artifacts
         external = n_params * 4 > cfg.external_data_threshold_mib * (1 << 20)
         if not external:
             inline_external_data(out)
-        max_diff = _max_diffs(cases)
-        report = {
-            "model": source.name,
-            "source": str(source.path),
-            "architecture": source.architecture,
-            "kind": source.kind.value,
-            "graph": GraphForm.FUSED.value,
-            "parameters": n_params,
-            "opset": 21,
-            "exporter": "r1deploy-fused",
-            "external_data": external,
-            "input_names": input_names,
-            "output_names": output_names,
-            "cache": to_data(layout),
-            "vocab_size": spec.vocab,
-            "max_sequence_length": spec.max_positions,
-            "max_abs_diff": max_diff,
-            "cases": to_data(cases),
-        }
+        report = _report(source, GraphForm.FUSED, n_params, 21, "r1deploy-fused", external, input_names, output_names,
+                         to_data(layout), spec.vocab, cases, max_sequence_length=spec.max_positions)
         artifacts.write_json(tmp / artifacts.EXPORT_REPORT, report)
         artifacts.write_manifest(tmp, stage="export", fp=fp, inputs=inputs, config=cfg.fingerprint_config(), tools=tools)
     _copy_tokenizer(source, layout_dirs.tokenizer_dir)
-    return ExportResult(
-        model=source.name, kind=source.kind, architecture=source.architecture, onnx_path=final / "model.onnx",
-        report_path=final / artifacts.EXPORT_REPORT, skipped=False, external_data=external, input_names=input_names,
-        output_names=output_names, parameters=n_params, onnx_bytes=artifacts.onnx_bytes(final / "model.onnx"),
-        seconds=time.perf_counter() - started, max_abs_diff=max_diff, cases=cases,
-    )
+    return _result(source, final, report, cases, started)
 
 
 def _checkpoint_parameters(source: ModelSource) -> int:
