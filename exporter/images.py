@@ -109,6 +109,15 @@ def _header(name: str) -> list[str]:
     ]
 
 
+def _source() -> list[Instruction]:
+    """What `pip wheel .` builds r1deploy from (both images carry its wheel)."""
+    return [
+        Instruction("COPY", "pyproject.toml README.md ./"),
+        Instruction("COPY", "exporter ./exporter"),
+        Instruction("COPY", "quantize ./quantize"),
+    ]
+
+
 def triton_dockerfile(table: VersionTable) -> Dockerfile:
     a = build_args(table=table)
     base = f"{table.triton_image}:${{TRITON_RELEASE}}-py3"
@@ -119,9 +128,7 @@ def triton_dockerfile(table: VersionTable) -> Dockerfile:
             "RUN", "python3 -m pip install --no-cache-dir --target /opt/r1deploy/site-packages -r /tmp/requirements.txt",
             "the python backend runs the image's own Python; a separate prefix keeps the image's packages untouched",
         ),
-        Instruction("COPY", "pyproject.toml README.md ./"),
-        Instruction("COPY", "exporter ./exporter"),
-        Instruction("COPY", "quantize ./quantize"),
+        *_source(),
         Instruction(
             "RUN", "python3 -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \\\n"
                    "    && python3 -m pip install --no-cache-dir --no-deps --target /opt/r1deploy/site-packages /wheels/*.whl",
@@ -152,9 +159,7 @@ def engine_build_dockerfile(table: VersionTable) -> Dockerfile:
     base = f"{table.tensorrt_image}:${{TRITON_RELEASE}}-py3"
     wheel = Stage(base, "wheel", [
         Instruction("WORKDIR", "/src"),
-        Instruction("COPY", "pyproject.toml README.md ./"),
-        Instruction("COPY", "exporter ./exporter"),
-        Instruction("COPY", "quantize ./quantize"),
+        *_source(),
         Instruction("RUN", "python3 -m pip wheel --no-cache-dir --no-deps --wheel-dir /wheels ."),
     ])
     final = Stage(base, None, [
