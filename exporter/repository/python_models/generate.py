@@ -77,7 +77,8 @@ def _strings(request, name: str) -> list[str]:
 class _Handle:
     """What the sender needs to answer one request."""
 
-    __slots__ = ("request", "sender", "prompt_text", "echo", "last_sent_step", "prompt_tokens", "lock", "closed")
+    __slots__ = ("request", "sender", "prompt_text", "echo", "last_sent_step", "prompt_tokens", "lock", "closed",
+                 "started")
 
     def __init__(self, request, prompt_text: str, echo: bool, prompt_tokens: int):
         self.request, self.sender = request, request.get_response_sender()
@@ -88,6 +89,7 @@ class _Handle:
         # the final send and the cancellation check of one request exclude each other, and `closed` ends checks
         self.lock = threading.Lock()
         self.closed = False
+        self.started = False  # its first response is out (or on its way): only the sender thread reads and sets it
 
     def send_final(self, response=None) -> None:
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -428,7 +430,9 @@ class TritonPythonModel:
 
 def _coalesce(items: list) -> list:
     """Merge each stream's consecutive chunks (text and tokens joined, the last one's finish and flag kept);
-    other items keep their place."""
+    other items keep their place. A stream's first response is never merged into: it leaves with the first step's
+    tokens alone, so time to first token never waits for later steps and a stream of several steps always gets
+    more than one response."""
     out: list = []
     open_chunk: dict[int, int] = {}  # id(handle) → index in `out` of its chunk that is not final yet
     for item in items:
@@ -436,6 +440,10 @@ def _coalesce(items: list) -> list:
             out.append(item)
             continue
         key = id(item[1])
+        if not item[1].started:
+            item[1].started = True
+            out.append(item)
+            continue
         at = open_chunk.get(key)
         if at is None:
             out.append(item)
