@@ -7,6 +7,7 @@ import json
 import os
 import queue
 import signal
+import threading
 import subprocess
 import time
 import urllib.error
@@ -117,8 +118,9 @@ def grpc_inputs(prompt, **params):
     return inputs
 
 
-def grpc_stream(server, inputs, timeout: float = 60) -> tuple[list[dict], str | None]:
-    """Send one request on a gRPC stream; the chunks until finish_reason is set, or the error."""
+def grpc_stream(server, inputs, timeout: float = 60, barrier=None) -> tuple[list[dict], str | None]:
+    """Send one request on a gRPC stream; the chunks until finish_reason is set, or the error. With a barrier,
+    the request is sent once every party's stream is open."""
     import tritonclient.grpc as grpcclient
 
     results: queue.Queue = queue.Queue()
@@ -129,6 +131,8 @@ def grpc_stream(server, inputs, timeout: float = 60) -> tuple[list[dict], str | 
     client = grpcclient.InferenceServerClient(server.endpoints.grpc)
     client.start_stream(callback=partial(callback, results))
     try:
+        if barrier is not None:
+            barrier.wait(timeout)
         client.async_stream_infer("generate", inputs)
         chunks = []
         deadline = time.monotonic() + timeout
@@ -487,25 +491,43 @@ def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
 
 def test_scheduler_metrics_and_cancellation(server):
     """A cancelled stream leaves the running batch (the scheduler's own metrics on Triton's metrics port show
-    it), and the server goes on serving."""
+    it), and the server goes on serving.
+
+    The stream is cancelled from the client's callback on its first response. A request of the tiny model can
+    still reach `max_tokens` (512, the edge profile's limit) before the cancellation arrives on a fast machine —
+    that is not a defect, so an attempt that ends by length is repeated (up to five times); the test fails only
+    if no attempt is ever seen leaving as cancelled."""
     import tritonclient.grpc as grpcclient
 
-    before = sum(metric_values(server, 'r1deploy_generate_requests_finished{').get(k, 0)
-                 for k in metric_values(server, 'r1deploy_generate_requests_finished{') if 'reason="cancelled"' in k)
-    results: queue.Queue = queue.Queue()
-    client = grpcclient.InferenceServerClient(server.endpoints.grpc)
-    client.start_stream(callback=lambda result, error: results.put((result, error)))
-    client.async_stream_infer("generate", grpc_inputs(PROMPT, max_tokens=512, stream=True, ignore_eos=True))
-    results.get(timeout=60)  # it is running
-    wait_for(lambda: sum(metric_values(server, "r1deploy_generate_requests_running").values()) >= 1, what="running")
-    client.stop_stream(cancel_requests=True)
-    client.close()
-
-    def cancelled() -> float:
+    def finished(reason: str) -> float:
         vals = metric_values(server, "r1deploy_generate_requests_finished{")
-        return sum(v for k, v in vals.items() if 'reason="cancelled"' in k)
+        return sum(v for k, v in vals.items() if f'reason="{reason}"' in k)
 
-    wait_for(lambda: cancelled() > before, what="the cancelled request to leave the batch")
+    outcomes = []
+    for _ in range(5):
+        cancelled_before, length_before = finished("cancelled"), finished("length")
+        client = grpcclient.InferenceServerClient(server.endpoints.grpc)
+        first = threading.Event()
+        errors: list = []
+
+        def callback(result, error, client=client, first=first, errors=errors):
+            if error is not None:
+                errors.append(error)
+            if not first.is_set():
+                first.set()
+                threading.Thread(target=client.stop_stream, kwargs={"cancel_requests": True}).start()
+
+        client.start_stream(callback=callback)
+        client.async_stream_infer("generate", grpc_inputs(PROMPT, max_tokens=512, stream=True, ignore_eos=True))
+        assert first.wait(60), "no first response"
+        # the model's metrics are flushed to Triton every quarter second
+        wait_for(lambda: finished("cancelled") > cancelled_before or finished("length") > length_before,
+                 what="the request to leave the batch")
+        client.close()
+        outcomes.append("cancelled" if finished("cancelled") > cancelled_before else "length")
+        if outcomes[-1] == "cancelled":
+            break
+    assert outcomes[-1] == "cancelled", f"every attempt reached max_tokens before its cancellation: {outcomes}"
     wait_for(lambda: sum(metric_values(server, "r1deploy_generate_requests_running").values()) == 0, what="an empty batch")
     for name in ("requests_waiting", "kv_cache_utilization", "queue_duration_us", "time_to_first_token_us",
                  "generated_tokens", "requests_admitted"):
@@ -526,12 +548,14 @@ def test_queue_limit_answers_server_busy(exported, session_workdir, tmp_path):
         out=tmp_path / "busy", onnx_variant="fp32", max_rows=1, max_queue=1,
     ))
     with TritonServer(ServerConfig(model_repository=repo.out)) as srv:
+        together = threading.Barrier(5)  # all five are sent at once, not as fast as each client connects
         with ThreadPoolExecutor(5) as pool:
-            runs = list(pool.map(lambda _: grpc_stream(srv, grpc_inputs(PROMPT, max_tokens=200, ignore_eos=True)), range(5)))
+            runs = list(pool.map(lambda _: grpc_stream(srv, grpc_inputs(PROMPT, max_tokens=512, ignore_eos=True),
+                                                       barrier=together), range(5)))
         errors = [err for _, err in runs if err]
         served = [chunks for chunks, err in runs if not err]
         assert errors and all("server busy" in e for e in errors), errors
-        assert len(served) >= 2 and all(len(c[-1]["tokens"]) == 200 for c in served)
+        assert len(served) >= 2 and all(len(c[-1]["tokens"]) == 512 for c in served)
         # the model's metrics are flushed to Triton every quarter second
         wait_for(lambda: sum(metric_values(srv, "r1deploy_generate_requests_rejected").values()) == len(errors),
                  what="the refusals in r1deploy_generate_requests_rejected")
