@@ -7,8 +7,8 @@ import json
 import os
 import queue
 import signal
-import threading
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -521,7 +521,7 @@ def test_scheduler_metrics_and_cancellation(server):
         client.async_stream_infer("generate", grpc_inputs(PROMPT, max_tokens=512, stream=True, ignore_eos=True))
         assert first.wait(60), "no first response"
         # the model's metrics are flushed to Triton every quarter second
-        wait_for(lambda: finished("cancelled") > cancelled_before or finished("length") > length_before,
+        wait_for(lambda c=cancelled_before, n=length_before: finished("cancelled") > c or finished("length") > n,
                  what="the request to leave the batch")
         client.close()
         outcomes.append("cancelled" if finished("cancelled") > cancelled_before else "length")
