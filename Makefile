@@ -88,7 +88,7 @@ image: $(STAMP)
 	  echo "make image: $$engine is installed but cannot build here (\`$$engine info\` fails: no daemon or no rights): nothing built."; \
 	  exit 2; \
 	fi; \
-	args="$$($(PY) -m exporter.versions --build-args)"; tag="$$($(PY) -m exporter.versions --tag)"; \
+	args="$$($(PY) -m exporter.core.versions --build-args)"; tag="$$($(PY) -m exporter.core.versions --tag)"; \
 	for img in triton engine-build; do \
 	  case "$$engine" in \
 	    *buildah) cmd="bud --ignorefile k8s/images/$$img/Dockerfile.dockerignore" ;; \

@@ -35,7 +35,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, numpy_helper
 
-from exporter import artifacts
+from exporter.core import artifacts
 from exporter.export import ExportConfig, export_model
 from quantize import QuantizeConfig, quantize_model
 from quantize import evaluate as ev

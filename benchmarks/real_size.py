@@ -104,9 +104,9 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None, help="JSON result (default <workdir>/real_size.json)")
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
-    from exporter import artifacts
+    from exporter.core import artifacts
+    from exporter.core.profiles import QuantSpec
     from exporter.plan import load_shape, weight_bytes
-    from exporter.profiles import QuantSpec
 
     wd = args.workdir
     # not directly under the workdir: r1deploy writes <workdir>/<checkpoint folder name>/onnx/…

@@ -18,7 +18,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from exporter import artifacts, tiny_models
+from exporter import tiny_models
+from exporter.core import artifacts
 from exporter.export import ExportConfig, export_model
 from exporter.repository.reference import GreedyLoop
 from quantize import QuantizeConfig, quantize_model
@@ -57,7 +58,8 @@ def main() -> None:
             settings = dict(precision=precision)
             if precision == "int4":
                 settings.update(method=method, block_size=block, format="qdq", symmetric=True, mixed_precision=False)
-            q = quantize_model(QuantizeConfig(model=MODEL, workdir=args.workdir, **settings))
+            q = quantize_model(QuantizeConfig(model=MODEL, workdir=args.workdir, extra_texts=tiny_models.quality_texts(MODEL),
+                                              **settings))
             path, by_text, mb, name = q.onnx_path, q.accuracy_by_text, q.sizes.model_bytes / 1e6, q.variant
         ok, n = reproduced(path, tok)
         rows.append({"variant": name, "model_mb": round(mb, 3), "reproduced": ok, "cases": n, "by_text": by_text})

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from .errors import BadInput, StageFailed
+from .core.errors import BadInput, StageFailed
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 RETRY_STATUSES = (429, 502, 503, 504)
@@ -248,7 +248,7 @@ def run_batch(cfg: BatchConfig) -> BatchResult:
         if cfg.progress and todo:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-            from .ui import console
+            from .core.ui import console
 
             bar = Progress(TextColumn("batch"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[failed]} failed"),
                            TimeRemainingColumn(), console=console, transient=False)

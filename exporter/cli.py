@@ -11,8 +11,8 @@ from pathlib import Path
 import click
 
 from .commands.common import App
-from .errors import BadInput, R1DeployError
-from .typed import read_yaml_mapping
+from .core.errors import BadInput, R1DeployError
+from .core.typed import read_yaml_mapping
 
 # command name → module in exporter.commands (imported lazily: `r1deploy --help` stays fast)
 COMMANDS = {
@@ -116,7 +116,7 @@ def cli(ctx: click.Context, config_path, workdir, profiles_file, as_json, verbos
             if k not in GLOBAL_KEYS
         }
     app.workdir, app.as_json, app.profiles_file, app.profile_overrides = workdir, as_json, profiles_file, profile_overrides
-    from . import ui
+    from .core import ui
 
     ui.configure(quiet=app.quiet or as_json, verbose=app.verbose)
     _state["verbose"] = app.verbose

@@ -10,8 +10,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import artifacts
-from .errors import BadInput, StageFailed
+from .core import artifacts
+from .core.errors import BadInput, StageFailed
+from .core.typed import to_data
+from .core.ui import quiet_library_logs, status
 from .graphs import (
     CacheLayout,
     DecoderWithPast,
@@ -23,8 +25,6 @@ from .graphs import (
 )
 from .onnx_files import attach_external_weights, inline_external_data
 from .sources import ModelKind, ModelSource, load_model, resolve_source
-from .typed import to_data
-from .ui import quiet_library_logs, status
 from .verify import CaseCheck, compare_onnx, torch_references
 
 
@@ -218,6 +218,15 @@ def _copy_tokenizer(source: ModelSource, dest: Path) -> None:
         for name in artifacts.TOKENIZER_FILES:
             if (source.path / name).is_file():
                 shutil.copy2(source.path / name, tmp / name)
+
+
+def ensure_exported(model: str, workdir: Path, *, graph: str = "generic", allow_pickle: bool = False,
+                    trust_remote_code: bool = False) -> None:
+    """The FP32 export a later stage (quantize) reads: left as it is when present (found without loading the
+    model), else exported with default settings."""
+    if not artifacts.ModelLayout.for_model(workdir, model).has_export(graph):
+        export_model(ExportConfig(model=model, workdir=workdir, graph=graph, allow_pickle=allow_pickle,
+                                  trust_remote_code=trust_remote_code))
 
 
 def export_model(cfg: ExportConfig, source: ModelSource | None = None) -> ExportResult:

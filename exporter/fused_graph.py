@@ -42,7 +42,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
-from .errors import BadInput
+from .core.errors import BadInput
 from .onnx_files import attach_external_weights
 
 SUPPORTED = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}

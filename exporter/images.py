@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from .versions import VersionTable, build_args, load_versions
+from .core.versions import VersionTable, build_args, load_versions
 
 # Pins of what the images install (versions this project runs its tests with). Transitive dependencies are resolved
 # at build time; the top level is pinned so a rebuild of the same tag installs the same packages.

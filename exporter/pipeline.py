@@ -21,10 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from . import artifacts
-from .errors import BadInput, MissingDependency, R1DeployError, StageFailed
-from .profiles import DeploymentProfile, Precision, Runtime, ServingVariant
-from .ui import status
+from . import tiny_models
+from .core import artifacts
+from .core.errors import BadInput, MissingDependency, R1DeployError, StageFailed
+from .core.profiles import DeploymentProfile, Precision, Runtime, ServingVariant
+from .core.ui import status
 
 
 @dataclass
@@ -173,7 +174,7 @@ def run_pipeline(cfg: PipelineConfig, on_stage: Callable[[StageSummary], None] |
 
     def quantize_one(profile: DeploymentProfile, graph: str) -> StageSummary:
         q = quantize_model(QuantizeConfig(model=cfg.model, workdir=cfg.workdir, profile=profile, force=cfg.force,
-                                          graph=graph))
+                                          graph=graph, extra_texts=tiny_models.quality_texts(cfg.model)))
         keys = _HEADLINE_ACCURACY[exp.kind.value]
         acc = ", ".join(f"{k} {q.accuracy[k]:.4f}" for k in keys if isinstance(q.accuracy.get(k), float))
         kept = f", kept {len(q.kept_layers)} layer(s) unquantized" if q.kept_layers else ""
@@ -326,8 +327,6 @@ def _one_request(http: str, repo, model: str) -> tuple[str, dict[str, Any]]:
     question of its corpus through its chat template, so the answer shown is legible: R1's reasoning, then the
     answer, told apart on the `</think>` token id (the text output drops special tokens)."""
     if repo.entry_model == "generate":
-        from . import tiny_models
-
         url = f"http://{http}/v2/models/generate/generate"
         if model not in tiny_models.TRAINED:
             reply = _post(url, {"text_input": "DeepSeek-R1 is", "max_tokens": 8, "temperature": 0.0, "stream": False})

@@ -38,8 +38,8 @@ from typing import Optional
 
 import yaml
 
-from .errors import BadInput
-from .profiles import DeploymentProfile, Precision, QuantSpec
+from .core.errors import BadInput
+from .core.profiles import DeploymentProfile, Precision, QuantSpec
 
 GIB = 1 << 30
 # CUDA context, cuBLAS/cuDNN handles and Triton's own per-GPU allocations: the usual ~0.5-1 GiB, taken at the top.
@@ -455,7 +455,7 @@ def plan_capacity(cfg: PlanConfig, profiles: Optional[dict[str, DeploymentProfil
     if first.planned_batch >= 1:
         return first
     if profiles is None:
-        from .profiles import load_profiles
+        from .core.profiles import load_profiles
 
         profiles = load_profiles()
     alts = []

@@ -29,7 +29,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Optional
 
-from .errors import BadInput, MissingDependency, StageFailed
+from .core.errors import BadInput, MissingDependency, StageFailed
 
 
 @dataclass

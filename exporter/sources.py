@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import BadInput, MissingDependency
+from .core.artifacts import PRESETS, model_dir_name
+from .core.errors import BadInput, MissingDependency
 
 # Offline by construction: no hub access at run time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,16 +43,6 @@ class ModelSource:
     allow_pickle: bool = False
     preset: str | None = None
     config: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
-
-
-PRESETS = ("r1-distill-tiny", "r1-moe-tiny", "minilm")
-
-
-def model_dir_name(spec: str | Path) -> str:
-    """The build-directory name of a model (`<workdir>/<name>/`): the preset name, else the checkpoint folder's
-    own name. Cheap on purpose: later stages find an earlier stage's output without loading the model."""
-    spec = str(spec)
-    return spec if spec in PRESETS else Path(spec).expanduser().resolve().name
 
 
 def _minilm_path() -> Path:

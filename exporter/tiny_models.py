@@ -100,6 +100,15 @@ def held_out_texts() -> tuple[str, ...]:
     return HELD_OUT
 
 
+def quality_texts(model: str) -> dict[str, tuple[str, ...]]:
+    """What the quantize stage measures besides its held-out sentences (`QuantizeConfig.extra_texts`): for an
+    embedded preset with learned weights, what it was trained on (how well quantization keeps what it memorised)
+    and in-domain text it never saw; nothing for any other model."""
+    if model not in TRAINED:
+        return {}
+    return {"corpus": tuple(training_texts()), "held_out_domain": held_out_texts()}
+
+
 TINY_CONFIGS: dict[str, dict] = {
     "r1-distill-tiny": dict(
         architectures=["Qwen2ForCausalLM"],

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .errors import StageFailed
+from .core.errors import StageFailed
 from .graphs import CacheLayout, ShapeCase, make_inputs
 from .sources import ModelKind
 

@@ -7,10 +7,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
-from exporter.errors import BadInput
-from exporter.profiles import AccuracyGate, DeploymentProfile, Precision
-
-BLOCK_SIZES = (32, 64, 128)
+from exporter.core.errors import BadInput
+from exporter.core.profiles import BLOCK_SIZES, AccuracyGate, DeploymentProfile, Precision
 
 
 class Method(str, enum.Enum):
@@ -26,7 +24,7 @@ class Format(str, enum.Enum):
 @dataclass
 class QuantizeConfig:
     """What to produce. Unset (None) settings come from the deployment profile, then from the built-in
-    defaults of `exporter.profiles.QuantSpec`."""
+    defaults of `exporter.core.profiles.QuantSpec`."""
 
     model: str = "r1-distill-tiny"
     workdir: Path = Path("build")
@@ -45,8 +43,9 @@ class QuantizeConfig:
     min_top1: Optional[float] = None
     mixed_precision: Optional[bool] = None  # None: on when min_cosine or min_top1 is given
     force: bool = False
-    allow_pickle: bool = False
-    trust_remote_code: bool = False
+    # Texts measured besides the held-out sentences (decoders), by name: an embedded preset with learned weights
+    # brings its own (`exporter.tiny_models.quality_texts`). Reported, never gated, not part of the fingerprint.
+    extra_texts: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir)

@@ -31,7 +31,7 @@ from typing import Optional
 import numpy as np
 import onnx
 
-from exporter.errors import BadInput, StageFailed
+from exporter.core.errors import BadInput, StageFailed
 
 ORT_SESSION_CONFIG = {
     "session.qdq_matmulnbits_accuracy_level": "0",

@@ -13,11 +13,18 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from exporter import artifacts
-from exporter.errors import BadInput, StageFailed
-from exporter.profiles import AccuracyGate, DeploymentProfile, Precision, QuantSpec, get_profile
-from exporter.typed import to_data
-from exporter.ui import status
+from exporter.core import artifacts
+from exporter.core.errors import BadInput, StageFailed
+from exporter.core.profiles import (
+    BLOCK_SIZES,
+    AccuracyGate,
+    DeploymentProfile,
+    Precision,
+    QuantSpec,
+    get_profile,
+)
+from exporter.core.typed import to_data
+from exporter.core.ui import status
 
 from . import core, evaluate, graph
 from .config import Format, Method, QuantizeConfig, QuantizeResult, Settings, Sizes
@@ -48,8 +55,8 @@ def resolve(cfg: QuantizeConfig) -> Settings:
         source = "flags" if not profile else f"flags over profile {profile.name}"
     mixed = cfg.mixed_precision if cfg.mixed_precision is not None else (flags or spec.mixed_precision)
     block = cfg.block_size or spec.block_size
-    if block not in (32, 64, 128):
-        raise BadInput(f"block size {block} is not one of 32, 64, 128")
+    if block not in BLOCK_SIZES:
+        raise BadInput(f"block size {block} is not one of {', '.join(map(str, BLOCK_SIZES))}")
     return Settings(
         precision=precision,
         method=cfg.method or Method(spec.method),
@@ -70,40 +77,22 @@ def variant_name(s: Settings) -> str:
     return artifacts.onnx_variant(s.precision.value, s.method.value, s.block_size, s.format.value, graph=s.graph)
 
 
+# What the texts an embedded preset brings (exporter.tiny_models.quality_texts) are; others are the caller's.
 TEXT_SOURCES = {
     "corpus": "the training text of the embedded preset (exporter.tiny_models.training_texts)",
     "held_out_domain": "in-domain text the embedded preset never trained on (exporter.tiny_corpus.HELD_OUT)",
 }
 
 
-def extra_texts(model: str, kind: str) -> dict[str, tuple[str, ...]]:
-    """Texts measured besides the held-out sentences: for an embedded preset with learned weights, what it was
-    trained on (how well quantization keeps what it memorised) and in-domain text it never saw."""
-    from exporter import tiny_models
-
-    if kind != "decoder" or model not in tiny_models.TRAINED:
-        return {}
-    return {"corpus": tuple(tiny_models.training_texts()), "held_out_domain": tiny_models.held_out_texts()}
-
-
-def _ensure_exported(cfg: QuantizeConfig) -> artifacts.ModelLayout:
-    """The fp32 export this stage reads; exported with default settings when it is not there yet.
-
-    The build directory is named like the export stage names it (preset name, else the checkpoint folder's
-    name), so an existing export is found without importing torch/transformers (seconds per run)."""
-    from exporter.sources import model_dir_name
-
-    layout = artifacts.ModelLayout(cfg.workdir, model_dir_name(cfg.model))
-    base = artifacts.onnx_variant("fp32", graph=cfg.graph)
-    if (layout.onnx_dir(base) / artifacts.EXPORT_REPORT).is_file() and layout.tokenizer_dir.is_dir():
-        return layout
-    from exporter.export import ExportConfig, export_model
-
-    result = export_model(
-        ExportConfig(model=cfg.model, workdir=cfg.workdir, graph=cfg.graph, allow_pickle=cfg.allow_pickle,
-                     trust_remote_code=cfg.trust_remote_code)
-    )
-    return artifacts.ModelLayout(cfg.workdir, result.model)
+def _exported(cfg: QuantizeConfig) -> artifacts.ModelLayout:
+    """The export stage's fp32 output this stage reads. This stage does not run the export itself (stages do not
+    call each other): the CLI, the pipeline and the engine stage's preparation export first
+    (`exporter.export.ensure_exported`)."""
+    layout = artifacts.ModelLayout.for_model(cfg.workdir, cfg.model)
+    if not layout.has_export(cfg.graph):
+        flag = " --graph fused" if cfg.graph == "fused" else ""
+        raise BadInput(f"{cfg.model} has no FP32 export in {cfg.workdir}: run `r1deploy export {cfg.model}{flag}` first")
+    return layout
 
 
 def gate_failure(gate: Optional[AccuracyGate], acc: dict, kind: str, source: str) -> Optional[str]:
@@ -265,7 +254,7 @@ def quantize_model(cfg: QuantizeConfig) -> QuantizeResult:
     """Write `<workdir>/<model>/onnx/<variant>/model.onnx` + quantize_report.json; skip if up to date."""
     started = time.perf_counter()
     s = resolve(cfg)
-    layout = _ensure_exported(cfg)
+    layout = _exported(cfg)
     base_variant = artifacts.onnx_variant("fp32", graph=s.graph)
     export_report = artifacts.read_export_report(layout, base_variant)
     kind = export_report["kind"]
@@ -289,7 +278,7 @@ def quantize_model(cfg: QuantizeConfig) -> QuantizeResult:
     base = onnx.load(str(fp32_path))
     with status(f"FP32 reference on {len(EVALUATION)} held-out sentences"):
         ref = evaluate.reference(base, evaluate.tokenize(layout.tokenizer_dir, EVALUATION, export_report), kind)
-        texts = extra_texts(cfg.model, kind)
+        texts = dict(cfg.extra_texts) if kind == "decoder" else {}
         extra_refs = {
             name: evaluate.reference(base, evaluate.tokenize(layout.tokenizer_dir, lines, export_report), kind)
             for name, lines in texts.items()
@@ -351,7 +340,7 @@ def quantize_model(cfg: QuantizeConfig) -> QuantizeResult:
             "evaluation": {
                 "sentences": len(EVALUATION),
                 "texts": {"held_out": "quantize.sentences.EVALUATION (the gate reads it)",
-                          **{name: f"{len(lines)} texts: {TEXT_SOURCES[name]}" for name, lines in texts.items()}},
+                          **{name: f"{len(lines)} texts: {TEXT_SOURCES.get(name, 'given by the caller')}" for name, lines in texts.items()}},
                 "calibration_sentences": len(CALIBRATION),
                 "onnxruntime_session_config": evaluate.ORT_SESSION_CONFIG,
                 "definitions": (evaluate.__doc__ or "").strip(),

@@ -18,8 +18,8 @@ from conftest import R1DEPLOY
 from exporter.bench import BenchConfig, Percentiles, check_slo, run_bench
 from exporter.bench.inputs import ModelSpec, TensorSpec, llm_payloads, payloads_from_file, synthetic_payloads
 from exporter.bench.result import LevelResult, LlmStats
-from exporter.errors import BadInput
-from exporter.profiles import SloTargets
+from exporter.core.errors import BadInput
+from exporter.core.profiles import SloTargets
 
 pytestmark = pytest.mark.triton
 

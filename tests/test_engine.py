@@ -19,7 +19,9 @@ import pytest
 from conftest import assert_one_line, copy_workdir
 from models import BROKEN
 
-from exporter import artifacts
+from exporter.core import artifacts
+from exporter.core.errors import BadInput
+from exporter.core.profiles import GpuSpec, Runtime, get_profile
 from exporter.engine import (
     EngineConfig,
     EngineMetadata,
@@ -29,8 +31,6 @@ from exporter.engine import (
     trtexec_command,
 )
 from exporter.engine.shapes import axis_ranges, shape_profiles
-from exporter.errors import BadInput
-from exporter.profiles import GpuSpec, Runtime, get_profile
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -12,8 +12,8 @@ import numpy as np
 import onnx
 import pytest
 
-from exporter import artifacts
-from exporter.errors import StageFailed
+from exporter.core import artifacts
+from exporter.core.errors import StageFailed
 from exporter.export import ExportConfig, export_model
 from quantize import QuantizeConfig, quantize_model
 

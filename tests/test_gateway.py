@@ -65,7 +65,7 @@ def test_splitter_text_mode_any_chunking(text, reasoning, content):
 def tiny_tokenizer(exported, session_workdir):
     from tokenizers import Tokenizer
 
-    from exporter.artifacts import ModelLayout
+    from exporter.core.artifacts import ModelLayout
 
     exported("r1-distill-tiny")
     tok_dir = ModelLayout(session_workdir, "r1-distill-tiny").tokenizer_dir
@@ -188,7 +188,7 @@ def test_chat_template_is_sandboxed(tmp_path):
 
 
 def test_api_keys_from_file_and_env(tmp_path, monkeypatch):
-    from exporter.errors import BadInput
+    from exporter.core.errors import BadInput
     from exporter.gateway import load_api_keys
 
     f = tmp_path / "keys"
@@ -590,7 +590,7 @@ def test_triton_errors_map_to_statuses():
 
 def test_short_prompts_skip_the_count_but_never_pass_a_long_one(tiny_tokenizer, tmp_path, session_workdir):
     """`surely_fits` may skip tokenizing only when the byte bound proves the prompt short enough."""
-    from exporter.artifacts import ModelLayout
+    from exporter.core.artifacts import ModelLayout
     from exporter.gateway.models import read_model
 
     tok_dir = ModelLayout(session_workdir, "r1-distill-tiny").tokenizer_dir
@@ -615,10 +615,10 @@ def test_failure_after_the_stream_started_reaches_the_client(client):
 
 
 def test_profile_sampling_applies_when_the_request_sets_none(tmp_path, session_workdir, tiny_tokenizer):
-    from exporter.artifacts import ModelLayout
+    from exporter.core.artifacts import ModelLayout
+    from exporter.core.profiles import load_profiles
     from exporter.gateway.models import read_model
     from exporter.gateway.protocol import parse_request
-    from exporter.profiles import load_profiles
 
     tok_dir = ModelLayout(session_workdir, "r1-distill-tiny").tokenizer_dir
     model = read_model(_write_scripted(tmp_path / "repo", tok_dir, tmp_path / "m") / "scripted")

@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from exporter.core.errors import BadInput
+from exporter.core.profiles import Runtime
+from exporter.core.versions import build_args, engine_version_problem, image_tag, load_versions
 from exporter.engine.metadata import EngineMetadata
-from exporter.errors import BadInput
 from exporter.images import HOME, image_files
 from exporter.manifests import ManifestsConfig, render_tree
 from exporter.manifests.config import DEFAULT_TENSORRT_VERSION, TRITON_RELEASE_FOR_TENSORRT
-from exporter.profiles import Runtime
-from exporter.versions import build_args, engine_version_problem, image_tag, load_versions
 
 REPO = Path(__file__).resolve().parents[1]
 TABLE = load_versions()
@@ -126,10 +126,10 @@ def test_engine_json_version_check_reads_the_table():
 
 
 def test_versions_module_prints_the_build_args_make_image_passes():
-    res = subprocess.run([sys.executable, "-m", "exporter.versions", "--build-args"], capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "exporter.core.versions", "--build-args"], capture_output=True, text=True)
     assert res.returncode == 0
     assert res.stdout.split() == [x for k, v in build_args().items() for x in ("--build-arg", f"{k}={v}")]
-    bad = subprocess.run([sys.executable, "-m", "exporter.versions", "--tag", "--release", "19.01"],
+    bad = subprocess.run([sys.executable, "-m", "exporter.core.versions", "--tag", "--release", "19.01"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "not in the version table" in bad.stderr
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from exporter.errors import StageFailed
+from exporter.core.errors import StageFailed
+from exporter.core.profiles import load_profiles
 from exporter.manifests import ManifestsConfig, checks, render_manifests, render_tree
 from exporter.manifests.config import DEFAULT_TENSORRT_VERSION, triton_image_for
 from exporter.manifests.monitoring import (
@@ -19,7 +20,6 @@ from exporter.manifests.monitoring import (
     TRITON_QUEUE_TIME_METRIC,
     promql_metrics,
 )
-from exporter.profiles import load_profiles
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED = REPO / "k8s"
@@ -73,7 +73,7 @@ def test_every_profile_gets_an_overlay_including_user_profiles(tmp_path):
 
 
 def _profile_data(name: str) -> dict:
-    from exporter.profiles import builtin_profile_data
+    from exporter.core.profiles import builtin_profile_data
 
     return builtin_profile_data()[name]
 
@@ -366,8 +366,8 @@ def test_invalid_quantities(value):
 
 
 def _engine_meta(**overrides):
+    from exporter.core.typed import from_data
     from exporter.engine.metadata import EngineMetadata
-    from exporter.typed import from_data
 
     data = {
         "model": "r1-distill-tiny", "model_kind": "decoder", "deployment_profile": "production",
@@ -416,7 +416,7 @@ def test_node_engine_lock_failure_is_said_not_ignored(tmp_path, monkeypatch, cap
     import errno
     import fcntl
 
-    from exporter.errors import StageFailed
+    from exporter.core.errors import StageFailed
     from exporter.manifests import node_engine
 
     def no_locks(fh, op):
@@ -484,7 +484,7 @@ def test_check_failure_exits_1_naming_the_first_violation(monkeypatch, tmp_path,
 
 
 def test_missing_kubectl_is_one_line(monkeypatch, tmp_path):
-    from exporter.errors import MissingDependency
+    from exporter.core.errors import MissingDependency
 
     monkeypatch.setattr(checks.sys, "executable", str(tmp_path / "python"))
     monkeypatch.setenv("PATH", str(tmp_path))

@@ -12,8 +12,9 @@ import numpy as np
 import onnx
 import pytest
 
-from exporter import artifacts
-from exporter.errors import BadInput
+from exporter.core import artifacts
+from exporter.core.errors import BadInput
+from exporter.core.profiles import Precision, QuantSpec, get_profile, load_profiles
 from exporter.plan import (
     GIB,
     REAL_FAMILY,
@@ -24,7 +25,6 @@ from exporter.plan import (
     scheduler_limits,
     weight_bytes,
 )
-from exporter.profiles import Precision, QuantSpec, get_profile, load_profiles
 
 # The sizes DeepSeek publishes for each checkpoint (model cards), in billions of parameters.
 PUBLISHED_B = {
@@ -213,7 +213,7 @@ def _profiles_file(tmp_path, **edge_overrides) -> str:
 
 
 def _edge_data() -> dict:
-    from exporter.profiles import builtin_profile_data
+    from exporter.core.profiles import builtin_profile_data
 
     return builtin_profile_data()["edge"]
 
@@ -221,7 +221,7 @@ def _edge_data() -> dict:
 def test_repository_caps_the_batch_at_what_fits_and_refuses_what_cannot(tmp_path, exported, session_workdir, r1):
     """A GPU repository of the real tiny export on a profile whose GPU is made small enough (through the
     workspace the profile allows) for exactly two sequences, then for none."""
-    from exporter.profiles import load_profiles
+    from exporter.core.profiles import load_profiles
     from exporter.repository import RepositoryConfig, write_repository
 
     exported("r1-distill-tiny")

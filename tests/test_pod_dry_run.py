@@ -50,8 +50,8 @@ def _remap(value: str, root: Path) -> str:
 def node(tmp_path_factory):
     """A local stand-in for the model-repository volume: an r1deploy workdir with the tiny model exported and
     quantized for edge, and each profile's CPU repository where the manifests look for it."""
+    from exporter.core.profiles import ServingVariant, load_profiles
     from exporter.export import ExportConfig, export_model
-    from exporter.profiles import ServingVariant, load_profiles
     from exporter.repository import RepositoryConfig, write_repository
     from quantize import QuantizeConfig, quantize_model
 

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from exporter import artifacts
+from exporter.core import artifacts
 from quantize import QuantizeConfig, core, evaluate, graph, quantize_model
 from quantize.sentences import EVALUATION
 
@@ -221,3 +221,17 @@ def test_minilm_mixed_precision_meets_min_cosine(r1, minilm, session_workdir):
     assert all(name in res.stdout for name in report["kept_layers"])  # the table names them
     n_layers = len(report["layers"])
     assert len(report["kept_layers"]) < n_layers / 2  # most of the model is still INT4
+
+
+def test_the_stage_reads_an_export_and_the_cli_makes_one(r1, tmp_path):
+    """quantize_model does not run the export stage (stages do not call each other): without an FP32 export it
+    says which command makes one. The CLI exports first, as it always has, into a workdir that has none."""
+    from exporter.core.errors import BadInput
+
+    with pytest.raises(BadInput, match=r"no FP32 export in .*run `r1deploy export r1-moe-tiny --graph fused` first"):
+        quantize_model(QuantizeConfig(model="r1-moe-tiny", workdir=tmp_path, precision="fp16", graph="fused"))
+    assert not (tmp_path / "r1-moe-tiny").exists()
+    res = r1("--json", "--workdir", str(tmp_path), "quantize", "--model", "r1-moe-tiny", "--precision", "fp16")
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert artifacts.ModelLayout(tmp_path, "r1-moe-tiny").has_export()
+    assert json.loads(res.stdout)["variant"] == "fp16"

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from conftest import REPO
 
-from exporter.errors import BadInput
-from exporter.profiles import load_profiles
+from exporter.core.errors import BadInput
+from exporter.core.profiles import load_profiles
 from exporter.repository import RepositoryConfig, parse, write_repository
 from exporter.repository.tensors import onnx_io
 
@@ -156,7 +156,7 @@ def _fake_engine(workdir: Path, profile: str, max_batch: int, runtime: str) -> N
         "max_batch_size": max_batch, "shape_profiles": [shape], "inputs": tensors(io.inputs), "outputs": tensors(io.outputs),
         "optimization_level": 3, "workspace_bytes": 1, "timing_cache": {"supported": False}, "build_seconds": 0.0, "reproduce": [],
     }
-    from exporter.typed import from_data, to_data
+    from exporter.core.typed import from_data, to_data
 
     engine_dir = workdir / "r1-distill-tiny/engines" / profile
     engine_dir.mkdir(parents=True, exist_ok=True)

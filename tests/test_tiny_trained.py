@@ -10,7 +10,8 @@ import json
 import pytest
 from tokenizers import Tokenizer
 
-from exporter import artifacts, tiny_models
+from exporter import tiny_models
+from exporter.core import artifacts
 from exporter.repository.reference import GreedyLoop
 from quantize import QuantizeConfig, quantize_model
 from quantize.sentences import CALIBRATION, EVALUATION
@@ -81,7 +82,8 @@ def test_chat_turn_answer_has_reasoning_then_answer(exported, tokenizer):
 def test_int4_awq_report_states_agreement_on_held_out_and_corpus(exported, session_workdir, tokenizer):
     exported(MODEL)
     r = quantize_model(QuantizeConfig(model=MODEL, workdir=session_workdir, precision="int4", method="awq",
-                                      block_size=128, format="qdq", mixed_precision=False))
+                                      block_size=128, format="qdq", mixed_precision=False,
+                                      extra_texts=tiny_models.quality_texts(MODEL)))
     report = json.loads(r.report_path.read_text())
     by_text = report["accuracy_by_text"]
     assert set(by_text) == {"held_out", "held_out_domain", "corpus"} and by_text["held_out"] == report["accuracy"]
@@ -103,7 +105,7 @@ def test_int4_awq_report_states_agreement_on_held_out_and_corpus(exported, sessi
 def test_edge_gate_rejects_rtn_b128_of_the_trained_model(exported, session_workdir):
     """The edge decision's other half: without mixed precision the gate does its job — plain RTN at block 128
     misses top-1 0.80 on held-out text (0.777 when measured for docs/benchmarks.md) and nothing is written."""
-    from exporter.errors import StageFailed
+    from exporter.core.errors import StageFailed
 
     exported(MODEL)
     with pytest.raises(StageFailed, match="top-1 agreement .* below the gate 0.8 \\(profile edge\\)"):

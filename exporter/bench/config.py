@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..errors import BadInput
-from ..profiles import SloTargets
+from ..core.errors import BadInput
+from ..core.profiles import SloTargets
 
 # The longest measurement window accepted (an hour): a longer one is a typo (`--duration 1e9`) that would run
 # for years with nothing to show.

@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 from tritonclient.utils import triton_to_np_dtype
 
-from ..errors import BadInput
+from ..core.errors import BadInput
 
 # A fixed vocabulary: synthetic prompts are reproducible and tokenize to roughly one token per word.
 _WORDS = (

@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from ..typed import to_data
+from ..core.typed import to_data
 from .result import BenchResult, LevelResult
 
 CSV_COLUMNS = [

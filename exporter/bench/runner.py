@@ -9,8 +9,8 @@ import asyncio
 from pathlib import Path
 from typing import Optional
 
-from ..errors import BadInput, StageFailed
-from ..profiles import SloTargets
+from ..core.errors import BadInput, StageFailed
+from ..core.profiles import SloTargets
 from .config import BenchConfig
 from .inputs import ModelSpec, llm_payloads, model_spec, payloads_from_file, synthetic_payloads
 from .load import LevelRun

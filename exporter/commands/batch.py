@@ -4,7 +4,7 @@ from pathlib import Path
 
 import click
 
-from ..ui import out as console
+from ..core.ui import out as console
 from .common import App, emit, pass_app
 
 

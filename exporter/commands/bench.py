@@ -5,8 +5,8 @@ from pathlib import Path
 import click
 
 from ..bench import BenchConfig, BenchFailed, BenchResult, run_bench
-from ..errors import BadInput
-from ..ui import out as console
+from ..core.errors import BadInput
+from ..core.ui import out as console
 from .common import App, emit, pass_app, profile_option
 
 

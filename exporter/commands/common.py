@@ -11,8 +11,8 @@ from typing import Any, Optional
 
 import click
 
-from ..profiles import DeploymentProfile, get_profile, load_profiles
-from ..typed import to_data
+from ..core.profiles import DeploymentProfile, get_profile, load_profiles
+from ..core.typed import to_data
 
 
 @dataclass

@@ -4,10 +4,10 @@ from dataclasses import dataclass
 
 import click
 
+from ..core.profiles import Precision, Runtime
+from ..core.ui import out as console
 from ..engine import EngineConfig, EngineResult, build_engine, plan_build, trtexec_command
 from ..engine.trtexec import shell_line
-from ..profiles import Precision, Runtime
-from ..ui import out as console
 from .common import App, emit, force_option, model_options, pass_app, profile_option
 
 

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import click
 
+from ..core.ui import out as console
 from ..export import ExportConfig, Exporter, ExportResult, GraphForm, export_model
-from ..ui import out as console
 from .common import App, emit, force_option, model_options, pass_app
 
 

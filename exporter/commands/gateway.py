@@ -8,8 +8,8 @@ from pathlib import Path
 
 import click
 
-from ..errors import BadInput, StageFailed
-from ..ui import out as console
+from ..core.errors import BadInput, StageFailed
+from ..core.ui import out as console
 from .common import App, pass_app, profile_option
 
 

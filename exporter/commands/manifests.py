@@ -4,10 +4,10 @@ from pathlib import Path
 
 import click
 
-from ..errors import StageFailed
+from ..core.errors import StageFailed
+from ..core.ui import out as console
 from ..manifests import ManifestsConfig, ManifestsResult, Storage, render_manifests
 from ..manifests.config import DEFAULT_IMAGE_REPOSITORY, DEFAULT_TENSORRT_VERSION, TRITON_RELEASE_FOR_TENSORRT
-from ..ui import out as console
 from .common import App, emit, pass_app
 
 

@@ -4,9 +4,9 @@ import click
 from rich.markup import escape
 from rich.table import Table
 
-from ..errors import StageFailed
+from ..core.errors import StageFailed
+from ..core.ui import out as console
 from ..pipeline import PipelineConfig, PipelineResult, StageSummary, run_pipeline
-from ..ui import out as console
 from .common import App, emit, force_option, model_options, pass_app
 
 _STYLE = {"ok": "green", "skipped": "yellow", "incomplete": "yellow", "failed": "red"}
@@ -44,7 +44,7 @@ def command(app: App, model, allow_pickle, trust_remote_code, serve, bench, benc
 
     def progress(stage: StageSummary) -> None:
         if not app.quiet and not app.as_json:
-            from ..ui import console as err
+            from ..core.ui import console as err
 
             err.print(f"[{_STYLE[stage.status]}]{stage.status:>7}[/] {stage.stage}: {escape(stage.detail)}", highlight=False)
 

@@ -5,9 +5,9 @@ from dataclasses import dataclass, field
 import click
 from rich.table import Table
 
+from ..core.profiles import Precision
+from ..core.ui import out as console
 from ..plan import GIB, REAL_FAMILY, CapacityPlan, PlanConfig, load_shape, plan_capacity
-from ..profiles import Precision
-from ..ui import out as console
 from .common import App, emit, pass_app
 
 

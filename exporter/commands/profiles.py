@@ -3,7 +3,7 @@ from __future__ import annotations
 import click
 from rich.table import Table
 
-from ..ui import out as console
+from ..core.ui import out as console
 from .common import App, emit, pass_app
 
 

@@ -2,11 +2,12 @@ from __future__ import annotations
 
 import click
 
-from quantize.config import Format, Method, QuantizeConfig, QuantizeResult
-from quantize.stage import quantize_model
+from quantize import Format, Method, QuantizeConfig, QuantizeResult, quantize_model
 
-from ..profiles import Precision
-from ..ui import out as console
+from .. import tiny_models
+from ..core import artifacts
+from ..core.profiles import Precision
+from ..core.ui import out as console
 from .common import App, emit, force_option, model_options, pass_app, profile_option
 
 _ACCURACY_ROWS = (
@@ -94,6 +95,10 @@ def command(app: App, model, allow_pickle, trust_remote_code, profile_name, prec
         precision=precision, method=method, block_size=int(block_size) if block_size else None, format=fmt,
         symmetric=symmetric, quantize_embeddings=quantize_embeddings, quantize_lm_head=quantize_lm_head,
         keep_io_fp32=not fp16_io, graph=graph, min_cosine=min_cosine, min_top1=min_top1, mixed_precision=mixed_precision,
-        force=force, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
+        force=force, extra_texts=tiny_models.quality_texts(model),
     )
+    if not artifacts.ModelLayout.for_model(app.workdir, model).has_export(graph):
+        from ..export import ensure_exported  # imports torch: only when there is something to export
+
+        ensure_exported(model, app.workdir, graph=graph, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
     emit(app, quantize_model(cfg), _human)

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import click
 
-from ..profiles import ServingVariant
+from ..core.profiles import ServingVariant
+from ..core.ui import out as console
 from ..repository import RepositoryConfig, RepositoryResult, write_repository
-from ..ui import out as console
 from .common import App, emit, pass_app, profile_option
 
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import click
 
-from ..errors import BadInput, StageFailed
+from ..core.errors import BadInput, StageFailed
+from ..core.ui import out as console
 from ..serve import ServerConfig, TritonServer
-from ..ui import out as console
 from .common import App, pass_app
 
 

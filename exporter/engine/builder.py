@@ -19,12 +19,11 @@ from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 
-from .. import artifacts
-from ..errors import BadInput, BrokenDependency, MissingDependency, StageFailed
-from ..profiles import DeploymentProfile, Precision, Runtime
-from ..sources import model_dir_name
-from ..typed import to_data
-from ..ui import status
+from ..core import artifacts
+from ..core.errors import BadInput, BrokenDependency, MissingDependency, StageFailed
+from ..core.profiles import DeploymentProfile, Precision, Runtime
+from ..core.typed import to_data
+from ..core.ui import status
 from .metadata import ENGINE_FILE, METADATA_FILE, EngineMetadata, TensorInfo, TimingCacheInfo
 from .runtimes import AMPERE_PLUS, TensorRTRuntime, load_runtime, sm_name
 from .shapes import ShapeProfile, onnx_input_dims, shape_profiles
@@ -154,7 +153,7 @@ def _max_position_embeddings(layout: artifacts.ModelLayout) -> int | None:
 def plan_build(cfg: EngineConfig) -> BuildPlan:
     """Resolve inputs, shape profiles and options; BadInput when an input is missing or unusable."""
     profile = cfg.profile
-    layout = artifacts.ModelLayout(cfg.workdir, model_dir_name(cfg.model))
+    layout = artifacts.ModelLayout.for_model(cfg.workdir, cfg.model)
     report = artifacts.read_export_report(layout)
     q = profile.quantization
     if cfg.precision is Precision.INT4 and q.format != "qdq":

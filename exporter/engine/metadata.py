@@ -23,9 +23,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import BadInput
-from ..profiles import DeploymentProfile, Runtime
-from ..typed import from_data, to_data
+from ..core.errors import BadInput
+from ..core.profiles import DeploymentProfile, Runtime
+from ..core.typed import from_data, to_data
 from .shapes import ShapeProfile
 
 ENGINE_FILE = "model.plan"

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import time
 
-from .. import artifacts
-from ..profiles import Precision
-from ..sources import model_dir_name
+from .. import tiny_models
+from ..core import artifacts
+from ..core.profiles import Precision
 from .builder import EngineConfig, UpstreamStage
 
 
@@ -36,7 +36,7 @@ def prepare_engine_inputs(cfg: EngineConfig, *, allow_pickle: bool = False,
 
     from ..export import ExportConfig, export_model
 
-    layout = artifacts.ModelLayout(cfg.workdir, model_dir_name(cfg.model))
+    layout = artifacts.ModelLayout.for_model(cfg.workdir, cfg.model)
     t0 = time.perf_counter()
     exp = export_model(ExportConfig(model=cfg.model, workdir=cfg.workdir, allow_pickle=allow_pickle,
                                     trust_remote_code=trust_remote_code, **_recorded_export_options(layout)))
@@ -44,7 +44,6 @@ def prepare_engine_inputs(cfg: EngineConfig, *, allow_pickle: bool = False,
     if cfg.precision is not Precision.FP32:
         t0 = time.perf_counter()
         q = quantize_model(QuantizeConfig(model=cfg.model, workdir=cfg.workdir, profile=cfg.profile,
-                                          precision=cfg.precision, allow_pickle=allow_pickle,
-                                          trust_remote_code=trust_remote_code))
+                                          precision=cfg.precision, extra_texts=tiny_models.quality_texts(cfg.model)))
         done.append(UpstreamStage(f"quantize {q.variant}", q.skipped, q.onnx_path, time.perf_counter() - t0))
     return done

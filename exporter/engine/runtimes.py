@@ -20,9 +20,9 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import BadInput, BrokenDependency, MissingDependency, StageFailed
-from ..profiles import Runtime
-from ..ui import log
+from ..core.errors import BadInput, BrokenDependency, MissingDependency, StageFailed
+from ..core.profiles import Runtime
+from ..core.ui import log
 
 
 @dataclass(frozen=True)

@@ -23,8 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import BadInput
-from ..profiles import DeploymentProfile
+from ..core.errors import BadInput
+from ..core.profiles import DeploymentProfile
 
 # ONNX input name → dims; an int is static, a str names a dynamic axis (the export stage's dim_param).
 InputDims = dict[str, tuple]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import shlex
 from pathlib import Path
 
-from ..profiles import Runtime
+from ..core.profiles import Runtime
 from .shapes import ShapeProfile
 
 

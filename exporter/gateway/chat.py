@@ -9,7 +9,7 @@ import json
 from datetime import datetime
 from pathlib import Path
 
-from ..errors import BadInput
+from ..core.errors import BadInput
 
 
 class TemplateRejected(ValueError):

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from ..errors import BadInput
+from ..core.errors import BadInput
 
 API_KEYS_ENV = "R1DEPLOY_API_KEYS"
 

@@ -13,7 +13,7 @@ from typing import Optional
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from ..errors import BadInput
+from ..core.errors import BadInput
 
 THINK_START, THINK_END = "<think>", "</think>"
 

@@ -22,7 +22,7 @@ from typing import Optional
 
 import yaml
 
-from ..errors import MissingDependency, StageFailed
+from ..core.errors import MissingDependency, StageFailed
 from .config import QUANTITY, CheckReport
 from .monitoring import hpa_metric_sources, is_triton_metric, promql_metrics
 

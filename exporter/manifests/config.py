@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from ..artifacts import check_name
-from ..errors import BadInput
-from ..profiles import DeploymentProfile
-from ..versions import image_tag, load_versions
+from ..core.artifacts import check_name
+from ..core.errors import BadInput
+from ..core.profiles import DeploymentProfile
+from ..core.versions import image_tag, load_versions
 
 # Triton release whose container ships each TensorRT major.minor: from the one version table
 # (exporter/data/versions.yaml). An engine only loads in the TensorRT it was built with, so the image tag follows

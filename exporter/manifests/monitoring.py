@@ -13,7 +13,7 @@ import json
 import re
 from typing import Optional
 
-from ..profiles import DeploymentProfile
+from ..core.profiles import DeploymentProfile
 
 # Metrics Triton's /metrics endpoint exports (port 8002), counters, gauges and summaries.
 TRITON_METRICS: frozenset[str] = frozenset({

@@ -23,9 +23,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from ..core.errors import BadInput, StageFailed
+from ..core.profiles import DeploymentProfile, Runtime, get_profile, load_profiles
 from ..engine.metadata import ENGINE_FILE, METADATA_FILE, EngineMetadata, ensure_compatible
-from ..errors import BadInput, StageFailed
-from ..profiles import DeploymentProfile, Runtime, get_profile, load_profiles
 
 
 def normalize_cc(value: str) -> str:
@@ -146,7 +146,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from ..errors import R1DeployError
+    from ..core.errors import R1DeployError
 
     try:
         sys.exit(main())

@@ -6,10 +6,10 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+from ..core.profiles import DeploymentProfile
+from ..core.typed import to_data
+from ..core.versions import load_versions
 from ..images import HOME
-from ..profiles import DeploymentProfile
-from ..typed import to_data
-from ..versions import load_versions
 from .config import (
     EXPLICIT_MODEL_CONTROL_PROFILES,
     EXTRA_TAINTS,

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import yaml
 
-from ..artifacts import atomic_dir
-from ..errors import BadInput
-from ..profiles import DeploymentProfile, load_profiles
+from ..core.artifacts import atomic_dir
+from ..core.errors import BadInput
+from ..core.profiles import DeploymentProfile, load_profiles
 from . import monitoring, objects
 from .config import LOCAL_STORAGE_PROFILES, ManifestsConfig, ManifestsResult
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
-from ..errors import BadInput
+from ..core.errors import BadInput
 from .tensors import ModelIO, TensorSpec
 
 STRING = "TYPE_STRING"  # Triton's BYTES

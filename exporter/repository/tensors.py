@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import BadInput
+from ..core.errors import BadInput
 
 # ONNX TensorProto elem_type → Triton data type
 _ONNX_TO_TRITON = {

@@ -9,10 +9,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Optional, Union
 
-from .. import artifacts
-from ..errors import BadInput
-from ..profiles import DeploymentProfile, Runtime, ServingVariant, check_profile_name, get_profile
-from ..sources import model_dir_name
+from ..core import artifacts
+from ..core.errors import BadInput
+from ..core.profiles import DeploymentProfile, Runtime, ServingVariant, check_profile_name, get_profile
 from . import configs
 from .configs import Batching, Placement
 from .tensors import TRITON_TO_NUMPY, ModelIO, engine_io, onnx_io
@@ -113,7 +112,7 @@ class RepositoryResult:
 
 
 def default_out(workdir: Path, model: str, profile: str) -> Path:
-    return Path(workdir) / model_dir_name(model) / "model_repository" / profile
+    return Path(workdir) / artifacts.model_dir_name(model) / "model_repository" / profile
 
 
 def python_model_source(name: str) -> str:
@@ -170,7 +169,7 @@ class _Plan:
 
 def _plan(cfg: RepositoryConfig) -> _Plan:
     profile: DeploymentProfile = cfg.profile
-    layout = artifacts.ModelLayout(cfg.workdir, model_dir_name(cfg.model))
+    layout = artifacts.ModelLayout.for_model(cfg.workdir, cfg.model)
     fused = cfg.graph == "fused"
     report = artifacts.read_export_report(layout, "fp32-fused" if fused else "fp32")
     kind = report.get("kind", "decoder")
@@ -193,7 +192,7 @@ def _plan(cfg: RepositoryConfig) -> _Plan:
                 raise BadInput(f"{engine_dir / METADATA_FILE} exists but {ENGINE_FILE} does not; rebuild the engine")
             engine_files = [engine_dir / ENGINE_FILE]
             engine_max_batch = meta.max_batch_size
-            from ..versions import engine_version_problem
+            from ..core.versions import engine_version_problem
 
             problem = engine_version_problem(meta)  # against the images' version table (data/versions.yaml)
             if problem:

@@ -62,6 +62,9 @@ class GpuSpec:
         return f"SM{major}{minor}"
 
 
+BLOCK_SIZES = (32, 64, 128)  # INT4 block sizes along the reduction axis that every consumer here accepts
+
+
 @dataclass(frozen=True)
 class QuantSpec:
     method: str = "awq"  # rtn | awq
@@ -164,7 +167,7 @@ class DeploymentProfile:
         t, p = self.sampling.temperature, self.sampling.top_p
         if (t is not None and not 0 <= t <= 2) or (p is not None and not 0 < p <= 1):
             raise ValueError(f"{where}: sampling.temperature must lie in [0, 2] and sampling.top_p in (0, 1]")
-        if self.quantization.block_size not in (32, 64, 128):
+        if self.quantization.block_size not in BLOCK_SIZES:
             raise ValueError(f"{where}: quantization.block_size must be 32, 64 or 128")
 
     @property

@@ -47,10 +47,30 @@ TOKENIZER_FILES = (
 )
 
 
+PRESETS = ("r1-distill-tiny", "r1-moe-tiny", "minilm")  # the embedded models (exporter/sources.py resolves them)
+
+
+def model_dir_name(spec: str | Path) -> str:
+    """The build-directory name of a model (`<workdir>/<name>/`): the preset name, else the checkpoint folder's
+    own name. Cheap on purpose: later stages find an earlier stage's output without loading the model."""
+    spec = str(spec)
+    return spec if spec in PRESETS else Path(spec).expanduser().resolve().name
+
+
 @dataclass(frozen=True)
 class ModelLayout:
     workdir: Path
     model: str
+
+    @classmethod
+    def for_model(cls, workdir: Path, spec: str | Path) -> ModelLayout:
+        """The layout of a model named as the user names it (a preset or a checkpoint directory)."""
+        return cls(Path(workdir), model_dir_name(spec))
+
+    def has_export(self, graph: str = "generic") -> bool:
+        """Whether the export stage's fp32 output (of the generic or the fused graph) and the tokenizer are here."""
+        variant = onnx_variant("fp32", graph=graph)
+        return (self.onnx_dir(variant) / EXPORT_REPORT).is_file() and self.tokenizer_dir.is_dir()
 
     @property
     def root(self) -> Path:

@@ -5,7 +5,7 @@
     t.release_for_tensorrt("10.11")       # the release whose image ships that TensorRT (major.minor)
     engine_version_problem(meta, t)       # why an engine will not load in the Triton image, or None
 
-`python -m exporter.versions --build-args` prints the `--build-arg` flags `make image` passes to the container
+`python -m exporter.core.versions --build-args` prints the `--build-arg` flags `make image` passes to the container
 engine; `--tag` the image tag. Both come from the same table the manifests and the generated Dockerfiles use.
 """
 
@@ -126,7 +126,7 @@ def engine_version_problem(meta, table: Optional[VersionTable] = None, release: 
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m exporter.versions", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m exporter.core.versions", description=__doc__.splitlines()[0])
     ap.add_argument("--release", default=None, help="Triton release (default: the table's default)")
     what = ap.add_mutually_exclusive_group(required=True)
     what.add_argument("--build-args", action="store_true", help="print --build-arg flags for docker/podman/buildah")
