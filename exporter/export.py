@@ -12,6 +12,7 @@ from pathlib import Path
 
 from .core import artifacts
 from .core.errors import BadInput, StageFailed
+from .core.stage import StageOutput
 from .core.typed import to_data
 from .core.ui import quiet_library_logs, status
 from .graphs import (
@@ -243,10 +244,12 @@ def export_model(cfg: ExportConfig, source: ModelSource | None = None) -> Export
     inputs = artifacts.sha256_files(
         [p for p in source.path.iterdir() if p.is_file() and not p.name.startswith("r1deploy-")], root=source.path
     )
-    tools = artifacts.tool_versions()
-    fp = artifacts.fingerprint(inputs, {"export": cfg.fingerprint_config(), "architecture": source.architecture}, tools)
+    output = StageOutput(
+        "export", final, inputs, cfg.fingerprint_config(), artifacts.tool_versions(),
+        key={"export": cfg.fingerprint_config(), "architecture": source.architecture},
+    )
     report_path = final / artifacts.EXPORT_REPORT
-    if not cfg.force and artifacts.is_up_to_date(final, fp) and layout_dirs.tokenizer_dir.is_dir():
+    if output.up_to_date(cfg.force) and layout_dirs.tokenizer_dir.is_dir():
         report = artifacts.read_export_report(layout_dirs, cfg.variant)
         return ExportResult(
             model=source.name, kind=source.kind, architecture=source.architecture, onnx_path=final / "model.onnx",
@@ -257,13 +260,13 @@ def export_model(cfg: ExportConfig, source: ModelSource | None = None) -> Export
         )
 
     if cfg.graph is GraphForm.FUSED:
-        return _export_fused(cfg, source, layout_dirs, final, fp, inputs, tools, started)
+        return _export_fused(cfg, source, layout_dirs, output, started)
     with status(f"loading {source.name} ({source.architecture})"):
         model, _tokenizer = load_model(source, allow_weight_mismatch=cfg.allow_weight_mismatch)
     n_params = sum(p.numel() for p in model.parameters())
     vocab_size = model.config.vocab_size
     external = n_params * 4 > cfg.external_data_threshold_mib * (1 << 20)
-    with artifacts.atomic_dir(final) as tmp:
+    with output.writing() as tmp:
         out = tmp / "model.onnx"
         quiet_library_logs()
         with status(f"exporting {source.name} to ONNX (opset {cfg.opset}, {cfg.exporter.value})"), torch.no_grad():
@@ -296,9 +299,6 @@ def export_model(cfg: ExportConfig, source: ModelSource | None = None) -> Export
         report = _report(source, GraphForm.GENERIC, n_params, cfg.opset, cfg.exporter.value, external, input_names,
                          output_names, to_data(layout) if layout else None, vocab_size, cases)
         artifacts.write_json(tmp / artifacts.EXPORT_REPORT, report)
-        artifacts.write_manifest(
-            tmp, stage="export", fp=fp, inputs=inputs, config=cfg.fingerprint_config(), tools=tools
-        )
     _copy_tokenizer(source, layout_dirs.tokenizer_dir)
     return _result(source, final, report, cases, started)
 
@@ -345,8 +345,8 @@ def _max_diffs(cases: list[CaseCheck]) -> dict[str, float]:
     return max_diff
 
 
-def _export_fused(cfg: ExportConfig, source: ModelSource, layout_dirs: artifacts.ModelLayout, final: Path, fp: str,
-                  inputs: dict, tools: dict, started: float) -> ExportResult:
+def _export_fused(cfg: ExportConfig, source: ModelSource, layout_dirs: artifacts.ModelLayout, output: StageOutput,
+                  started: float) -> ExportResult:
     """The fused graph (exporter.fused_graph), written from the checkpoint's weights and verified against
     PyTorch on rows of different lengths in one call."""
     import torch
@@ -360,7 +360,7 @@ def _export_fused(cfg: ExportConfig, source: ModelSource, layout_dirs: artifacts
     layout = CacheLayout(spec.layers, spec.cache_shape, spec.cache_shape)
     input_names = [*fused_graph.INPUTS, *layout.names("past_key_values")]
     output_names = ["logits", *layout.names("present")]
-    with artifacts.atomic_dir(final) as tmp:
+    with output.writing() as tmp:
         out = tmp / "model.onnx"
         with status(f"writing the fused graph of {source.name} from its weights"):
             try:
@@ -392,9 +392,8 @@ def _export_fused(cfg: ExportConfig, source: ModelSource, layout_dirs: artifacts
         report = _report(source, GraphForm.FUSED, n_params, 21, "r1deploy-fused", external, input_names, output_names,
                          to_data(layout), spec.vocab, cases, max_sequence_length=spec.max_positions)
         artifacts.write_json(tmp / artifacts.EXPORT_REPORT, report)
-        artifacts.write_manifest(tmp, stage="export", fp=fp, inputs=inputs, config=cfg.fingerprint_config(), tools=tools)
     _copy_tokenizer(source, layout_dirs.tokenizer_dir)
-    return _result(source, final, report, cases, started)
+    return _result(source, output.directory, report, cases, started)
 
 
 def _checkpoint_parameters(source: ModelSource) -> int:

@@ -23,6 +23,7 @@ from exporter.core.profiles import (
     QuantSpec,
     get_profile,
 )
+from exporter.core.stage import StageOutput
 from exporter.core.typed import to_data
 from exporter.core.ui import status
 
@@ -265,10 +266,10 @@ def quantize_model(cfg: QuantizeConfig) -> QuantizeResult:
     fp32_files = [p for p in fp32_path.parent.iterdir() if p.name.startswith("model.onnx")]
     inputs = artifacts.sha256_files(fp32_files, root=layout.root)
     inputs.update(artifacts.sha256_files([p for p in layout.tokenizer_dir.iterdir() if p.is_file()], root=layout.root))
-    tools = artifacts.tool_versions("r1deploy", "numpy", "onnx", "onnxruntime", "transformers")
-    fp = artifacts.fingerprint(inputs, s.fingerprint(), tools)
+    output = StageOutput("quantize", final, inputs, s.fingerprint(),
+                         artifacts.tool_versions("r1deploy", "numpy", "onnx", "onnxruntime", "transformers"))
 
-    if not cfg.force and artifacts.is_up_to_date(final, fp):
+    if output.up_to_date(cfg.force):
         report = json.loads((final / REPORT).read_text())
         failure = gate_failure(s.gate, report["accuracy"], kind, s.gate_source)
         if failure:
@@ -295,7 +296,7 @@ def quantize_model(cfg: QuantizeConfig) -> QuantizeResult:
         model, layers, skipped, kept, evaluations = build.model, build.layers, build.skipped, build.kept, build.evaluations
     _check_io(base, model)
 
-    with artifacts.atomic_dir(final) as tmp:
+    with output.writing() as tmp:
         out = tmp / "model.onnx"
         _save(model, out)
         # Measure the file the next stage will read, not the in-memory graph.
@@ -354,7 +355,6 @@ def quantize_model(cfg: QuantizeConfig) -> QuantizeResult:
             artifacts.write_json(rejected, report)
             raise StageFailed(f"{layout.model} {variant} rejected: {failure}; report: {rejected}")
         artifacts.write_json(tmp / REPORT, report)
-        artifacts.write_manifest(tmp, stage="quantize", fp=fp, inputs=inputs, config=s.fingerprint(), tools=tools)
     rejected.unlink(missing_ok=True)
     return _result(layout.model, s, final, report, skipped=False, seconds=time.perf_counter() - started)
 

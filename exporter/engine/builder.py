@@ -16,12 +16,12 @@ import json
 import math
 import time
 from dataclasses import dataclass, field
-from importlib import metadata as importlib_metadata
 from pathlib import Path
 
 from ..core import artifacts
 from ..core.errors import BadInput, BrokenDependency, MissingDependency, StageFailed
 from ..core.profiles import DeploymentProfile, Precision, Runtime
+from ..core.stage import StageOutput
 from ..core.typed import to_data
 from ..core.ui import status
 from .metadata import ENGINE_FILE, METADATA_FILE, EngineMetadata, TensorInfo, TimingCacheInfo
@@ -225,14 +225,6 @@ def trtexec_command(plan: BuildPlan, rt: TensorRTRuntime | None = None) -> list[
     )
 
 
-def _tool_versions(rt: TensorRTRuntime) -> dict[str, str]:
-    try:
-        r1 = importlib_metadata.version("r1deploy")
-    except importlib_metadata.PackageNotFoundError:
-        r1 = "absent"
-    return {"r1deploy": r1, rt.spec.modules[0]: rt.version}
-
-
 def _result_from_metadata(meta: EngineMetadata, plan: BuildPlan, skipped: bool, started: float) -> EngineResult:
     return EngineResult(
         model=meta.model, deployment_profile=meta.deployment_profile, runtime=meta.runtime,
@@ -262,10 +254,9 @@ def build_engine(cfg: EngineConfig, rt: TensorRTRuntime | None = None) -> Engine
         plan.warnings.append(gpu_warning)
     onnx_root = plan.onnx_path.parent
     inputs = artifacts.sha256_files(plan.onnx_files, root=onnx_root)
-    tools = _tool_versions(rt)
-    fp_config = plan.fingerprint_config(targets)
-    fp = artifacts.fingerprint(inputs, fp_config, tools)
-    if not cfg.force and artifacts.is_up_to_date(plan.engine_dir, fp):
+    output = StageOutput(STAGE, plan.engine_dir, inputs, plan.fingerprint_config(targets),
+                         {**artifacts.tool_versions("r1deploy"), rt.spec.modules[0]: rt.version})
+    if output.up_to_date(cfg.force):
         meta = EngineMetadata.load(plan.engine_dir / METADATA_FILE)
         return _result_from_metadata(meta, plan, skipped=True, started=started)
 
@@ -311,7 +302,7 @@ def build_engine(cfg: EngineConfig, rt: TensorRTRuntime | None = None) -> Engine
     build_seconds = time.perf_counter() - t0
 
     command = trtexec_command(plan, rt)
-    with artifacts.atomic_dir(plan.engine_dir) as tmp:
+    with output.writing() as tmp:
         engine_file = tmp / ENGINE_FILE
         with open(engine_file, "wb") as fh:
             fh.write(memoryview(serialized))
@@ -348,5 +339,4 @@ def build_engine(cfg: EngineConfig, rt: TensorRTRuntime | None = None) -> Engine
             warnings=plan.warnings,
         )
         meta.save(tmp / METADATA_FILE)
-        artifacts.write_manifest(tmp, stage=STAGE, fp=fp, inputs=inputs, config=fp_config, tools=tools)
     return _result_from_metadata(meta, plan, skipped=False, started=started)
