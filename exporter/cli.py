@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 
 from .commands.common import App
-from .core.errors import BadInput, R1DeployError
+from .core.errors import BadInput, R1DeployError, first_line
 from .core.typed import read_yaml_mapping
 
 # command name → module in exporter.commands (imported lazily: `r1deploy --help` stays fast)
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as exc:  # a bug or an unexpected library failure: still one line unless -v
         if _state["verbose"]:
             traceback.print_exc()
-        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        detail = first_line(exc, default="")
         click.echo(f"error: {type(exc).__name__}: {detail} (run with -v for the traceback)", err=True)
         sys.exit(1)
     sys.exit(0)

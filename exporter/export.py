@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .core import artifacts
-from .core.errors import BadInput, StageFailed
+from .core.errors import BadInput, StageFailed, first_line
 from .core.stage import StageOutput
 from .core.typed import to_data
 from .core.ui import quiet_library_logs, status
@@ -276,7 +276,7 @@ def export_model(cfg: ExportConfig, source: ModelSource | None = None) -> Export
                 graph = _decoder_graph(model) if source.kind is ModelKind.DECODER else _encoder_graph(model)
                 _torch_export(graph, out, cfg)
             except (RuntimeError, ValueError, TypeError, AssertionError) as exc:
-                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                first = first_line(exc)
                 raise StageFailed(f"ONNX export of {source.name} failed: {first}") from exc
         input_names, output_names, layout = graph.input_names, graph.output_names, graph.layout
         refs = torch_references(graph.wrapper, source.kind, input_names, vocab_size, layout) if cfg.verify else []

@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 from . import tiny_models
 from .core import artifacts
-from .core.errors import BadInput, MissingDependency, R1DeployError, StageFailed
+from .core.errors import BadInput, MissingDependency, R1DeployError, StageFailed, first_line
 from .core.profiles import DeploymentProfile, Precision, Runtime, ServingVariant
 from .core.ui import status
 
@@ -111,7 +111,7 @@ class _Run:
             exc.partial_result = self.result
             raise
         except Exception as exc:  # a bug or an unexpected library error: still a failed row, then the error
-            detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            detail = first_line(exc, default="")
             self._record(StageSummary(name, "failed", f"{type(exc).__name__}: {detail}", seconds=time.perf_counter() - started))
             self.result.failed = f"{name}: {type(exc).__name__}: {detail}"
             exc.partial_result = self.result

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .core.artifacts import PRESETS, model_dir_name
-from .core.errors import BadInput, MissingDependency
+from .core.errors import BadInput, MissingDependency, first_line
 
 # Offline by construction: no hub access at run time.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -62,7 +62,7 @@ def _check_safetensors(path: Path) -> None:
         with safe_open(str(path), framework="pt") as f:
             keys = list(f.keys())
     except Exception as exc:  # safetensors raises several exception types for a damaged header
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        detail = first_line(exc)
         raise BadInput(f"corrupt safetensors file {path}: {detail}") from None
     if not keys:
         raise BadInput(f"corrupt safetensors file {path}: no tensors")
@@ -183,7 +183,7 @@ def resolve_source(
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except (ValueError, KeyError, OSError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = first_line(exc)
         raise BadInput(f"unsupported architecture in {path}: {first}") from None
     arch, kind = classify_architecture(config)
     files = _weight_files(path, allow_pickle)
@@ -248,7 +248,7 @@ def load_model(source: ModelSource, allow_weight_mismatch: bool = False):
     try:
         model, info = cls.from_pretrained(str(source.path), output_loading_info=True, **kwargs)
     except (OSError, ValueError, RuntimeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        first = first_line(exc)
         raise BadInput(f"cannot load {source.path}: {first}") from None
     if not allow_weight_mismatch:
         check_loading_info(info, source.path)

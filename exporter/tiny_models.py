@@ -23,6 +23,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from .core import artifacts
 from .tiny_corpus import CHAT_TURNS, CORPUS, HELD_OUT
 
 SEED = 20250120  # DeepSeek-R1's release date
@@ -208,14 +209,10 @@ def build_model(preset: str, tok):
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa", **extra)
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _fingerprint(preset: str) -> str:
-    payload = {"config": TINY_CONFIGS[preset], "seed": SEED, "vocab": VOCAB_SIZE, "tokenizer": _sha256(TOKENIZER_FILE)}
+    payload = {"config": TINY_CONFIGS[preset], "seed": SEED, "vocab": VOCAB_SIZE, "tokenizer": artifacts.sha256_file(TOKENIZER_FILE)}
     if preset in TRAINED:
-        payload["weights"] = _sha256(TRAINED[preset])
+        payload["weights"] = artifacts.sha256_file(TRAINED[preset])
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

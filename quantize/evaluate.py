@@ -31,7 +31,7 @@ from typing import Optional
 import numpy as np
 import onnx
 
-from exporter.core.errors import BadInput, StageFailed
+from exporter.core.errors import BadInput, StageFailed, first_line
 
 ORT_SESSION_CONFIG = {
     "session.qdq_matmulnbits_accuracy_level": "0",
@@ -51,7 +51,7 @@ def session(model: onnx.ModelProto | Path):
     try:
         return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types for graphs it cannot load
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise StageFailed(f"ONNX Runtime cannot load the quantized graph: {first}") from exc
 
 

@@ -263,7 +263,7 @@ def quantize_model(cfg: QuantizeConfig) -> QuantizeResult:
     final = layout.onnx_dir(variant)
     rejected = final.parent / f"{variant}.rejected.json"
     fp32_path = layout.onnx_path(base_variant)
-    fp32_files = [p for p in fp32_path.parent.iterdir() if p.name.startswith("model.onnx")]
+    fp32_files = artifacts.onnx_files(fp32_path)
     inputs = artifacts.sha256_files(fp32_files, root=layout.root)
     inputs.update(artifacts.sha256_files([p for p in layout.tokenizer_dir.iterdir() if p.is_file()], root=layout.root))
     output = StageOutput("quantize", final, inputs, s.fingerprint(),

@@ -94,9 +94,14 @@ class ModelLayout:
         return self.root / "timing-cache"
 
 
+def onnx_files(onnx_path: Path) -> list[Path]:
+    """An ONNX model's files: the graph file and its external data files (model.onnx, model.onnx.data), sorted."""
+    return sorted(f for f in onnx_path.parent.iterdir() if f.is_file() and f.name.startswith(onnx_path.name))
+
+
 def onnx_bytes(onnx_path: Path) -> int:
-    """Size on disk of an ONNX model: the graph file and its external data files (model.onnx, model.onnx.data)."""
-    return sum(f.stat().st_size for f in onnx_path.parent.iterdir() if f.is_file() and f.name.startswith(onnx_path.name))
+    """Size on disk of an ONNX model, external data included."""
+    return sum(f.stat().st_size for f in onnx_files(onnx_path))
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:

@@ -34,3 +34,12 @@ class MissingDependency(BadInput):
 class BrokenDependency(StageFailed):
     """An optional runtime is installed but cannot be loaded (a missing shared library, a version mismatch): a
     failure to report with its error, never a skip."""
+
+
+def first_line(exc: BaseException, default: str | None = None) -> str:
+    """The first line of an exception's message — what one line of an error can quote of a library's failure —
+    else `default` (the exception's type name when not given)."""
+    text = str(exc).strip()
+    if text:
+        return text.splitlines()[0]
+    return type(exc).__name__ if default is None else default

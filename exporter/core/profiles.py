@@ -39,6 +39,20 @@ class ServingVariant(str, enum.Enum):
     PYTHON_ORT = "python_ort"  # python backend running ONNX Runtime (servers without the ORT backend)
 
 
+def sm_name(compute_capability: str) -> str:
+    """"8.9" → "SM89", the name TensorRT-RTX's ComputeCapability enum uses."""
+    major, minor = compute_capability.split(".")
+    return f"SM{major}{minor}"
+
+
+def normalize_cc(value: str) -> str:
+    """"8.0", "80", "SM80", "sm_80" → "8.0" (how nvidia-smi, TensorRT and people write a compute capability)."""
+    digits = "".join(ch for ch in str(value) if ch.isdigit() or ch == ".")
+    if "." in digits:
+        return digits
+    return f"{digits[:-1]}.{digits[-1]}" if len(digits) >= 2 else digits
+
+
 @dataclass(frozen=True)
 class GpuSpec:
     product: str  # the `nvidia.com/gpu.product` label that NVIDIA GPU feature discovery sets
@@ -57,9 +71,7 @@ class GpuSpec:
 
     @property
     def sm(self) -> str:
-        """"8.9" → "SM89", the name TensorRT-RTX's ComputeCapability enum uses."""
-        major, minor = self.compute_capability.split(".")
-        return f"SM{major}{minor}"
+        return sm_name(self.compute_capability)
 
 
 BLOCK_SIZES = (32, 64, 128)  # INT4 block sizes along the reduction axis that every consumer here accepts

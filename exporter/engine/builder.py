@@ -20,12 +20,12 @@ from pathlib import Path
 
 from ..core import artifacts
 from ..core.errors import BadInput, BrokenDependency, MissingDependency, StageFailed
-from ..core.profiles import DeploymentProfile, Precision, Runtime
+from ..core.profiles import DeploymentProfile, Precision, Runtime, sm_name
 from ..core.stage import StageOutput
 from ..core.typed import to_data
 from ..core.ui import status
 from .metadata import ENGINE_FILE, METADATA_FILE, EngineMetadata, TensorInfo, TimingCacheInfo
-from .runtimes import AMPERE_PLUS, TensorRTRuntime, load_runtime, sm_name
+from .runtimes import AMPERE_PLUS, TensorRTRuntime, load_runtime
 from .shapes import ShapeProfile, onnx_input_dims, shape_profiles
 from .trtexec import reproduce_command
 
@@ -188,7 +188,7 @@ def plan_build(cfg: EngineConfig) -> BuildPlan:
         precision=cfg.precision.value,
         onnx_variant=variant,
         onnx_path=onnx_path,
-        onnx_files=sorted(p for p in onnx_path.parent.iterdir() if p.is_file() and p.name.startswith("model.onnx")),
+        onnx_files=artifacts.onnx_files(onnx_path),
         engine_dir=layout.engine_dir(profile.name),
         timing_cache_dir=layout.timing_cache_dir,
         gpu_product=profile.gpu.product,

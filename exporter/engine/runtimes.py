@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import BadInput, BrokenDependency, MissingDependency, StageFailed
-from ..core.profiles import Runtime
+from ..core.profiles import Runtime, sm_name
 from ..core.ui import log
 
 
@@ -54,12 +54,6 @@ _DTYPES = {
     "FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT8": "int8", "INT32": "int32",
     "INT64": "int64", "BOOL": "bool", "UINT8": "uint8", "FP8": "float8", "INT4": "int4", "FP4": "float4",
 }
-
-
-def sm_name(compute_capability: str) -> str:
-    """"8.9" → "SM89"."""
-    major, minor = compute_capability.split(".")
-    return f"SM{major}{minor}"
 
 
 class TensorRTRuntime:

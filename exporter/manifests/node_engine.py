@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -23,17 +22,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from ..core import artifacts
 from ..core.errors import BadInput, StageFailed
-from ..core.profiles import DeploymentProfile, Runtime, get_profile, load_profiles
+from ..core.profiles import DeploymentProfile, Runtime, get_profile, load_profiles, normalize_cc
 from ..engine.metadata import ENGINE_FILE, METADATA_FILE, EngineMetadata, ensure_compatible
-
-
-def normalize_cc(value: str) -> str:
-    """"8.0", "80", "SM80", "sm_80" → "8.0"."""
-    digits = "".join(ch for ch in str(value) if ch.isdigit() or ch == ".")
-    if "." in digits:
-        return digits
-    return f"{digits[:-1]}.{digits[-1]}" if len(digits) >= 2 else digits
 
 
 def node_compute_capability() -> str:
@@ -69,19 +61,11 @@ def decide(meta: Optional[EngineMetadata], profile: DeploymentProfile, node_cc: 
     return False, f"cached engine matches compute capability {node_cc} and {meta.runtime.value} {meta.runtime_version}"
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 22):
-            h.update(block)
-    return h.hexdigest()
-
-
 def install_plan(engine_dir: Path, target_dir: Path) -> bool:
     """Copy model.plan + engine.json into Triton's model version directory (atomic per file); True if copied."""
     source = engine_dir / ENGINE_FILE
     target = target_dir / ENGINE_FILE
-    if target.is_file() and _sha256(target) == _sha256(source):
+    if target.is_file() and artifacts.sha256_file(target) == artifacts.sha256_file(source):
         return False
     target_dir.mkdir(parents=True, exist_ok=True)
     for name in (ENGINE_FILE, METADATA_FILE):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..core.errors import BadInput
+from ..core.errors import BadInput, first_line
 
 # ONNX TensorProto elem_type → Triton data type
 _ONNX_TO_TRITON = {
@@ -63,7 +63,7 @@ def onnx_io(onnx_path: Path, source: str) -> ModelIO:
     try:
         graph = onnx.load(str(onnx_path), load_external_data=False).graph
     except Exception as exc:  # onnx raises DecodeError and others for a damaged file
-        raise BadInput(f"cannot read ONNX model {onnx_path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise BadInput(f"cannot read ONNX model {onnx_path}: {first_line(exc)}") from None
     initializers = {i.name for i in graph.initializer}
     inputs = [_onnx_value(v) for v in graph.input if v.name not in initializers]
     return ModelIO(inputs, [_onnx_value(v) for v in graph.output], source)

@@ -228,7 +228,7 @@ def _plan(cfg: RepositoryConfig) -> _Plan:
                 f"(`r1deploy quantize --model {layout.model} --profile {profile.name}`); using fp32"
             )
         onnx_path = layout.onnx_path(onnx_variant)
-        onnx_files = sorted(p for p in onnx_path.parent.iterdir() if p.is_file() and p.name.startswith("model.onnx"))
+        onnx_files = artifacts.onnx_files(onnx_path)
         io = onnx_io(onnx_path, f"onnx/{onnx_variant}/model.onnx")
     names_in = [t.name for t in io.inputs]
     names_out = [t.name for t in io.outputs]
