@@ -23,7 +23,7 @@ from exporter.manifests.monitoring import (
 
 REPO = Path(__file__).resolve().parents[1]
 COMMITTED = REPO / "k8s"
-VENDORED_CRDS = REPO / "tests" / "data" / "crds"
+VENDORED_CRDS = REPO / "exporter" / "data" / "crds"
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_all_overlays_build_and_pass_every_check():
 def test_crd_schemas_are_found_in_a_fresh_clone(monkeypatch):
     monkeypatch.delenv("R1DEPLOY_CRD_SCHEMAS", raising=False)
     found = checks.crd_schema_dir()
-    assert found is not None, "CRD schemas missing: tests/data/crds/monitoring.coreos.com must be vendored"
+    assert found is not None, "CRD schemas missing: exporter/data/crds/monitoring.coreos.com must be shipped"
     assert (found / "monitoring.coreos.com" / "servicemonitor_v1.json").is_file()
 
 
@@ -382,7 +382,8 @@ def _engine_meta(**overrides):
 
 
 def test_node_engine_decides_when_to_rebuild():
-    from exporter.manifests.node_engine import decide, normalize_cc
+    from exporter.core.profiles import normalize_cc
+    from exporter.manifests.node_engine import decide
 
     production = load_profiles()["production"]
     assert decide(_engine_meta(), production, "8.0", "10.11.0.33")[0] is False

@@ -17,6 +17,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Optional
 
@@ -322,9 +323,10 @@ def validate_builtin(objects: list[dict]) -> tuple[int, list[Violation]]:
 
 
 def crd_schema_dir() -> Optional[Path]:
-    """R1DEPLOY_CRD_SCHEMAS, else the copy vendored in tests/data/crds, else the shared checkout beside the repo."""
-    repo = Path(__file__).resolve().parents[2]
-    candidates = [os.environ.get("R1DEPLOY_CRD_SCHEMAS"), repo / "tests" / "data" / "crds", repo.parent / "shared" / "schemas"]
+    """R1DEPLOY_CRD_SCHEMAS, else the copy r1deploy ships as package data (exporter/data/crds, see its SOURCE.md):
+    an installed r1deploy checks the monitoring objects too, not only a checkout."""
+    shipped = Path(str(resources.files("exporter").joinpath("data/crds")))
+    candidates = [os.environ.get("R1DEPLOY_CRD_SCHEMAS"), shipped]
     for cand in candidates:
         if cand and (Path(cand) / "monitoring.coreos.com").is_dir():
             return Path(cand)
