@@ -15,7 +15,10 @@ from .core.errors import BadInput, StageFailed, first_line
 from .core.stage import StageOutput
 from .core.typed import to_data
 from .core.ui import quiet_library_logs, status
-from .graphs import (
+from .onnx_files import attach_external_weights, inline_external_data
+from .sources import ModelKind, ModelSource, load_model, resolve_source
+from .verify import CaseCheck, compare_onnx, torch_references
+from .wrappers import (
     CacheLayout,
     DecoderWithPast,
     EncoderWithPooling,
@@ -24,9 +27,6 @@ from .graphs import (
     encoder_input_names,
     make_inputs,
 )
-from .onnx_files import attach_external_weights, inline_external_data
-from .sources import ModelKind, ModelSource, load_model, resolve_source
-from .verify import CaseCheck, compare_onnx, torch_references
 
 
 class Exporter(str, enum.Enum):

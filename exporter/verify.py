@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from .core.errors import StageFailed
-from .graphs import CacheLayout, ShapeCase, make_inputs
 from .sources import ModelKind
+from .wrappers import CacheLayout, ShapeCase, make_inputs
 
 DECODER_CASES = (
     ShapeCase("prefill-b3-s7", batch=3, seq=7, past=0),

@@ -3,7 +3,7 @@
 Every weight is handled in a *canonical* layout `[K, M]`: rows run along the reduction axis (the axis the
 MatMul sums over, which is also the axis the blocks of `block_size` consecutive values lie on), columns are
 all other axes flattened. A `QuantizedWeight` keeps its codes and scales in the weight's own layout, so the
-ONNX writers (`quantize.graph`) only reshape bytes.
+ONNX writers (`quantize.rewrite`) only reshape bytes.
 
 Symmetric: `w ≈ scale · q`, q ∈ [-8, 7] (INT4), one scale per block. The scale is absmax/7 so that it stays
 positive (TensorRT rejects negative scales) at the price of rarely using -8.

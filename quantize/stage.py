@@ -27,7 +27,7 @@ from exporter.core.stage import StageOutput
 from exporter.core.typed import to_data
 from exporter.core.ui import status
 
-from . import core, evaluate, graph
+from . import core, evaluate, rewrite
 from .config import Format, Method, QuantizeConfig, QuantizeResult, Settings, Sizes
 from .sentences import CALIBRATION, EVALUATION
 
@@ -125,7 +125,7 @@ def _check_io(base: onnx.ModelProto, model: onnx.ModelProto) -> None:
 
 @dataclass
 class _Int4Layer:
-    target: graph.WeightTarget
+    target: rewrite.WeightTarget
     qw: core.QuantizedWeight
     error: float  # relative output error of this layer alone on calibration activations
     sensitivity: Optional[float] = None  # mixed precision: output cosine drop with only this layer quantized
@@ -141,7 +141,7 @@ class _Int4Build:
 
 
 def _quantize_weights(base: onnx.ModelProto, s: Settings, export_report: dict, tokenizer_dir: Path):
-    targets = graph.find_targets(base, export_report.get("vocab_size"))
+    targets = rewrite.find_targets(base, export_report.get("vocab_size"))
     wanted = {"matmul", "expert"} | ({"lm_head"} if s.quantize_lm_head else set()) | (
         {"embedding"} if s.quantize_embeddings else set()
     )
@@ -190,7 +190,7 @@ def _build_int4(base, s: Settings, export_report: dict, tokenizer_dir: Path, ref
     if s.mixed_precision:
         kept, evaluations = _keep_sensitive(base, layers, quantized, s, export_report, tokenizer_dir, ref)
     final = {w: tq for w, tq in quantized.items() if tq[0].layer not in kept}
-    return _Int4Build(graph.write_int4(base, final, s.format.value), layers, skipped, kept, evaluations)
+    return _Int4Build(rewrite.write_int4(base, final, s.format.value), layers, skipped, kept, evaluations)
 
 
 def _keep_sensitive(base, layers: list[_Int4Layer], quantized: dict, s: Settings, export_report: dict,
@@ -200,9 +200,9 @@ def _keep_sensitive(base, layers: list[_Int4Layer], quantized: dict, s: Settings
     Sensitivity is measured, not guessed: with every other layer FP32, quantize one layer and record the drop of
     output cosine on calibration text. Layers are kept most-sensitive first; the count doubles until the gate
     holds on the evaluation text, then bisects. All of it runs in one ONNX Runtime session of a probe graph
-    whose per-layer switches are graph inputs (`graph.write_probe`)."""
+    whose per-layer switches are graph inputs (`rewrite.write_probe`)."""
     kind = export_report["kind"]
-    probe, gates = graph.write_probe(base, quantized)
+    probe, gates = rewrite.write_probe(base, quantized)
     sess = evaluate.session(probe)
 
     def switches(on: set[str]) -> dict[str, np.ndarray]:
@@ -244,7 +244,7 @@ def _int4_bytes(model: onnx.ModelProto, layers: list[_Int4Layer], kept: set[str]
     for init in model.graph.initializer:
         if init.name.startswith(prefixes):
             n = len(init.raw_data) if init.raw_data else numpy_helper.to_array(init).nbytes
-            if init.name.endswith(graph.AWQ_SUFFIX):
+            if init.name.endswith(rewrite.AWQ_SUFFIX):
                 awq += n
             else:
                 weights += n
@@ -290,7 +290,7 @@ def quantize_model(cfg: QuantizeConfig) -> QuantizeResult:
     evaluations = 0
     if s.precision is Precision.FP16:
         with status("converting to FP16 (norms, softmax, exp, rotary angles stay FP32)"):
-            model = graph.to_fp16(base, s.keep_io_fp32, kv_cache_fp16=export_report.get("graph") == "fused")
+            model = rewrite.to_fp16(base, s.keep_io_fp32, kv_cache_fp16=export_report.get("graph") == "fused")
     else:
         build = _build_int4(base, s, export_report, layout.tokenizer_dir, ref)
         model, layers, skipped, kept, evaluations = build.model, build.layers, build.skipped, build.kept, build.evaluations

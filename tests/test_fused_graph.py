@@ -83,9 +83,9 @@ def test_fused_export_of_local_qwen2_and_llama_checkpoints(tmp_path, kind, bf16)
 
 def test_fused_verification_fails_on_a_wrong_graph(exported_fused, tmp_path):
     """The check can fail: the same graph with the attention scale doubled is refused, naming the output."""
-    from exporter.graphs import CacheLayout, DecoderWithPast
     from exporter.sources import load_model, resolve_source
     from exporter.verify import compare_fused, fused_references
+    from exporter.wrappers import CacheLayout, DecoderWithPast
 
     r = exported_fused(MODEL)
     model = onnx.load(str(r.onnx_path))

@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from exporter.core import artifacts
-from quantize import QuantizeConfig, core, evaluate, graph, quantize_model
+from quantize import QuantizeConfig, core, evaluate, quantize_model, rewrite
 from quantize.sentences import EVALUATION
 
 TINY = ("r1-distill-tiny", "r1-moe-tiny")
@@ -72,11 +72,11 @@ def test_both_formats_compute_the_dequantized_weight(symmetric):
         [numpy_helper.from_array(w, "w")],
     )
     base = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
-    (target,) = graph.find_targets(base)
+    (target,) = rewrite.find_targets(base)
     qw = core.quantize_awq(w, x.reshape(-1, k), 32, symmetric)  # exercises the AWQ Mul as well
     expected = x @ qw.dequantize()
     for fmt in ("qdq", "ort"):
-        m = graph.write_int4(base, {target.weight: (target, qw)}, fmt)
+        m = rewrite.write_int4(base, {target.weight: (target, qw)}, fmt)
         (y,) = evaluate.session(m).run(None, {"x": x})
         np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
 

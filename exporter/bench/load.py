@@ -20,7 +20,7 @@ import numpy as np
 from .config import BenchConfig, StabilityLatency
 from .inputs import Payload
 from .result import LevelResult, LlmStats, Percentiles, ServerStats, Window
-from .transport import RequestError, Transport, open_stats
+from .transport import FailedRequest, Transport, open_stats
 
 _ERROR_BACKOFF_S = 0.01  # after a failed request: a dead server answers at once, don't spin
 
@@ -76,7 +76,7 @@ class LevelRun:
             try:
                 await infer()
                 append((t0, clock(), True))
-            except RequestError as exc:
+            except FailedRequest as exc:
                 append((t0, clock(), False))
                 rec.error(exc)
                 await asyncio.sleep(_ERROR_BACKOFF_S)
@@ -93,7 +93,7 @@ class LevelRun:
                 try:
                     first, last, tokens = await session.generate(self.payloads[i % len(self.payloads)])
                     rec.records.append((t0, clock(), True, first, last, tokens))
-                except RequestError as exc:
+                except FailedRequest as exc:
                     rec.records.append((t0, clock(), False, 0.0, 0.0, 0))
                     rec.error(exc)
                     await asyncio.sleep(_ERROR_BACKOFF_S)
@@ -111,7 +111,7 @@ class LevelRun:
             else:
                 await infer()
                 rec.records.append((t0, clock(), True))
-        except RequestError as exc:
+        except FailedRequest as exc:
             rec.records.append((t0, clock(), False, 0.0, 0.0, 0) if self.llm else (t0, clock(), False))
             rec.error(exc)
         finally:
@@ -163,7 +163,7 @@ class LevelRun:
     async def _mark(self) -> _Mark:
         try:
             stats = open_stats(await self.transport.statistics(self.cfg.model, self.cfg.model_version))
-        except RequestError:
+        except FailedRequest:
             stats = None
         return _Mark(len(self.rec.records), time.perf_counter(), time.process_time(), stats)
 

@@ -16,7 +16,7 @@ from .inputs import ModelSpec, llm_payloads, model_spec, payloads_from_file, syn
 from .load import LevelRun
 from .report import write_all
 from .result import BenchResult, LevelResult, SloCheck
-from .transport import RequestError, make_transport
+from .transport import FailedRequest, make_transport
 
 
 class BenchFailed(StageFailed):
@@ -64,7 +64,7 @@ async def _connect(cfg: BenchConfig):
     try:
         metadata = await transport.metadata(cfg.model, cfg.model_version)
         config = await transport.config(cfg.model, cfg.model_version)
-    except RequestError as exc:
+    except FailedRequest as exc:
         await transport.close()
         raise BadInput(f"model {cfg.model!r} not available at {cfg.url}: {exc}") from None
     return transport, model_spec(metadata, config)

@@ -27,7 +27,7 @@ _GRPC_OPTIONS = [("grpc.max_send_message_length", -1), ("grpc.max_receive_messag
 _CONTROL_TIMEOUT_S = 10.0
 
 
-class RequestError(Exception):
+class FailedRequest(Exception):
     """A failed request; the message is the server's (or the transport's) one line."""
 
 
@@ -80,7 +80,7 @@ class GrpcTransport(Transport):
         try:
             return await rpc(request, timeout=_CONTROL_TIMEOUT_S)
         except grpc.aio.AioRpcError as exc:
-            raise RequestError(_grpc_message(exc)) from None
+            raise FailedRequest(_grpc_message(exc)) from None
 
     async def metadata(self, model, version):
         return await self._control(self.stub.ModelMetadata, pb.ModelMetadataRequest(name=model, version=version))
@@ -108,7 +108,7 @@ class GrpcTransport(Transport):
             try:
                 await call(req, timeout=timeout_s)
             except grpc.aio.AioRpcError as exc:
-                raise RequestError(_grpc_message(exc)) from None
+                raise FailedRequest(_grpc_message(exc)) from None
 
         return infer
 
@@ -147,9 +147,9 @@ class _GrpcStream(StreamSession):
         while True:
             resp = await call.read()
             if resp is grpc.aio.EOF:
-                raise RequestError("stream closed by the server before the final response")
+                raise FailedRequest("stream closed by the server before the final response")
             if resp.error_message:
-                raise RequestError(resp.error_message)
+                raise FailedRequest(resp.error_message)
             ir = resp.infer_response
             n = 0
             for i, out in enumerate(ir.outputs):
@@ -171,12 +171,12 @@ class _GrpcStream(StreamSession):
     async def generate(self, payload: Payload) -> StreamOutcome:
         try:
             return await asyncio.wait_for(self._one(self._request(payload)), self.timeout_s)
-        except (asyncio.TimeoutError, grpc.aio.AioRpcError, RequestError) as exc:
+        except (asyncio.TimeoutError, grpc.aio.AioRpcError, FailedRequest) as exc:
             await self.close()  # late responses of this request must not land on the next one
             if isinstance(exc, asyncio.TimeoutError):
-                raise RequestError(f"timeout after {self.timeout_s:g} s") from None
+                raise FailedRequest(f"timeout after {self.timeout_s:g} s") from None
             if isinstance(exc, grpc.aio.AioRpcError):
-                raise RequestError(_grpc_message(exc)) from None
+                raise FailedRequest(_grpc_message(exc)) from None
             raise
 
     async def close(self):
@@ -206,16 +206,16 @@ class HttpTransport(Transport):
             async with self.control.get(url, timeout=self.aiohttp.ClientTimeout(total=timeout_s)) as r:
                 body = await r.read()
                 if r.status != 200:
-                    raise RequestError(_http_error(r.status, body))
+                    raise FailedRequest(_http_error(r.status, body))
                 return json.loads(body) if body else {}
         except (self.aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            raise RequestError(f"{type(exc).__name__}: {exc}") from None
+            raise FailedRequest(f"{type(exc).__name__}: {exc}") from None
 
     async def live(self) -> bool:
         try:
             await self._get_json(f"{self.base}/v2/health/live", timeout_s=2.0)
             return True
-        except RequestError:
+        except FailedRequest:
             return False
 
     async def metadata(self, model, version):
@@ -251,9 +251,9 @@ class HttpTransport(Transport):
                 async with post(url, data=body, headers=headers, timeout=timeout) as r:
                     data = await r.read()
                     if r.status != 200:
-                        raise RequestError(_http_error(r.status, data))
+                        raise FailedRequest(_http_error(r.status, data))
             except errors as exc:
-                raise RequestError(_transport_error(exc, timeout_s)) from None
+                raise FailedRequest(_transport_error(exc, timeout_s)) from None
 
         return infer
 
@@ -305,13 +305,13 @@ class _HttpStream(StreamSession):
                 timeout=aiohttp.ClientTimeout(total=self.timeout_s),
             ) as r:
                 if r.status != 200:
-                    raise RequestError(_http_error(r.status, await r.read()))
+                    raise FailedRequest(_http_error(r.status, await r.read()))
                 async for line in r.content:
                     if not line.startswith(b"data:"):
                         continue
                     event = json.loads(line[5:])
                     if "error" in event:
-                        raise RequestError(f"HTTP stream: {event['error']}")
+                        raise FailedRequest(f"HTTP stream: {event['error']}")
                     ids = event.get("token_ids")
                     n = len(ids) if isinstance(ids, list) else (1 if ids is not None or event.get("text_output") else 0)
                     if n:
@@ -320,7 +320,7 @@ class _HttpStream(StreamSession):
                             first = last
                         tokens += n
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            raise RequestError(_transport_error(exc, self.timeout_s)) from None
+            raise FailedRequest(_transport_error(exc, self.timeout_s)) from None
         return first, last, tokens
 
     async def close(self):
@@ -350,22 +350,22 @@ class OpenAITransport(Transport):
                                         timeout=self.aiohttp.ClientTimeout(total=timeout_s)) as r:
                 body = await r.read()
                 if r.status != 200:
-                    raise RequestError(_http_error(r.status, body))
+                    raise FailedRequest(_http_error(r.status, body))
                 return [m.get("id") for m in json.loads(body).get("data", [])]
         except (self.aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError) as exc:
-            raise RequestError(f"{type(exc).__name__}: {exc}") from None
+            raise FailedRequest(f"{type(exc).__name__}: {exc}") from None
 
     async def live(self) -> bool:
         try:
             await self._models(timeout_s=2.0)
             return True
-        except RequestError:
+        except FailedRequest:
             return False
 
     async def metadata(self, model, version):
         served = await self._models()
         if model not in served:
-            raise RequestError(f"not served (models: {', '.join(served)})")
+            raise FailedRequest(f"not served (models: {', '.join(served)})")
         meta = pb.ModelMetadataResponse(name=model, versions=["1"])
         for name, datatype in (("text_input", "BYTES"), ("max_tokens", "INT32"), ("stream", "BOOL")):
             meta.inputs.add(name=name, datatype=datatype, shape=[1])
@@ -383,7 +383,7 @@ class OpenAITransport(Transport):
         return None
 
     def infer_fn(self, model, version, payload, timeout_s):
-        raise RequestError("--protocol openai benchmarks LLMs only (generate-style models)")
+        raise FailedRequest("--protocol openai benchmarks LLMs only (generate-style models)")
 
     def stream_session(self, model, version, timeout_s):
         return _OpenAIStream(self, model, timeout_s)
@@ -425,7 +425,7 @@ class _OpenAIStream(StreamSession):
                 timeout=aiohttp.ClientTimeout(total=self.timeout_s),
             ) as r:
                 if r.status != 200:
-                    raise RequestError(_http_error(r.status, await r.read()))
+                    raise FailedRequest(_http_error(r.status, await r.read()))
                 if not stream:
                     doc = json.loads(await r.read())
                     first = last = time.perf_counter()
@@ -437,7 +437,7 @@ class _OpenAIStream(StreamSession):
                         break
                     event = json.loads(line[6:])
                     if "error" in event:
-                        raise RequestError(f"stream: {event['error'].get('message')}")
+                        raise FailedRequest(f"stream: {event['error'].get('message')}")
                     if event.get("usage"):
                         tokens = int(event["usage"]["completion_tokens"])
                     if any(c.get("text") for c in event.get("choices", ())):
@@ -445,7 +445,7 @@ class _OpenAIStream(StreamSession):
                         if not first:
                             first = last
         except (aiohttp.ClientError, asyncio.TimeoutError, OSError, ValueError, KeyError) as exc:
-            raise RequestError(_transport_error(exc, self.timeout_s)) from None
+            raise FailedRequest(_transport_error(exc, self.timeout_s)) from None
         return first, last, tokens
 
     async def close(self):
