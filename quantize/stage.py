@@ -266,7 +266,14 @@ def quantize_model(cfg: QuantizeConfig) -> QuantizeResult:
     fp32_files = artifacts.onnx_files(fp32_path)
     inputs = artifacts.sha256_files(fp32_files, root=layout.root)
     inputs.update(artifacts.sha256_files([p for p in layout.tokenizer_dir.iterdir() if p.is_file()], root=layout.root))
-    output = StageOutput("quantize", final, inputs, s.fingerprint(),
+    # Texts measured besides the held-out sentences (decoders only). The report holds their figures, so they are
+    # part of what decides whether an earlier output is still this one (named by a digest; absent when none, so
+    # a quantization without them keeps the fingerprint it always had).
+    texts = {name: tuple(lines) for name, lines in cfg.extra_texts.items()} if kind == "decoder" else {}
+    config = s.fingerprint()
+    if texts:
+        config["extra_texts"] = {name: artifacts.sha256_text("\n".join(lines)) for name, lines in sorted(texts.items())}
+    output = StageOutput("quantize", final, inputs, config,
                          artifacts.tool_versions("r1deploy", "numpy", "onnx", "onnxruntime", "transformers"))
 
     if output.up_to_date(cfg.force):
@@ -279,7 +286,6 @@ def quantize_model(cfg: QuantizeConfig) -> QuantizeResult:
     base = onnx.load(str(fp32_path))
     with status(f"FP32 reference on {len(EVALUATION)} held-out sentences"):
         ref = evaluate.reference(base, evaluate.tokenize(layout.tokenizer_dir, EVALUATION, export_report), kind)
-        texts = dict(cfg.extra_texts) if kind == "decoder" else {}
         extra_refs = {
             name: evaluate.reference(base, evaluate.tokenize(layout.tokenizer_dir, lines, export_report), kind)
             for name, lines in texts.items()

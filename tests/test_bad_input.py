@@ -247,7 +247,7 @@ def test_warnings_are_shown_except_known_noise(tmp_path):
     import sys
 
     code = (
-        "import warnings; from exporter import ui; ui.configure()\n"
+        "import warnings; from exporter.core import ui; ui.configure()\n"
         "warnings.warn('overflow encountered in exp', RuntimeWarning)\n"
         "warnings.warn('# The axis name: batch will not be used, since it shares the same shape constraints', UserWarning)\n"
         "class TracerWarning(Warning): pass\n"

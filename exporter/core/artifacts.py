@@ -112,6 +112,10 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def sha256_files(paths: list[Path] | tuple[Path, ...], root: Path | None = None) -> dict[str, str]:
     out = {}
     for p in sorted(paths):
