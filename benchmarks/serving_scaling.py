@@ -216,15 +216,16 @@ def summarise(wall: float, results: list[dict], cpu: float) -> dict:
 
 
 # -- in-process one batch ------------------------------------------------------------------------------------------
-def inprocess(onnx_path: Path, tokenizer, texts: list[str], batch: int, max_tokens: int, graph: str) -> float:
+def inprocess(onnx_path: Path, tokenizer, texts: list[str], batch: int, max_tokens: int, graph: str,
+              threads: int = 1) -> float:
     """The same ONNX, all sequences in one batch, prefill then greedy decode with ONNX Runtime in this process
-    (one intra-op thread, as served): no tokenizer, no server, no sampling beyond an argmax."""
+    (as many intra-op threads as served): no tokenizer, no server, no sampling beyond an argmax."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
+    options.intra_op_num_threads = threads
     if graph == "fused":
-        engine = kv_shared.SharedKVEngine.from_path(onnx_path, batch, 2560, 1)
+        engine = kv_shared.SharedKVEngine.from_path(onnx_path, batch, 2560, threads)
     else:
         session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
         slots = [kv_padded.CacheSlot(i.name, i.name.replace("past_key_values.", "present."), i.shape[1], i.shape[3])
@@ -346,6 +347,8 @@ def main() -> None:
     ap.add_argument("--graph", choices=["fused", "generic"], default="fused",
                     help="the decoder graph r1deploy serves (and the in-process baseline runs)")
     ap.add_argument("--http-threads", type=int, default=0, help="Triton --http-thread-count (0: r1deploy serve's default)")
+    ap.add_argument("--intra-op-threads", type=int, default=1,
+                    help="ONNX Runtime intra-op threads, served and in-process alike (0: every core)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
@@ -362,7 +365,7 @@ def main() -> None:
         export = export_model(ExportConfig(model=model, workdir=wd, graph="fused"))
     repo = write_repository(RepositoryConfig(
         model=model, profile="edge", variant="python_ort", workdir=wd, out=wd / "repo", graph=args.graph,
-        max_rows=max(levels), max_queue=4 * max(levels),
+        max_rows=max(levels), max_queue=4 * max(levels), intra_op_threads=args.intra_op_threads,
     ))
     from tokenizers import Tokenizer
 
@@ -374,10 +377,11 @@ def main() -> None:
           f"{np.mean([len(tokenizer.encode(t).ids) for t in texts_all[:16]]):.0f} tokens, {args.max_tokens} new", flush=True)
 
     results: dict = {"machine": {"cores": os.cpu_count(), "load_at_start": os.getloadavg()[0]}, "model": model,
+                     "intra_op_threads": args.intra_op_threads,
                      "levels": {}}
     for c in levels:
         results["levels"].setdefault(str(c), {})["inprocess_one_batch"] = inprocess(
-            export.onnx_path, tokenizer, texts_all, c, args.max_tokens, args.graph)
+            export.onnx_path, tokenizer, texts_all, c, args.max_tokens, args.graph, args.intra_op_threads)
 
     def run_server(name: str, send, pid: int):
         for c in levels:

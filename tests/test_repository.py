@@ -127,7 +127,14 @@ def test_cpu_variants(workdir, tmp_path):
     assert gen.parameters["engine_call"].string_value == "inprocess"
     assert gen.parameters["engine_runtime"].string_value == "onnxruntime"
     assert (r.out / gen.parameters["engine_file"].string_value).is_file()
+    assert gen.parameters["intra_op_num_threads"].string_value == "1"
     assert r.notes and "fp32" in r.notes[0]
+    every_core = write_repository(RepositoryConfig(model="r1-distill-tiny", profile="edge", variant="python_ort",
+                                                   workdir=workdir, out=tmp_path / "t", intra_op_threads=0))
+    threads = parse((every_core.out / "generate/config.pbtxt").read_text(), "generate").parameters["intra_op_num_threads"]
+    assert threads.string_value == "0"
+    with pytest.raises(BadInput, match="intra_op_threads must be an integer ≥ 0"):
+        RepositoryConfig(profile="edge", variant="python_ort", intra_op_threads=-1)
     ort_cpu = write_repository(RepositoryConfig(model="minilm", profile="edge", variant="onnxruntime_onnx", device="cpu", workdir=workdir, out=tmp_path / "o"))
     enc = parse((ort_cpu.out / "encoder/config.pbtxt").read_text(), "encoder")
     assert not enc.optimization.execution_accelerators.gpu_execution_accelerator
@@ -203,6 +210,8 @@ def test_cli_json_and_bad_input(r1, workdir, tmp_path):
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "not been exported" in bad.stderr
     bad = r1("--workdir", str(workdir), "repository", "--profile", "nope")
     assert bad.returncode == 2 and "unknown deployment profile" in bad.stderr
+    bad = r1("--workdir", str(workdir), "repository", "--variant", "python_ort", "--intra-op-threads", "-1")
+    assert bad.returncode == 2 and "--intra-op-threads" in bad.stderr
 
 
 # The generate model's sampling and text logic, loaded from its source file (it imports no Triton module).

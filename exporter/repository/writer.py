@@ -41,6 +41,8 @@ class RepositoryConfig:
     kv_budget_tokens: Optional[int] = None  # KV positions running sequences may reserve; default max_rows × max_sequence_len
     max_queue: Optional[int] = None  # waiting requests before "server busy"; default 8 × max_rows
     stream_interval_steps: int = 1  # a stream's tokens leave every this many scheduler steps
+    # ONNX Runtime intra-op threads of an engine the generate model runs in-process (CPU); 0: every core
+    intra_op_threads: int = 1
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir)
@@ -74,6 +76,8 @@ class RepositoryConfig:
                 raise BadInput(f"{name} must be an integer ≥ {0 if name == 'max_queue' else 1}, not {value!r}")
         if isinstance(self.stream_interval_steps, bool) or not isinstance(self.stream_interval_steps, int) or self.stream_interval_steps < 1:
             raise BadInput(f"stream_interval_steps must be an integer ≥ 1, not {self.stream_interval_steps!r}")
+        if isinstance(self.intra_op_threads, bool) or not isinstance(self.intra_op_threads, int) or self.intra_op_threads < 0:
+            raise BadInput(f"intra_op_threads must be an integer ≥ 0 (0: every core), not {self.intra_op_threads!r}")
         if self.onnx_variant is not None:
             artifacts.check_name(self.onnx_variant, "ONNX variant")
         check_profile_name(self.profile.name)
@@ -392,7 +396,7 @@ def _decoder_models(w: _Writer, cfg: RepositoryConfig, plan: _Plan) -> None:
     }
     if cfg.engine_call == "inprocess":
         params.update({"engine_runtime": "onnxruntime", "engine_file": f"{LLM}/{VERSION}/model.onnx",
-                       "intra_op_num_threads": "1"})
+                       "intra_op_num_threads": str(cfg.intra_op_threads)})
     if fused:
         params.update({"kv_layout": "shared", "engine_file": f"{GENERATE}/{VERSION}/engine/model.onnx"})
         del params["engine_model"]
