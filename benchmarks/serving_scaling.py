@@ -347,8 +347,9 @@ def main() -> None:
     ap.add_argument("--graph", choices=["fused", "generic"], default="fused",
                     help="the decoder graph r1deploy serves (and the in-process baseline runs)")
     ap.add_argument("--http-threads", type=int, default=0, help="Triton --http-thread-count (0: r1deploy serve's default)")
-    ap.add_argument("--intra-op-threads", type=int, default=1,
-                    help="ONNX Runtime intra-op threads, served and in-process alike (0: every core)")
+    ap.add_argument("--intra-op-threads", type=int, default=None,
+                    help="ONNX Runtime intra-op threads, served and in-process alike (0: every core; default: "
+                         "what `r1deploy repository` picks for the model)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
@@ -367,21 +368,25 @@ def main() -> None:
         model=model, profile="edge", variant="python_ort", workdir=wd, out=wd / "repo", graph=args.graph,
         max_rows=max(levels), max_queue=4 * max(levels), intra_op_threads=args.intra_op_threads,
     ))
+    from exporter.repository import parse
+
+    generate_config = parse((repo.out / "generate/config.pbtxt").read_text(), "generate")
+    threads = int(generate_config.parameters["intra_op_num_threads"].string_value)  # what the server runs with
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_file(str(repo.out / "generate/1/tokenizer/tokenizer.json"))
     checkpoint = Path(model) if Path(model).is_dir() else wd / "models" / model
     texts_all = prompts(4 * max(levels) + 64, args.prompt_tokens, 0, tokenizer)
-    print(f"# {platform.node()} {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; {args.graph} graph; model {model} "
+    print(f"# {platform.node()} {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; {args.graph} graph; intra-op threads {threads or 'every core'}; model {model} "
           f"({export.parameters / 1e6:.1f} M parameters); prompts of ~"
           f"{np.mean([len(tokenizer.encode(t).ids) for t in texts_all[:16]]):.0f} tokens, {args.max_tokens} new", flush=True)
 
     results: dict = {"machine": {"cores": os.cpu_count(), "load_at_start": os.getloadavg()[0]}, "model": model,
-                     "intra_op_threads": args.intra_op_threads,
+                     "intra_op_threads": threads,
                      "levels": {}}
     for c in levels:
         results["levels"].setdefault(str(c), {})["inprocess_one_batch"] = inprocess(
-            export.onnx_path, tokenizer, texts_all, c, args.max_tokens, args.graph, args.intra_op_threads)
+            export.onnx_path, tokenizer, texts_all, c, args.max_tokens, args.graph, threads)
 
     def run_server(name: str, send, pid: int):
         for c in levels:

@@ -144,6 +144,23 @@ def test_cpu_variants(workdir, tmp_path):
         RepositoryConfig(profile="edge", variant="onnxruntime_onnx", engine_call="inprocess")
 
 
+def test_intra_op_threads_follow_the_model_size(tmp_path):
+    """One thread for a small model (the server's own threads keep a core), every core (0) from 64 MiB of ONNX
+    files, where a decode step is long enough to split; a value given is kept."""
+    from exporter.repository.writer import EVERY_CORE_FROM_BYTES, intra_op_threads_for
+
+    graph, data = tmp_path / "model.onnx", tmp_path / "model.onnx.data"
+    graph.write_bytes(b"x" * 1000)
+    with open(data, "wb") as fh:  # sparse: the size is what counts
+        fh.truncate(EVERY_CORE_FROM_BYTES - 1000 - 1)
+    auto = RepositoryConfig(profile="edge", variant="python_ort")
+    assert intra_op_threads_for(auto, [graph, data]) == 1
+    with open(data, "ab") as fh:
+        fh.write(b"y")
+    assert intra_op_threads_for(auto, [graph, data]) == 0
+    assert intra_op_threads_for(RepositoryConfig(profile="edge", variant="python_ort", intra_op_threads=3), [graph, data]) == 3
+
+
 def _fake_engine(workdir: Path, profile: str, max_batch: int, runtime: str) -> None:
     from exporter.engine import EngineMetadata
     from exporter.engine.shapes import ShapeProfile, ShapeRange

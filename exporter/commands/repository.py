@@ -38,8 +38,9 @@ def _human(r: RepositoryResult) -> None:
               help="Decoder graph: fused = `export --graph fused`, served in-process with an in-place KV buffer (python_ort).")
 @click.option("--max-rows", type=click.IntRange(min=1), help="Sequences the generate scheduler decodes together [default: the profile's max_batch_size].")
 @click.option("--max-queue", type=click.IntRange(min=0), help="Waiting requests before 'server busy' [default: 8 × max rows].")
-@click.option("--intra-op-threads", type=click.IntRange(min=0), default=1, show_default=True,
-              help="ONNX Runtime intra-op threads of an in-process engine (python_ort; 0: every core).")
+@click.option("--intra-op-threads", type=click.IntRange(min=0),
+              help="ONNX Runtime intra-op threads of an in-process engine (python_ort; 0: every core) "
+                   "[default: every core for a model of 64 MiB or more, else 1].")
 @pass_app
 def command(app: App, model, profile_name, out, variant, device, engine_call, onnx_variant, graph, max_rows, max_queue,
             intra_op_threads):

@@ -41,8 +41,9 @@ class RepositoryConfig:
     kv_budget_tokens: Optional[int] = None  # KV positions running sequences may reserve; default max_rows × max_sequence_len
     max_queue: Optional[int] = None  # waiting requests before "server busy"; default 8 × max_rows
     stream_interval_steps: int = 1  # a stream's tokens leave every this many scheduler steps
-    # ONNX Runtime intra-op threads of an engine the generate model runs in-process (CPU); 0: every core
-    intra_op_threads: int = 1
+    # ONNX Runtime intra-op threads of an engine the generate model runs in-process (CPU); 0: every core; None:
+    # from the model's size (`intra_op_threads_for`)
+    intra_op_threads: Optional[int] = None
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir)
@@ -76,7 +77,7 @@ class RepositoryConfig:
                 raise BadInput(f"{name} must be an integer ≥ {0 if name == 'max_queue' else 1}, not {value!r}")
         if isinstance(self.stream_interval_steps, bool) or not isinstance(self.stream_interval_steps, int) or self.stream_interval_steps < 1:
             raise BadInput(f"stream_interval_steps must be an integer ≥ 1, not {self.stream_interval_steps!r}")
-        if isinstance(self.intra_op_threads, bool) or not isinstance(self.intra_op_threads, int) or self.intra_op_threads < 0:
+        if self.intra_op_threads is not None and (isinstance(self.intra_op_threads, bool) or not isinstance(self.intra_op_threads, int) or self.intra_op_threads < 0):
             raise BadInput(f"intra_op_threads must be an integer ≥ 0 (0: every core), not {self.intra_op_threads!r}")
         if self.onnx_variant is not None:
             artifacts.check_name(self.onnx_variant, "ONNX variant")
@@ -365,6 +366,21 @@ def _engine_model(w: _Writer, cfg: RepositoryConfig, plan: _Plan, name: str) -> 
     return placed
 
 
+# A decode step of a model this size on a CPU is long enough to split across cores: measured on 2 cores
+# (docs/benchmarks.md, issue 10), a 122 M-parameter Qwen2 (490 MB fp32) served 2.0× the tokens/s with every core
+# as with one; the 0.6 M-parameter tiny model (2.4 MB) gained nothing measurable, and its streams lost to the
+# server's own threads. Between the two, where the step is a few ms, one thread leaves a core to Triton.
+EVERY_CORE_FROM_BYTES = 64 << 20
+
+
+def intra_op_threads_for(cfg: RepositoryConfig, onnx_files: list[Path]) -> int:
+    """The intra-op threads of the in-process engine: the config's, else every core (0) for a model whose ONNX
+    files hold ≥ 64 MiB, else 1."""
+    if cfg.intra_op_threads is not None:
+        return cfg.intra_op_threads
+    return 0 if sum(f.stat().st_size for f in onnx_files) >= EVERY_CORE_FROM_BYTES else 1
+
+
 def _decoder_models(w: _Writer, cfg: RepositoryConfig, plan: _Plan) -> None:
     profile: DeploymentProfile = cfg.profile
     fused = cfg.graph == "fused"
@@ -396,7 +412,7 @@ def _decoder_models(w: _Writer, cfg: RepositoryConfig, plan: _Plan) -> None:
     }
     if cfg.engine_call == "inprocess":
         params.update({"engine_runtime": "onnxruntime", "engine_file": f"{LLM}/{VERSION}/model.onnx",
-                       "intra_op_num_threads": str(cfg.intra_op_threads)})
+                       "intra_op_num_threads": str(intra_op_threads_for(cfg, plan.onnx_files))})
     if fused:
         params.update({"kv_layout": "shared", "engine_file": f"{GENERATE}/{VERSION}/engine/model.onnx"})
         del params["engine_model"]
