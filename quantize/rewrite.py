@@ -249,8 +249,29 @@ def write_probe(
     return model, gates
 
 
+def _shape_inferred(model: onnx.ModelProto) -> onnx.ModelProto:
+    """`onnx.shape_inference.infer_shapes(model)` without a second copy of the weights: inference runs on the graph
+    with its large float initializers emptied (shapes come from their dims; their values decide no shape), and the
+    weights are moved, one tensor at a time, into the inferred model. `model` is left without them."""
+    stash: dict[str, bytes] = {}
+    for init in model.graph.initializer:
+        if init.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16) and len(init.raw_data) > 4096:
+            stash[init.name] = init.raw_data
+            init.ClearField("raw_data")
+    inferred = onnx.shape_inference.infer_shapes(model)
+    for init in inferred.graph.initializer:
+        data = stash.pop(init.name, None)
+        if data is not None:
+            init.raw_data = data
+    assert not stash, f"shape inference dropped initializers: {sorted(stash)[:3]}"
+    return inferred
+
+
 def to_fp16(model: onnx.ModelProto, keep_io_fp32: bool, kv_cache_fp16: bool = False) -> onnx.ModelProto:
     """Whole-graph FP16 with the numerically fragile parts left in FP32.
+
+    `model` is consumed: its weights move into the result (ONNX Runtime's converter, given a model, makes a full
+    copy to infer shapes — at R1-Distill-Qwen-1.5B's size two more copies of 6.6 GiB of FP32 weights than needed).
 
     FP16 tops out at 65504: squares and means of hidden states (RMSNorm/LayerNorm statistics), exponentials
     (Softmax, Exp) and rotary angles (position × frequency lose integer precision above 2048) overflow or
@@ -299,7 +320,8 @@ def to_fp16(model: onnx.ModelProto, keep_io_fp32: bool, kv_cache_fp16: bool = Fa
         keep_io = [v.name for v in [*graph.input, *graph.output]
                    if not v.name.startswith(("past_key_values.", "present."))]
     return convert_float_to_float16(
-        model,
+        _shape_inferred(model),
+        disable_shape_infer=True,  # done above, on the graph without its weights
         keep_io_types=keep_io,
         op_block_list=sorted(set(DEFAULT_OP_BLOCK_LIST) | fragile_ops),
         node_block_list=sorted(blocked_nodes),

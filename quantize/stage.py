@@ -283,35 +283,45 @@ def quantize_model(cfg: QuantizeConfig) -> QuantizeResult:
             raise StageFailed(f"{layout.model} {variant}: {failure}")
         return _result(layout.model, s, final, report, skipped=True, seconds=time.perf_counter() - started)
 
-    base = onnx.load(str(fp32_path))
     with status(f"FP32 reference on {len(EVALUATION)} held-out sentences"):
-        ref = evaluate.reference(base, evaluate.tokenize(layout.tokenizer_dir, EVALUATION, export_report), kind)
+        # From the file, before this process loads the model: ONNX Runtime reads the weights itself, and the
+        # session is gone before the conversion below holds its own copy (never two copies of the FP32 weights).
+        fp32_sess = evaluate.session(fp32_path)
+        ref = evaluate.reference(fp32_path, evaluate.tokenize(layout.tokenizer_dir, EVALUATION, export_report), kind,
+                                 sess=fp32_sess)
         extra_refs = {
-            name: evaluate.reference(base, evaluate.tokenize(layout.tokenizer_dir, lines, export_report), kind)
+            name: evaluate.reference(fp32_path, evaluate.tokenize(layout.tokenizer_dir, lines, export_report), kind,
+                                     sess=fp32_sess)
             for name, lines in texts.items()
         }
+        del fp32_sess
+    base = onnx.load(str(fp32_path))
     layers: list[_Int4Layer] = []
     skipped: list[dict] = []
     kept: list[str] = []
     evaluations = 0
     if s.precision is Precision.FP16:
         with status("converting to FP16 (norms, softmax, exp, rotary angles stay FP32)"):
+            # base's weights move into the FP16 model (to_fp16 consumes them); its graph stays for _check_io
             model = rewrite.to_fp16(base, s.keep_io_fp32, kv_cache_fp16=export_report.get("graph") == "fused")
     else:
         build = _build_int4(base, s, export_report, layout.tokenizer_dir, ref)
         model, layers, skipped, kept, evaluations = build.model, build.layers, build.skipped, build.kept, build.evaluations
     _check_io(base, model)
+    del base
+    # Counted before saving: a save with external data moves the bytes out of the in-memory tensors.
+    weight_bytes, awq_bytes = _int4_bytes(model, layers, set(kept))
 
     with output.writing() as tmp:
         out = tmp / "model.onnx"
         _save(model, out)
+        del model  # the session below reads the file: one copy of the weights, ONNX Runtime's
         # Measure the file the next stage will read, not the in-memory graph.
         sess = evaluate.session(out)
         accuracy = evaluate.measure(ref, out, sess)
         by_text = {"held_out": accuracy, **{name: evaluate.measure(r, out, sess) for name, r in extra_refs.items()}}
         quantized = [ly for ly in layers if ly.target.layer not in kept]
         n_weights = sum(ly.target.numel for ly in quantized)
-        weight_bytes, awq_bytes = _int4_bytes(model, layers, set(kept))
         sizes = Sizes(
             model_bytes_fp32=sum(p.stat().st_size for p in fp32_files),
             model_bytes=artifacts.onnx_bytes(out),

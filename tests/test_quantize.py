@@ -235,3 +235,32 @@ def test_the_stage_reads_an_export_and_the_cli_makes_one(r1, tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     assert artifacts.ModelLayout(tmp_path, "r1-moe-tiny").has_export()
     assert json.loads(res.stdout)["variant"] == "fp16"
+
+
+def test_fp16_conversion_moves_the_weights_and_equals_full_shape_inference(exported, monkeypatch):
+    """to_fp16 infers shapes on the graph without its weights and moves the weights into the result (no second
+    copy of the FP32 weights): the model it writes is byte for byte the one that ONNX's shape inference over the
+    whole model gives, and the model it was given is left without its large weights."""
+    path = str(exported("r1-moe-tiny").onnx_path)
+    given = onnx.load(path)
+    ours = rewrite.to_fp16(given, keep_io_fp32=True)
+    big = [i for i in onnx.load(path).graph.initializer if i.data_type == TensorProto.FLOAT and len(i.raw_data) > 4096]
+    assert big and all(not i.raw_data for i in given.graph.initializer if i.name in {b.name for b in big})
+    monkeypatch.setattr(rewrite, "_shape_inferred", onnx.shape_inference.infer_shapes)
+    whole = rewrite.to_fp16(onnx.load(path), keep_io_fp32=True)
+    assert ours.SerializeToString(deterministic=True) == whole.SerializeToString(deterministic=True)
+
+
+def test_decoder_comparison_in_chunks_equals_all_at_once(exported, session_workdir, monkeypatch):
+    """The decoder figures are computed a few positions at a time (the [positions, vocab] float64 temporaries of a
+    152 k vocabulary would not fit): the same numbers, to the last bit, as with every position at once."""
+    path = exported("r1-distill-tiny").onnx_path
+    layout = artifacts.ModelLayout(session_workdir, "r1-distill-tiny")
+    report = artifacts.read_export_report(layout)
+    batch = evaluate.tokenize(layout.tokenizer_dir, EVALUATION[:24], report)
+    ref = evaluate.reference(path, batch, "decoder")
+    candidate = evaluate.run(evaluate.session(rewrite.to_fp16(onnx.load(str(path)), True)), batch, ["logits"])["logits"]
+    assert batch.mask.sum() > 3 * evaluate.COMPARE_ROWS  # several chunks
+    chunked = ref.compare(candidate)
+    monkeypatch.setattr(evaluate, "COMPARE_ROWS", 10**9)
+    assert chunked == ref.compare(candidate) and chunked["kl_divergence"] > 0
