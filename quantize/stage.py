@@ -295,16 +295,18 @@ def quantize_model(cfg: QuantizeConfig) -> QuantizeResult:
             for name, lines in texts.items()
         }
         del fp32_sess
-    base = onnx.load(str(fp32_path))
     layers: list[_Int4Layer] = []
     skipped: list[dict] = []
     kept: list[str] = []
     evaluations = 0
     if s.precision is Precision.FP16:
+        base = onnx.load(str(fp32_path), load_external_data=False)  # the graph, for _check_io
         with status("converting to FP16 (norms, softmax, exp, rotary angles stay FP32)"):
-            # base's weights move into the FP16 model (to_fp16 consumes them); its graph stays for _check_io
-            model = rewrite.to_fp16(base, s.keep_io_fp32, kv_cache_fp16=export_report.get("graph") == "fused")
+            # the weights are read from the file one tensor at a time (never all FP32 weights in this process)
+            model = rewrite.to_fp16_from_file(fp32_path, s.keep_io_fp32,
+                                              kv_cache_fp16=export_report.get("graph") == "fused")
     else:
+        base = onnx.load(str(fp32_path))
         build = _build_int4(base, s, export_report, layout.tokenizer_dir, ref)
         model, layers, skipped, kept, evaluations = build.model, build.layers, build.skipped, build.kept, build.evaluations
     _check_io(base, model)

@@ -264,3 +264,19 @@ def test_decoder_comparison_in_chunks_equals_all_at_once(exported, session_workd
     chunked = ref.compare(candidate)
     monkeypatch.setattr(evaluate, "COMPARE_ROWS", 10**9)
     assert chunked == ref.compare(candidate) and chunked["kl_divergence"] > 0
+
+
+def test_fp16_from_a_file_with_external_data_reads_one_tensor_at_a_time(tmp_path):
+    """A model whose weights are in external data (every model over 2 GiB) is converted from the file without
+    loading its FP32 weights first: the result is byte for byte the conversion of the loaded model."""
+    from exporter.export import ExportConfig, export_model
+
+    exp = export_model(ExportConfig(model="r1-distill-tiny", workdir=tmp_path, external_data_threshold_mib=0))
+    assert (exp.onnx_path.parent / "model.onnx.data").is_file()  # the weights are external
+    streamed = rewrite.to_fp16_from_file(exp.onnx_path, keep_io_fp32=True)
+    loaded = rewrite.to_fp16(onnx.load(str(exp.onnx_path)), keep_io_fp32=True)
+    assert streamed.SerializeToString(deterministic=True) == loaded.SerializeToString(deterministic=True)
+    assert all(i.data_location == TensorProto.DEFAULT for i in streamed.graph.initializer)
+    halves = [i for i in streamed.graph.initializer if i.data_type == TensorProto.FLOAT16]
+    assert halves and all(len(i.raw_data) == 2 * int(np.prod(i.dims)) for i in halves)
+
