@@ -90,16 +90,37 @@ def torch_references(
     return refs
 
 
+def _session(onnx_path):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+
+
+def _check_output(check: CaseCheck, failures: list[str], name: str, ref: np.ndarray, got: np.ndarray,
+                  tolerance: float) -> None:
+    """One output's valid values against PyTorch's: recorded in `check`, a miss added to `failures`."""
+    diff = float(np.max(np.abs(ref - got))) if ref.size else 0.0
+    top1 = float(np.mean(ref.argmax(-1) == got.argmax(-1))) if name == "logits" and ref.size else None
+    ok = bool(np.isfinite(diff) and diff <= tolerance)
+    check.outputs.append(OutputCheck(name, diff, _cos(ref, got), top1, tolerance, ok))
+    if not ok:
+        failures.append(f"output {name!r} on {check.case}: max abs diff {diff:.3g} > tolerance {tolerance:g}")
+
+
+def _raise_on(failures: list[str], what: str) -> None:
+    if failures:
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        raise StageFailed(f"{what} does not match PyTorch: {failures[0]}{more}")
+
+
 def compare_onnx(
     onnx_path, refs: list[Reference], output_names: list[str], tolerances: dict[str, float] | None = None
 ) -> list[CaseCheck]:
     """Run ONNX Runtime on each reference case; raise `StageFailed` naming the first output out of tolerance."""
-    import onnxruntime as ort
-
     tolerances = tolerances or {}
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    session = _session(onnx_path)
     results: list[CaseCheck] = []
     failures: list[str] = []
     for ref in refs:
@@ -112,19 +133,9 @@ def compare_onnx(
                 failures.append(f"output {name!r} on {case.name}: shape {list(g.shape)} != PyTorch {list(r.shape)}")
                 continue
             rv, gv = _select_valid(name, r, mask, case.seq), _select_valid(name, g, mask, case.seq)
-            diff = float(np.max(np.abs(rv - gv))) if rv.size else 0.0
-            top1 = None
-            if name == "logits" and rv.size:
-                top1 = float(np.mean(rv.argmax(-1) == gv.argmax(-1)))
-            tol = tolerances.get(name, default_tolerance(name))
-            ok = bool(np.isfinite(diff) and diff <= tol)
-            check.outputs.append(OutputCheck(name, diff, _cos(rv, gv), top1, tol, ok))
-            if not ok:
-                failures.append(f"output {name!r} on {case.name}: max abs diff {diff:.3g} > tolerance {tol:g}")
+            _check_output(check, failures, name, rv, gv, tolerances.get(name, default_tolerance(name)))
         results.append(check)
-    if failures:
-        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
-        raise StageFailed(f"ONNX Runtime does not match PyTorch: {failures[0]}{more}")
+    _raise_on(failures, "ONNX Runtime")
     return results
 
 
@@ -204,11 +215,7 @@ def fused_references(torch_module: torch.nn.Module, layout: CacheLayout, vocab: 
 def compare_fused(onnx_path, refs: list[FusedReference], output_names: list[str], tolerance: float) -> list[CaseCheck]:
     """Run the fused graph on each case (all rows in one call) and compare each row's valid positions — its
     new tokens' logits and its cache up to its own length — with PyTorch; raise `StageFailed` on a miss."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    session = _session(onnx_path)
     results, failures = [], []
     for ref in refs:
         got = dict(zip(output_names, session.run(output_names, ref.feeds), strict=True))
@@ -221,14 +228,7 @@ def compare_fused(onnx_path, refs: list[FusedReference], output_names: list[str]
                 j = output_names.index(name) - 1
                 r = np.concatenate([pres[j].transpose(1, 0, 2) for pres in ref.presents])
                 gv = np.concatenate([got[name][b, :, : p + q].transpose(1, 0, 2) for b, (p, q) in enumerate(ref.case.rows)])
-            diff = float(np.max(np.abs(r - gv))) if r.size else 0.0
-            top1 = float(np.mean(r.argmax(-1) == gv.argmax(-1))) if name == "logits" else None
-            ok = bool(np.isfinite(diff) and diff <= tolerance)
-            check.outputs.append(OutputCheck(name, diff, _cos(r, gv), top1, tolerance, ok))
-            if not ok:
-                failures.append(f"output {name!r} on {ref.case.name}: max abs diff {diff:.3g} > tolerance {tolerance:g}")
+            _check_output(check, failures, name, r, gv, tolerance)
         results.append(check)
-    if failures:
-        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
-        raise StageFailed(f"ONNX Runtime (fused graph) does not match PyTorch: {failures[0]}{more}")
+    _raise_on(failures, "ONNX Runtime (fused graph)")
     return results
