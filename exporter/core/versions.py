@@ -59,12 +59,6 @@ class VersionTable:
         known = ", ".join(r.tensorrt_major_minor for r in self.releases.values())
         raise BadInput(f"no Triton release known for TensorRT {tensorrt_version} (known: {known}); pass --image")
 
-    def triton_base(self, name: Optional[str] = None) -> str:
-        return f"{self.triton_image}:{self.release(name).release}-py3"
-
-    def tensorrt_base(self, name: Optional[str] = None) -> str:
-        return f"{self.tensorrt_image}:{self.release(name).release}-py3"
-
 
 def load_versions() -> VersionTable:
     raw = yaml.safe_load(resources.files("exporter").joinpath("data/versions.yaml").read_text())
