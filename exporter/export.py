@@ -221,15 +221,6 @@ def _copy_tokenizer(source: ModelSource, dest: Path) -> None:
                 shutil.copy2(source.path / name, tmp / name)
 
 
-def ensure_exported(model: str, workdir: Path, *, graph: str = "generic", allow_pickle: bool = False,
-                    trust_remote_code: bool = False) -> None:
-    """The FP32 export a later stage (quantize) reads: left as it is when present (found without loading the
-    model), else exported with default settings."""
-    if not artifacts.ModelLayout.for_model(workdir, model).has_export(graph):
-        export_model(ExportConfig(model=model, workdir=workdir, graph=graph, allow_pickle=allow_pickle,
-                                  trust_remote_code=trust_remote_code))
-
-
 def export_model(cfg: ExportConfig, source: ModelSource | None = None) -> ExportResult:
     """Export `cfg.model` to `<workdir>/<model>/onnx/fp32/model.onnx` and verify it; skip if up to date."""
     import torch

@@ -17,7 +17,6 @@ The checkpoint directory is written to a temporary place and renamed when comple
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -213,7 +212,7 @@ def _fingerprint(preset: str) -> str:
     payload = {"config": TINY_CONFIGS[preset], "seed": SEED, "vocab": VOCAB_SIZE, "tokenizer": artifacts.sha256_file(TOKENIZER_FILE)}
     if preset in TRAINED:
         payload["weights"] = artifacts.sha256_file(TRAINED[preset])
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+    return artifacts.sha256_text(json.dumps(payload, sort_keys=True))[:16]
 
 
 def write_tiny_checkpoint(preset: str, dest: Path) -> Path:

@@ -87,8 +87,7 @@ TEXT_SOURCES = {
 
 def _exported(cfg: QuantizeConfig) -> artifacts.ModelLayout:
     """The export stage's fp32 output this stage reads. This stage does not run the export itself (stages do not
-    call each other): the CLI, the pipeline and the engine stage's preparation export first
-    (`exporter.export.ensure_exported`)."""
+    call each other): the CLI, the pipeline and the engine stage's preparation export first."""
     layout = artifacts.ModelLayout.for_model(cfg.workdir, cfg.model)
     if not layout.has_export(cfg.graph):
         flag = " --graph fused" if cfg.graph == "fused" else ""

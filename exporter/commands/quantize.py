@@ -97,8 +97,13 @@ def command(app: App, model, allow_pickle, trust_remote_code, profile_name, prec
         keep_io_fp32=not fp16_io, graph=graph, min_cosine=min_cosine, min_top1=min_top1, mixed_precision=mixed_precision,
         force=force, extra_texts=tiny_models.quality_texts(model),
     )
+    # The FP32 export the stage reads, with default settings when there is none (found without loading the model).
     if not artifacts.ModelLayout.for_model(app.workdir, model).has_export(graph):
-        from ..export import ensure_exported  # imports torch: only when there is something to export
+        from ..export import (  # imports torch: only when there is something to export
+            ExportConfig,
+            export_model,
+        )
 
-        ensure_exported(model, app.workdir, graph=graph, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        export_model(ExportConfig(model=model, workdir=app.workdir, graph=graph, allow_pickle=allow_pickle,
+                                  trust_remote_code=trust_remote_code))
     emit(app, quantize_model(cfg), _human)

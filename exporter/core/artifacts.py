@@ -137,7 +137,7 @@ def tool_versions(*names: str) -> dict[str, str]:
 
 def fingerprint(inputs: dict[str, str], config: dict[str, Any], tools: dict[str, str]) -> str:
     payload = json.dumps({"inputs": inputs, "config": config, "tools": tools}, sort_keys=True, default=str)
-    return hashlib.sha256(payload.encode()).hexdigest()
+    return sha256_text(payload)
 
 
 def write_json(path: Path, data: Any) -> None:
