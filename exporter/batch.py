@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import time
 import uuid
@@ -45,8 +46,18 @@ class BatchConfig:
         if not self.url.startswith(("http://", "https://")):
             raise BadInput(f"--url must be http://HOST:PORT, got {self.url!r}")
         self.url = self.url.rstrip("/").removesuffix("/v1")
-        if self.concurrency < 1:
-            raise BadInput("--concurrency must be ≥ 1")
+        if isinstance(self.concurrency, bool) or not isinstance(self.concurrency, int) or self.concurrency < 1:
+            raise BadInput(f"--concurrency must be an integer ≥ 1, got {self.concurrency!r}")
+        timeout = self.timeout_s
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not (math.isfinite(timeout) and timeout > 0):
+            raise BadInput(f"--timeout must be a number of seconds > 0, got {timeout!r}")
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
+            raise BadInput(f"--retries must be an integer ≥ 0, got {self.retries!r}")
+        for option, path in (("--output", self.output), ("--errors", self.errors)):
+            if path.is_dir():
+                raise BadInput(f"{option} {path} is a directory: give a file path")
+            if path.exists() and not path.is_file():
+                raise BadInput(f"{option} {path} is not a regular file")
         if self.output.resolve() == self.errors.resolve() or self.input.resolve() in (self.output.resolve(), self.errors.resolve()):
             raise BadInput("--input, --output and --errors must be three different files")
 
@@ -83,24 +94,32 @@ class BatchResult:
 
 
 def read_input(path: Path) -> list[BatchRequest]:
-    if not path.is_file():
+    if not path.exists():
         raise BadInput(f"--input not found: {path}")
+    if path.is_dir():
+        raise BadInput(f"--input {path} is a directory: give the batch input file (JSON lines)")
     requests: list[BatchRequest] = []
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
+    with open(path, "rb") as fh:
+        for n, raw in enumerate(fh, 1):
+            where = f"{path}:{n}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise BadInput(f"{where}: not UTF-8 (byte {exc.start + 1} of the line)") from None
             if not line.strip():
                 continue
-            where = f"{path}:{n}"
             try:
                 row = json.loads(line)
             except (ValueError, RecursionError):
                 raise BadInput(f"{where}: not a JSON object") from None
             if not isinstance(row, dict):
                 raise BadInput(f"{where}: not a JSON object")
-            cid = row.get("custom_id")
-            if not isinstance(cid, str) or not cid:
+            if "custom_id" not in row:
                 raise BadInput(f"{where}: missing custom_id")
+            cid = row["custom_id"]
+            if not isinstance(cid, str) or not cid:
+                raise BadInput(f"{where}: custom_id must be a non-empty string, got {cid!r}")
             if cid in seen:
                 raise BadInput(f"{where}: duplicate custom_id {cid!r} (first on line {seen[cid]})")
             seen[cid] = n
@@ -121,23 +140,44 @@ def read_input(path: Path) -> list[BatchRequest]:
     return requests
 
 
-def _done_ids(path: Path) -> tuple[set[str], int]:
-    """custom_ids an earlier run wrote, and the size up to the last complete line (a torn last line — a crash
-    mid-write — is cut off before appending)."""
+# Every line r1deploy writes to an output or errors file starts with these bytes (json.dumps of a dict whose first
+# key is "id"): what a torn last line must begin with to be recognised as ours.
+_LINE_PREFIX = b'{"id": "batch_req_'
+
+
+def _is_our_line(row) -> bool:
+    return (isinstance(row, dict) and isinstance(row.get("id"), str) and row["id"].startswith("batch_req_")
+            and isinstance(row.get("custom_id"), str) and "response" in row and "error" in row)
+
+
+def _done_ids(path: Path, option: str) -> tuple[set[str], int]:
+    """custom_ids an earlier run wrote, and the size up to the last complete line. Only a torn last line — a crash
+    mid-write: no newline, and the start of a line r1deploy writes — is cut off before appending. A file that is not
+    r1deploy's batch output, or whose complete lines include one that is not, is refused (bad input naming the line)
+    and left exactly as it is: nothing r1deploy did not write is ever truncated."""
     if not path.is_file():
         return set(), 0
     done: set[str] = set()
     good = 0
     with open(path, "rb") as fh:
-        for raw in fh:
+        for n, raw in enumerate(fh, 1):
             if not raw.endswith(b"\n"):
-                break
+                if raw.startswith(_LINE_PREFIX) or (n > 1 and _LINE_PREFIX.startswith(raw)):
+                    break  # torn: dropped, and its request sent again
+                what = "is not r1deploy batch output" if n == 1 else f"ends with a line ({n}) r1deploy did not write"
+                raise BadInput(f"{option} {path} {what}: refusing to append to it (nothing was changed); "
+                               "give another path")
             try:
-                cid = json.loads(raw).get("custom_id")
-            except (ValueError, AttributeError):
-                break
-            if isinstance(cid, str):
-                done.add(cid)
+                row = json.loads(raw)
+            except (ValueError, RecursionError, UnicodeDecodeError):
+                row = None
+            if not _is_our_line(row):
+                if n == 1:
+                    raise BadInput(f"{option} {path} exists and is not r1deploy batch output (line 1): refusing to "
+                                   "touch it (nothing was changed); give another path")
+                raise BadInput(f"{option} {path}:{n}: not a batch output line (corrupt?): nothing was changed; "
+                               "repair or remove that line and rerun")
+            done.add(row["custom_id"])
             good += len(raw)
     return done, good
 
@@ -234,12 +274,12 @@ def run_batch(cfg: BatchConfig) -> BatchResult:
     """Send every request of `cfg.input` whose custom_id is not in `cfg.output` yet; StageFailed when any failed
     (after every line was written), so the exit code says whether the output is complete."""
     requests = read_input(cfg.input)
-    done, keep = _done_ids(cfg.output)
+    done, keep = _done_ids(cfg.output, "--output")
     unknown = done - {r.custom_id for r in requests}
     if unknown:
         raise BadInput(f"--output {cfg.output} holds custom_ids that are not in {cfg.input} (e.g. {sorted(unknown)[0]!r}): "
                        "another job's output?")
-    _, keep_err = _done_ids(cfg.errors)
+    _, keep_err = _done_ids(cfg.errors, "--errors")
     todo = [r for r in requests if r.custom_id not in done]
     started = time.perf_counter()
     out, err = _Appender(cfg.output, keep), _Appender(cfg.errors, keep_err)

@@ -120,28 +120,42 @@ class ModelShape:
                 raise BadInput(f"{where}: {key} must be a positive integer, got {value!r}")
             return value
 
+        def optional(key: str, default: int, lowest: int = 1) -> int:
+            value = config.get(key)
+            if value is None:
+                return default
+            if isinstance(value, bool) or not isinstance(value, int) or value < lowest:
+                raise BadInput(f"{where}: {key} must be an integer ≥ {lowest}, got {value!r}")
+            return value
+
         heads = need("num_attention_heads")
         hidden = need("hidden_size")
+        kv_heads = optional("num_key_value_heads", heads)
+        if heads % kv_heads:
+            raise BadInput(f"{where}: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})")
+        if config.get("head_dim") is None and model_type != "deepseek_v3" and hidden % heads:
+            raise BadInput(f"{where}: hidden_size ({hidden}) must be a multiple of num_attention_heads ({heads}) "
+                           "when head_dim is not given")
         common = dict(
             name=name, model_type=model_type, architecture=(config.get("architectures") or [model_type])[0],
             vocab_size=need("vocab_size"), hidden_size=hidden, num_layers=need("num_hidden_layers"),
-            num_heads=heads, num_kv_heads=int(config.get("num_key_value_heads") or heads),
-            head_dim=int(config.get("head_dim") or hidden // heads), intermediate_size=need("intermediate_size"),
+            num_heads=heads, num_kv_heads=kv_heads,
+            head_dim=optional("head_dim", hidden // heads), intermediate_size=need("intermediate_size"),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             attention_bias=model_type == "qwen2" or bool(config.get("attention_bias", False)),
-            max_position_embeddings=int(config.get("max_position_embeddings") or 0), source=source,
+            max_position_embeddings=optional("max_position_embeddings", 0), source=source,
         )
         if model_type != "deepseek_v3":
             return cls(**common)
         return cls(
             **common,
-            q_lora_rank=int(config.get("q_lora_rank") or 0), kv_lora_rank=need("kv_lora_rank"),
+            q_lora_rank=optional("q_lora_rank", 0, 0), kv_lora_rank=need("kv_lora_rank"),
             qk_rope_head_dim=need("qk_rope_head_dim"), qk_nope_head_dim=need("qk_nope_head_dim"),
-            v_head_dim=need("v_head_dim"), n_routed_experts=int(config.get("n_routed_experts") or 0),
-            n_shared_experts=int(config.get("n_shared_experts") or 0),
-            num_experts_per_tok=int(config.get("num_experts_per_tok") or 0),
-            moe_intermediate_size=int(config.get("moe_intermediate_size") or 0),
-            first_k_dense_replace=int(config.get("first_k_dense_replace") or 0),
+            v_head_dim=need("v_head_dim"), n_routed_experts=optional("n_routed_experts", 0, 0),
+            n_shared_experts=optional("n_shared_experts", 0, 0),
+            num_experts_per_tok=optional("num_experts_per_tok", 0, 0),
+            moe_intermediate_size=optional("moe_intermediate_size", 0, 0),
+            first_k_dense_replace=optional("first_k_dense_replace", 0, 0),
         )
 
     # -- what transformers builds ---------------------------------------------------------------------------

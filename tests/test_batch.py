@@ -102,3 +102,106 @@ def test_failures_go_to_the_errors_file_and_fail_the_run(gateway, tmp_path):
     assert set(errors) == {"bad-n", "busy", "unknown-model"}
     assert errors["bad-n"]["error"]["code"] == "400" and "n must be 1" in errors["bad-n"]["error"]["message"]
     assert errors["busy"]["response"]["status_code"] == 429 and errors["unknown-model"]["error"]["code"] == "404"
+
+
+# ---- issue 22: batch never deletes what it did not write; every option checked before anything runs ----------
+def _ours(cid: str) -> str:
+    return json.dumps({"id": f"batch_req_{cid}", "custom_id": cid,
+                       "response": {"status_code": 200, "request_id": cid, "body": {}}, "error": None})
+
+
+def _batch(tmp_path, *extra, lines=None, output=None):
+    src = tmp_path / "in.jsonl"
+    if not src.exists():
+        src.write_text("\n".join(lines or [_line("a", "x"), _line("b", "y"), _line("c", "z")]) + "\n")
+    out = output if output is not None else tmp_path / "out.jsonl"
+    return run_cli("batch", "--url", "http://127.0.0.1:9", "--input", str(src), "--output", str(out),
+                   "--retries", "0", *extra, env=ENV)
+
+
+@pytest.mark.parametrize("content,fragment", [
+    ("my notes\nmore notes\n", "is not r1deploy batch output (line 1)"),
+    ("my notes, no newline", "is not r1deploy batch output"),
+    ("{", "is not r1deploy batch output"),
+    (json.dumps({"custom_id": "a", "note": "looks close"}) + "\n", "is not r1deploy batch output (line 1)"),
+])
+def test_an_output_that_is_not_ours_is_refused_untouched(tmp_path, content, fragment):
+    out = tmp_path / "out.jsonl"
+    out.write_text(content)
+    before = out.read_bytes()
+    r = _batch(tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert fragment in r.stderr and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert out.read_bytes() == before
+    assert not (tmp_path / "out.errors.jsonl").exists()
+
+
+def test_a_corrupt_line_in_the_middle_stops_the_run_naming_it(tmp_path):
+    out = tmp_path / "out.jsonl"
+    out.write_text(_ours("a") + "\n" + '{"id": "batch_req_b", "custom_id": "b", "respo\n' + _ours("c") + "\n")
+    before = out.read_bytes()
+    r = _batch(tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert f"{out}:2: not a batch output line" in r.stderr and "nothing was changed" in r.stderr
+    assert out.read_bytes() == before
+
+
+def test_only_a_torn_last_line_is_dropped(tmp_path):
+    """The torn line (a crash mid-write) goes, the complete lines stay byte for byte; the unreachable URL makes the
+    remaining requests fail (exit 1, in the errors file), which is not what this test is about."""
+    out = tmp_path / "out.jsonl"
+    good = _ours("a") + "\n"
+    out.write_text(good + _ours("b")[:25])
+    r = _batch(tmp_path)
+    assert r.returncode == 1, r.stderr
+    assert out.read_text() == good
+    failed = [json.loads(ln)["custom_id"] for ln in (tmp_path / "out.errors.jsonl").read_text().splitlines()]
+    assert sorted(failed) == ["b", "c"]
+
+
+def test_an_errors_file_that_is_not_ours_is_refused(tmp_path):
+    errors = tmp_path / "errs.jsonl"
+    errors.write_text("keep me\n")
+    r = _batch(tmp_path, "--errors", str(errors))
+    assert r.returncode == 2 and "--errors" in r.stderr and "not r1deploy batch output" in r.stderr, r.stderr
+    assert errors.read_text() == "keep me\n"
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--timeout", "0"], "--timeout must be a number of seconds > 0, got 0.0"),
+    (["--timeout", "nan"], "--timeout must be a number of seconds > 0, got nan"),
+    (["--timeout", "inf"], "--timeout must be a number of seconds > 0, got inf"),
+    (["--retries", "-1"], "--retries must be an integer ≥ 0, got -1"),
+    (["--concurrency", "0"], "--concurrency must be an integer ≥ 1, got 0"),
+])
+def test_options_are_checked_up_front(tmp_path, args, fragment):
+    r = _batch(tmp_path, *args)
+    assert r.returncode == 2, r.stderr
+    assert fragment in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_output_directory_input_directory_dev_null_utf8_and_numeric_ids(tmp_path):
+    (tmp_path / "outdir").mkdir()
+    r = _batch(tmp_path, output=tmp_path / "outdir")
+    assert r.returncode == 2 and "--output" in r.stderr and "is a directory" in r.stderr, r.stderr
+
+    r = run_cli("batch", "--url", "http://127.0.0.1:9", "--input", str(tmp_path / "outdir"), "--output",
+                str(tmp_path / "o.jsonl"), env=ENV)
+    assert r.returncode == 2 and "--input" in r.stderr and "is a directory" in r.stderr, r.stderr
+
+    r = run_cli("batch", "--url", "http://127.0.0.1:9", "--input", "/dev/null", "--output", str(tmp_path / "o.jsonl"), env=ENV)
+    assert r.returncode == 2 and "holds no request" in r.stderr and "not found" not in r.stderr, r.stderr
+
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes((_line("a", "x") + "\n").encode() + _line("b", "cafe").encode().replace(b"cafe", b"caf\xe9") + b"\n")
+    r = run_cli("batch", "--url", "http://127.0.0.1:9", "--input", str(bad), "--output", str(tmp_path / "o.jsonl"), env=ENV)
+    assert r.returncode == 2 and f"{bad}:2: not UTF-8" in r.stderr, r.stderr
+
+    numeric = tmp_path / "numeric.jsonl"
+    numeric.write_text(json.dumps({"custom_id": 7, "method": "POST", "url": "/v1/completions",
+                                   "body": {"model": "m", "prompt": "x"}}) + "\n")
+    r = run_cli("batch", "--url", "http://127.0.0.1:9", "--input", str(numeric), "--output", str(tmp_path / "o.jsonl"), env=ENV)
+    assert r.returncode == 2 and ":1: custom_id must be a non-empty string, got 7" in r.stderr, r.stderr
+    assert not (tmp_path / "o.jsonl").exists()
