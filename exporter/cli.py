@@ -23,6 +23,7 @@ COMMANDS = {
     "repository": "repository",
     "serve": "serve",
     "gateway": "gateway",
+    "health": "health",
     "batch": "batch",
     "manifests": "manifests",
     "plan": "plan",

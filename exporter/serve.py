@@ -362,6 +362,14 @@ class TritonServer:
             self._log.close()
             self._log = None
 
+    def kill(self) -> None:
+        """Stop a broken server at once (SIGKILL to its process group, then the same clean-up as `stop`): a
+        server whose model process is dead cannot unload that model, and would wait its whole exit timeout."""
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+        self.stop()
+
     def __enter__(self) -> TritonServer:
         return self.start()
 

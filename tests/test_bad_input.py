@@ -328,3 +328,18 @@ def test_plan_accepts_an_explicit_head_dim(r1, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     proc = r1("--json", "plan", "--model", str(tmp_path), "--profile", "edge")
     assert proc.returncode == 0, proc.stderr
+
+
+def test_serve_refuses_a_taken_openai_port_before_starting_anything(r1, tmp_path):
+    """A port something already listens on is bad input (exit 2, one line), said before Triton is started."""
+    import socket
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        proc = r1("serve", "--repository", str(repo), "--openai-port", str(port))
+    assert_one_line(proc, 2, f"--openai-port {port} on 127.0.0.1 is already in use")
+    assert "tritonserver" not in proc.stdout

@@ -116,8 +116,11 @@ def test_triton_args_probes_and_model_control(built):
         args = triton["args"]
         assert "--strict-readiness=true" in args and "--allow-metrics=true" in args
         assert any(a.startswith("--exit-timeout-secs=") for a in args)
-        assert triton["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
-        assert triton["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+        # an LLM's probes ask its generate model (Triton's /v2/health stays green when the model process is dead)
+        for kind in ("readinessProbe", "livenessProbe"):
+            assert triton[kind]["exec"]["command"][:4] == ["python3", "-m", "exporter.cli", "health"], kind
+            assert "--model=generate" in triton[kind]["exec"]["command"]
+        assert triton["startupProbe"]["httpGet"]["path"] == "/v2/health/ready"
         explicit = "--model-control-mode=explicit" in args
         assert explicit == (name == "research")
         assert any(a.startswith("--load-model=") for a in args) == explicit

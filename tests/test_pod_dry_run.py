@@ -136,7 +136,7 @@ def test_overlay_pod_starts_here(overlay, node, tmp_path):
     log = open(tmp_path / "tritonserver.log", "wb")
     proc = subprocess.Popen([cpu_argv[0], *args, *bundle, *local], stdout=log, stderr=subprocess.STDOUT,
                             env={**cpu_env, **env}, start_new_session=True)
-    probe = triton["readinessProbe"]["httpGet"]["path"]
+    probe = triton["startupProbe"]["httpGet"]["path"]
     try:
         deadline = time.monotonic() + STARTUP_DEADLINE_S
         ready = False
@@ -152,9 +152,17 @@ def test_overlay_pod_starts_here(overlay, node, tmp_path):
         out = (tmp_path / "tritonserver.log").read_text(errors="replace")
         assert ready, f"{overlay}: {probe} never answered 200 (exit {proc.poll()}):\n{out[-3000:]}"
         assert "unrecognized option" not in out.lower()
-        live = triton["livenessProbe"]["httpGet"]["path"]
-        with urllib.request.urlopen(f"http://127.0.0.1:{ports['http']}{live}", timeout=5) as r:
-            assert r.status == 200
+        # readiness and liveness ask the generate model itself (`r1deploy health`, exporter/health.py): run the
+        # exec probes as the kubelet would, against this server
+        for kind in ("readinessProbe", "livenessProbe"):
+            command = triton[kind]["exec"]["command"]
+            assert command[:4] == ["python3", "-m", "exporter.cli", "health"], command
+            argv = [sys.executable, *command[1:]]
+            argv = [re.sub(r"^--triton=localhost:\d+$", f"--triton=127.0.0.1:{ports['grpc']}", a) for a in argv]
+            res = subprocess.run(argv, capture_output=True, text=True, timeout=60,
+                                 env={**os.environ, "PYTHONPATH": str(REPO)})
+            assert res.returncode == 0, f"{overlay} {kind}: {res.stdout}{res.stderr}"
+            assert "generate at 127.0.0.1" in res.stdout and "ok" in res.stdout
     finally:
         proc.terminate()
         try:

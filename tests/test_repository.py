@@ -81,7 +81,7 @@ def test_profiles_generate_parse_and_match_onnx(workdir, tmp_path, model, profil
         gen = configs["generate"]
         assert gen.backend == "python" and gen.model_transaction_policy.decoupled and gen.max_batch_size == 1
         assert [i.name for i in gen.input] == [
-            "text_input", "max_tokens", "temperature", "top_p", "seed", "stop_words", "stop", "stream", "ignore_eos",
+            "text_input", "max_tokens", "temperature", "top_p", "seed", "stop_words", "stop", "stream", "health_check", "ignore_eos",
             "exclude_input_in_output", "skip_special_tokens", "return_num_input_tokens", "return_num_output_tokens",
         ]
         assert [i.name for i in gen.input if not i.optional] == ["text_input"]

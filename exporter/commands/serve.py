@@ -10,7 +10,8 @@ import click
 
 from ..core.errors import BadInput, StageFailed
 from ..core.ui import out as console
-from ..serve import ServerConfig, TritonServer
+from ..health import ModelWatch, probed_models
+from ..serve import ServerConfig, TritonServer, port_in_use
 from .common import App, pass_app
 
 
@@ -45,11 +46,15 @@ def command(app: App, repositories, http_port, grpc_port, metrics_port, cache_mi
         grpc_port=grpc_port, metrics_port=metrics_port, response_cache_bytes=cache_mib << 20, log_file=log_file,
         log_verbose=log_verbose, startup_timeout_s=startup_timeout,
     )
+    if not no_openai and openai_port and port_in_use(openai_port):
+        raise BadInput(f"--openai-port {openai_port} on 127.0.0.1 is already in use: stop what listens there or choose another")
     stop = threading.Event()
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
     server = TritonServer(cfg)
     gateway = None
     restarts = 0
+    # the LLM models' own health (exporter/health.py): Triton stays "ready" when a model's process is dead
+    watch = ModelWatch(server.endpoints.grpc, probed_models(repositories))
 
     def announce() -> None:
         info = {"pid": server.pid, "http": server.endpoints.http, "grpc": server.endpoints.grpc,
@@ -73,20 +78,29 @@ def command(app: App, repositories, http_port, grpc_port, metrics_port, cache_mi
             # the gateway stays up across Triton restarts: they keep the same ports
             gateway = start_beside_triton(app, server.endpoints.grpc, repositories, openai_port, api_key_file)
         announce()
+        watch.start()
         while not stop.wait(0.5):
             code = server.process.poll()
-            if code is None:
+            failing = watch.failing() if code is None else None
+            if code is None and failing is None:
                 continue
-            why = f"exited with code {code}" if code >= 0 else f"was killed by signal {-code}"
+            if code is not None:
+                why = f"tritonserver (pid {server.pid}) {f'exited with code {code}' if code >= 0 else f'was killed by signal {-code}'}"
+            else:
+                why = f"model {failing[0]} of tritonserver (pid {server.pid}) is unhealthy ({failing[1]})"
             if restarts >= max_restarts:
-                raise StageFailed(f"tritonserver {why}; not restarted after {restarts} restart(s) (--max-restarts) (log: {server.log_path})")
+                raise StageFailed(f"{why}; not restarted after {restarts} restart(s) (--max-restarts) (log: {server.log_path})")
             restarts += 1
             # said on stderr even with --json/-q: a restart is news to whoever runs this
-            click.echo(f"tritonserver (pid {server.pid}) {why}; restarting it ({restarts}/{max_restarts})", err=True)
-            server.stop()  # the rest of its process group and its shared memory
+            click.echo(f"{why}; restarting it ({restarts}/{max_restarts})", err=True)
+            # Triton 2.51 cannot reload a python model whose stub died (its unload waits for the dead stub), so the
+            # server is restarted; its ports stay the same, and the gateway reconnects
+            server.kill()  # the rest of its process group and its shared memory
             server.start()
+            watch.reset()
             announce()
     finally:
+        watch.stop()
         if gateway is not None:
             gateway.stop()
         server.stop()

@@ -22,6 +22,7 @@ from typing import Optional
 
 from aiohttp import web
 
+from ..health import PROBE_TIMEOUT_S, Verdict
 from .metrics import Metrics
 from .models import ServedModel, read_repositories
 from .protocol import (
@@ -56,6 +57,11 @@ class GatewayConfig:
     max_body_bytes: int = 1 << 20
     max_json_depth: int = 32
     request_timeout_s: float = 600.0
+    # the model-health monitor (exporter/health.py): a probe of each model this often, this long to answer, and
+    # this many unanswered probes in a row before the model counts as unhealthy (an error answer counts at once)
+    health_interval_s: float = 1.0
+    health_timeout_s: float = PROBE_TIMEOUT_S
+    health_patience: int = 2
 
 
 class Gateway:
@@ -67,6 +73,10 @@ class Gateway:
         self._keys = [k.encode() for k in cfg.api_keys]
         self.metrics = Metrics()
         self.client: Optional[TritonClient] = None
+        # one verdict per Triton model (several OpenAI ids may reach one)
+        self.engines: dict[str, ServedModel] = {m.name: m for m in self.models.values()}
+        self.verdicts = {name: Verdict(cfg.health_patience) for name in self.engines}
+        self._monitor: Optional[asyncio.Task] = None
 
     # ---- application ----------------------------------------------------------------------------------------
     def app(self) -> web.Application:
@@ -84,10 +94,39 @@ class Gateway:
 
     async def _startup(self, app) -> None:
         self.client = TritonClient(self.cfg.triton)
+        self._monitor = asyncio.get_running_loop().create_task(self._watch_models())
 
     async def _cleanup(self, app) -> None:
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._monitor
         if self.client is not None:
             await self.client.close()
+
+    # ---- model health -----------------------------------------------------------------------------------------
+    async def _probe(self, name: str) -> None:
+        verdict = self.verdicts[name]
+        health = await self.client.health(self.engines[name], self.cfg.health_timeout_s)
+        if not verdict.update(health):
+            return
+        if verdict.healthy:
+            log.warning("model %s is healthy again", name)
+        else:
+            # every open stream of the model ends now with an error event and [DONE]; new requests get 503
+            ended = self.client.abort(name, f"model {name} is unhealthy: {verdict.why}")
+            log.warning("model %s is unhealthy (%s); %d request(s) in flight ended", name, verdict.why, ended)
+
+    async def _watch_models(self) -> None:
+        while True:
+            started = time.monotonic()
+            await asyncio.gather(*(self._probe(name) for name in self.verdicts), return_exceptions=True)
+            await asyncio.sleep(max(0.05, self.cfg.health_interval_s - (time.monotonic() - started)))
+
+    def _gate(self, model: ServedModel) -> None:
+        verdict = self.verdicts.get(model.name)
+        if verdict is not None and verdict.healthy is False:
+            raise ApiError(503, f"model {model.name} is unhealthy: {verdict.why}; retry shortly", code="model_unhealthy")
 
     def _authorized(self, header: str) -> bool:
         if not self._keys:
@@ -111,7 +150,9 @@ class Gateway:
             return response
         except ApiError as exc:
             status = exc.status
-            return web.json_response(exc.body(), status=exc.status)
+            # a full queue or a model being brought back: worth retrying soon (OpenAI's clients honour it)
+            headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
+            return web.json_response(exc.body(), status=exc.status, headers=headers)
         except web.HTTPException as exc:
             status = exc.status
             if exc.status == 413:
@@ -144,9 +185,16 @@ class Gateway:
         return web.json_response(self._model_object(model_id, self.models[model_id]))
 
     async def health(self, request):
-        ready, why = await self.client.ready(sorted({m.name for m in self.models.values()}))
+        """Ready: Triton and every model ready, and every model answering its health probe (exporter/health.py) —
+        Triton's own readiness stays green when a model's process is dead."""
+        ready, why = await self.client.ready(sorted(self.engines))
         if not ready:
             raise ApiError(503, why)
+        for name, verdict in sorted(self.verdicts.items()):
+            if verdict.healthy is None:  # not probed yet: ask now
+                await self._probe(name)
+            if verdict.healthy is False:
+                raise ApiError(503, f"model {name} is unhealthy: {verdict.why}", code="model_unhealthy")
         return web.json_response({"status": "ready", "triton": self.cfg.triton, "models": sorted(self.models)})
 
     async def live(self, request):
@@ -170,6 +218,7 @@ class Gateway:
         body = parse_body(raw, self.cfg.max_json_depth)
         p = parse_request(body, self.models, chat, self.cfg.sampling)
         request[MODEL_ID] = p.model_id
+        self._gate(p.model)
         rid = new_id("chatcmpl" if chat else "cmpl")
         chunks = self.client.generate(build_request(p.model, p.generation, rid), self.cfg.request_timeout_s)
         state = _Output(self, p, chat, received)
@@ -270,8 +319,9 @@ class Gateway:
                     break
                 chunk = await it.__anext__()
         except TritonError as exc:
-            # the status line is gone: OpenAI's clients raise on an `error` event
+            # the status line is gone: OpenAI's clients raise on an `error` event; [DONE] still ends the stream
             await resp.write(b"data: " + json.dumps(ApiError(exc.status, str(exc)).body()).encode() + b"\n\n")
+            await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
             return resp
         except StopAsyncIteration:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Optional
@@ -16,9 +17,11 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc.service_pb2_grpc import GRPCInferenceServiceStub
 from tritonclient.utils import serialize_byte_tensor, triton_to_np_dtype
 
+from ..health import CHANNEL_OPTIONS, HEALTH_INPUT, Health, health_request, read_health_response
 from .models import ServedModel
 
-_GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20)]
+_GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20),
+                 *CHANNEL_OPTIONS]
 
 
 @dataclass
@@ -60,7 +63,10 @@ def error_status(message: str) -> int:
     text = message.strip().lower()
     if text.startswith("server busy"):
         return 429
-    if "shutting down" in text or "is not ready" in text or text.startswith("request for unknown model"):
+    if ("shutting down" in text or "is not ready" in text or text.startswith("request for unknown model")
+            or "is not healthy" in text or text.startswith("generate unhealthy")):
+        # a dead or stopped model process is the server's fault, never the client's (Triton says "Stub process
+        # 'cpu_0' is not healthy." with what its HTTP frontend answers as 400)
         return 503
     if text.startswith("generate failed"):
         return 500
@@ -142,6 +148,37 @@ class TritonClient:
         self.url = url
         self.channel = grpc.aio.insecure_channel(url, options=_GRPC_OPTIONS)
         self.stub = GRPCInferenceServiceStub(self.channel)
+        self.open_calls: dict[str, set] = {}  # model → its calls in flight (to end them when the model is unhealthy)
+        self._aborted: dict[int, str] = {}  # id(call) → why it was ended
+
+    async def health(self, model: ServedModel, timeout_s: float) -> Health:
+        """One probe of `model` (exporter/health.py); Triton's model readiness where it has no probe input."""
+        started = time.monotonic()
+        try:
+            if HEALTH_INPUT not in model.inputs:
+                ready = (await self.stub.ModelReady(pb.ModelReadyRequest(name=model.name), timeout=timeout_s)).ready
+                return Health(ready, "" if ready else f"model {model.name} is not ready", time.monotonic() - started)
+            call = self.stub.ModelStreamInfer(timeout=timeout_s)
+            await call.write(health_request(model.name, model.max_batch_size > 0))
+            await call.done_writing()
+            resp = await call.read()
+            if resp is grpc.aio.EOF:
+                return Health(False, "Triton closed the stream without an answer", time.monotonic() - started)
+            return read_health_response(resp, started)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+                return Health(False, f"model {model.name} did not answer a health check within {timeout_s:g} s",
+                              time.monotonic() - started, definite=False)
+            return Health(False, f"Triton at {self.url} unreachable: {exc.code().name}", time.monotonic() - started,
+                          definite=exc.code() is not grpc.StatusCode.UNAVAILABLE)
+
+    def abort(self, model: str, why: str) -> int:
+        """End every call in flight to `model`: each raises TritonError(why, 503) to its reader. Returns how many."""
+        calls = list(self.open_calls.get(model, ()))
+        for call in calls:
+            self._aborted[id(call)] = why
+            call.cancel()
+        return len(calls)
 
     async def ready(self, models: list[str], timeout_s: float = 2.0) -> tuple[bool, str]:
         """(ready, why not): the server and every model ready."""
@@ -160,6 +197,8 @@ class TritonClient:
         task was cancelled) cancels the gRPC call, which cancels the request in Triton."""
         call = self.stub.ModelStreamInfer(timeout=timeout_s)
         finished = False
+        calls = self.open_calls.setdefault(request.model_name, set())
+        calls.add(call)
         try:
             await call.write(request)
             await call.done_writing()
@@ -178,11 +217,22 @@ class TritonClient:
                     return
         except grpc.aio.AioRpcError as exc:
             finished = True
+            why = self._aborted.pop(id(call), None)
+            if why is not None:
+                raise TritonError(why, 503) from None
             code = exc.code()
             status = 503 if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED) else (
                 504 if code is grpc.StatusCode.DEADLINE_EXCEEDED else 502)
             raise TritonError(f"Triton at {self.url}: {code.name}: {exc.details()}", status) from None
+        except asyncio.CancelledError:
+            why = self._aborted.pop(id(call), None)
+            if why is None:
+                raise
+            finished = True
+            raise TritonError(why, 503) from None
         finally:
+            calls.discard(call)
+            self._aborted.pop(id(call), None)
             if not finished:
                 call.cancel()
 

@@ -89,6 +89,20 @@ def _http_probe(path: str, period: int, failures: int, initial: int = 0, port: s
     return probe
 
 
+def _model_health_probe(period: int, failures: int) -> dict:
+    """The generate model's own health (exporter/health.py, `r1deploy health`): Triton's /v2/health endpoints stay
+    green when a python-backend model's process is dead or stopped, so the probe asks the model itself — its
+    process, scheduler loop and sender must answer. Liveness failing restarts the Triton container (what
+    `r1deploy serve` does outside Kubernetes)."""
+    return {
+        "exec": {"command": ["python3", "-m", "exporter.cli", "health", f"--triton=localhost:{GRPC}", "--model=generate",
+                             "--timeout=3"]},
+        "periodSeconds": period,
+        "failureThreshold": failures,
+        "timeoutSeconds": 5,
+    }
+
+
 def namespace(name: str) -> dict:
     # The namespace enforces Pod Security Standards "restricted": the API server itself rejects a pod that slips.
     pss = {f"pod-security.kubernetes.io/{mode}": "restricted" for mode in ("enforce", "audit", "warn")}
@@ -281,8 +295,10 @@ def deployment(cfg: ManifestsConfig) -> dict:
             {"name": "grpc", "containerPort": GRPC, "protocol": "TCP"},
             {"name": "metrics", "containerPort": METRICS, "protocol": "TCP"},
         ],
-        "readinessProbe": _http_probe("/v2/health/ready", 5, 3),
-        "livenessProbe": _http_probe("/v2/health/live", PROBE_PERIOD_S, 6),
+        # an LLM is probed through its generate model (Triton's own endpoints miss a dead model process)
+        "readinessProbe": _model_health_probe(5, 1) if has_gateway(cfg) else _http_probe("/v2/health/ready", 5, 3),
+        "livenessProbe": (_model_health_probe(PROBE_PERIOD_S, 3) if has_gateway(cfg)
+                          else _http_probe("/v2/health/live", PROBE_PERIOD_S, 6)),
         "startupProbe": _http_probe("/v2/health/ready", PROBE_PERIOD_S, 180),
         "resources": _resources("4", "8", "16Gi", "32Gi"),
         "securityContext": _container_security(),

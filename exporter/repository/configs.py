@@ -154,6 +154,7 @@ GENERATE_INPUTS = [
     ("stop_words", STRING, [-1], True),
     ("stop", STRING, [-1], True),
     ("stream", "TYPE_BOOL", [1], True),
+    ("health_check", "TYPE_BOOL", [1], True),  # r1deploy's probe: answered at once, nothing generated (exporter/health.py)
     ("ignore_eos", "TYPE_BOOL", [1], True),
     ("exclude_input_in_output", "TYPE_BOOL", [1], True),
     ("skip_special_tokens", "TYPE_BOOL", [1], True),

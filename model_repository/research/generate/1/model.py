@@ -9,7 +9,8 @@ never waits for a send and no two threads send at the same time; a watcher threa
 
 Inputs: text_input; optional max_tokens, temperature (0 = greedy, the default), top_p, seed, stop_words (Triton's
 name) or stop, stream, ignore_eos, exclude_input_in_output (default true), skip_special_tokens (default true),
-return_num_input_tokens, return_num_output_tokens (accepted: the counts are always sent). Outputs: text_output
+return_num_input_tokens, return_num_output_tokens (accepted: the counts are always sent); health_check (r1deploy's
+probe, exporter/health.py: answered at once from the scheduler's heartbeat, nothing generated). Outputs: text_output
 (the new text of this response when streaming, else the whole completion), token_ids (this response's tokens),
 finish_reason ("length" | "stop" | "eos"; empty on non-final chunks), num_input_tokens, num_output_tokens (tokens in
 this response). A stream's tokens leave per scheduler step — the step's new tokens of every stream in one
@@ -210,6 +211,10 @@ class TritonPythonModel:
             max_prefill_tokens=int(sched.get("max_prefill_tokens", 8192)),
         )
         self.stream_interval = max(1, int(sched.get("stream_interval_steps", 1)))
+        # a loop that has not iterated for this long is reported unhealthy (a step is bounded by
+        # max_prefill_tokens; this is far above any step's time)
+        self.heartbeat_timeout_s = float(sched.get("heartbeat_timeout_s", 30))
+        self.beat = time.monotonic()
         engine_call = _param(config, "engine_call", "bls")
         layout = _param(config, "kv_layout", "padded")
         if layout == "shared":
@@ -295,9 +300,24 @@ class TritonPythonModel:
         echo = not bool(_scalar(request, "exclude_input_in_output", bool, True))
         return Sequence(prompt_ids, params, text, handle=_Handle(request, prompt, echo, len(prompt_ids)))
 
+    def _health(self) -> tuple[bool, str]:
+        """(ok, answer) for a `health_check` request: the loop thread alive and iterating (see exporter/health.py)."""
+        age = time.monotonic() - self.beat
+        loop = self.threads[0]
+        if not loop.is_alive():
+            return False, "generate unhealthy: the scheduler loop has stopped"
+        if age > self.heartbeat_timeout_s:
+            return False, f"generate unhealthy: the scheduler loop has not iterated for {age:.1f} s"
+        waiting, running = self.scheduler.counts
+        return True, json.dumps({"status": "ok", "loop_age_s": round(age, 3), "waiting": waiting, "running": running})
+
     def execute(self, requests):
         for request in requests:
             try:
+                if _scalar(request, "health_check", bool, False):
+                    # answered now, not queued behind generation; sent by the sender thread like everything else
+                    self.outbox.put(("health", request.get_response_sender(), *self._health()))
+                    continue
                 self.scheduler.submit(self._sequence(request))
             except ServerBusy as exc:
                 self.metrics.add("rejected")
@@ -313,6 +333,7 @@ class TritonPythonModel:
     def _loop(self):
         scheduler = self.scheduler
         while True:
+            self.beat = time.monotonic()
             stopping = self.shutdown.is_set()
             if not scheduler.wait_for_work(0.05):
                 self.metrics.flush(scheduler, time.monotonic())
@@ -408,6 +429,12 @@ class TritonPythonModel:
                             h.send_final(response)
                         else:
                             h.sender.send(response)
+                    elif item[0] == "health":
+                        _, sender, ok, answer = item
+                        if ok:
+                            sender.send(self._response(answer, [], "", 0), flags=final)
+                        else:
+                            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(answer)), flags=final)
                     elif item[0] == "error":
                         error = pb_utils.InferenceResponse(error=pb_utils.TritonError(item[2]))
                         if isinstance(item[1], _Handle):
