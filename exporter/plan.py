@@ -421,18 +421,18 @@ def compute_dtype_bytes(precision: Precision | str) -> int:
     return 2 if Precision(precision) is Precision.FP16 else 4
 
 
-def prefill_activation_bytes(shape: ModelShape, tokens: int, dtype_bytes: int, graph: str = "generic") -> int:
+def prefill_activation_bytes(shape: ModelShape, tokens: int, dtype_bytes: int) -> int:
     """The working set of one prefill of `tokens` positions: the tensors alive at once inside one layer (runtimes
     reuse one layer's buffers for the next) — residual + normed input + q|k|v + attention output + o_proj, then
-    gate, up and their product (SwiGLU) — in the compute type. The fused graph on ONNX Runtime's CPU
-    GroupQueryAttention also holds the FP32 attention probabilities, heads × tokens × tokens; TensorRT's fused
-    attention (flash-style) never writes them, so the generic graph's figure leaves them out. MoE layers are
-    counted with the dense intermediate size (DeepseekV3's first dense layers are the widest)."""
+    gate, up and their product (SwiGLU) — in the compute type. No tokens × tokens attention matrix: TensorRT's
+    fused attention (flash-style) never writes one, and ONNX Runtime's CPU GroupQueryAttention was measured not
+    to hold one either (benchmarks/plan_vs_session.py: a 2048-token prefill of a 12-head model added 0.11 GiB,
+    where the FP32 probabilities alone would be 0.19 GiB). MoE layers are counted with the dense intermediate
+    size (DeepseekV3's first dense layers are the widest)."""
     h = shape.hidden_size
     q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     per_token = 3 * h + q + 2 * kv + q + 3 * shape.intermediate_size
-    scores = 4 * shape.num_heads * tokens * tokens if graph == "fused" else 0
-    return dtype_bytes * tokens * per_token + scores
+    return dtype_bytes * tokens * per_token
 
 
 def logits_bytes(shape: ModelShape, tokens: int, graph: str = "generic") -> int:
@@ -443,7 +443,7 @@ def logits_bytes(shape: ModelShape, tokens: int, graph: str = "generic") -> int:
 def _fixed(shape: ModelShape, profile: DeploymentProfile, w: WeightBytes, precision: Precision,
            graph: str) -> MemoryPerGpu:
     logits = logits_bytes(shape, profile.max_input_len, graph)
-    acts = prefill_activation_bytes(shape, profile.max_input_len, compute_dtype_bytes(precision), graph)
+    acts = prefill_activation_bytes(shape, profile.max_input_len, compute_dtype_bytes(precision))
     workspace = int(profile.builder.workspace_gib * GIB)
     return MemoryPerGpu(w.total, 0, logits, acts, workspace, RUNTIME_ALLOWANCE_BYTES,
                         w.total + logits + acts + RUNTIME_ALLOWANCE_BYTES,

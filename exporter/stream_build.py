@@ -140,10 +140,20 @@ def _table_blocks(w: fused_graph._Weights, name: str, transpose: bool, narrow):
         yield narrow(to_f32(np.ascontiguousarray(src[start : start + rows])))
 
 
-def _fp16(a: np.ndarray) -> np.ndarray:
-    from onnxruntime.transformers.float16 import convert_np_to_float16
+_FP16_TINY, _FP16_MAX = np.float32(5.96e-08), np.float32(65504.0)
 
-    return convert_np_to_float16(a)
+
+def _fp16(a: np.ndarray) -> np.ndarray:
+    """ONNX Runtime's `convert_np_to_float16` (what the quantize stage narrows weights with), without its work
+    that changes nothing: it indexes every positive and negative value only to log their range, and copies the
+    array once per clamp. Same clamps — non-zero magnitudes below 5.96e-8 to ±5.96e-8, finite ones above 65504 to
+    ±65504 — then the same rounding; the same bytes (tests/test_stream_build.py), several times faster."""
+    a = np.array(a, dtype=np.float32, copy=True)
+    a[(a > 0) & (a < _FP16_TINY)] = _FP16_TINY
+    a[(a < 0) & (a > -_FP16_TINY)] = -_FP16_TINY
+    a[(a > _FP16_MAX) & (a < np.inf)] = _FP16_MAX
+    a[(a < -_FP16_MAX) & (a > -np.inf)] = -_FP16_MAX
+    return a.astype(np.float16)
 
 
 def stream_build(checkpoint: Path, out_dir: Path, cfg: StreamConfig = StreamConfig()) -> StreamResult:

@@ -115,6 +115,20 @@ def test_awq_calibrated_layer_by_layer_matches_the_stage(built):
     assert np.max(np.abs(x - y)) <= 1e-3 * max(1.0, float(np.max(np.abs(y))))
 
 
+def test_fp16_narrowing_is_onnxruntimes_byte_for_byte():
+    """The builder's FP16 narrowing against the converter the quantize stage uses, on the values where they could
+    part: zeros, subnormal and overflowing magnitudes of both signs, infinities, NaN, and ordinary weights."""
+    from onnxruntime.transformers.float16 import convert_np_to_float16
+
+    from exporter.stream_build import _fp16
+
+    edge = np.array([0.0, -0.0, 1e-9, -1e-9, 5.96e-8, -5.96e-8, 6e-8, 3e-8, 65504.0, 65520.0, -70000.0, 1e30,
+                     -1e30, np.inf, -np.inf, np.nan, 1.0, -2.5], np.float32)
+    values = np.concatenate([edge, np.random.default_rng(0).standard_normal(100_000).astype(np.float32) * 10.0 ** (
+        np.random.default_rng(1).integers(-9, 6, 100_000))]).astype(np.float32)
+    assert _fp16(values).tobytes() == convert_np_to_float16(values).tobytes()
+
+
 def _sharded_bf16_llama(path: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
