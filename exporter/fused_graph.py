@@ -152,6 +152,37 @@ class _Weights:
     def nonzero(self, name: str) -> bool:
         return bool(np.any(self.get(name)))
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._where[name][2]["shape"])
+
+    def raw(self, name: str) -> tuple[np.ndarray, str]:
+        """The tensor as stored (bf16 as uint16) and its safetensors dtype: half the bytes of `get` for bf16."""
+        path, base, info = self._where[name]
+        dtype = self._DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise BadInput(f"{path.name}: tensor {name} has dtype {info['dtype']}; the fused graph reads float weights")
+        start, stop = info["data_offsets"]
+        raw = np.empty(info["shape"], dtype=dtype)
+        with open(path, "rb") as fh:
+            fh.seek(base + start)
+            if fh.readinto(memoryview(raw.reshape(-1)).cast("B")) != stop - start:
+                raise BadInput(f"{path.name}: tensor {name} is truncated")
+        return raw, info["dtype"]
+
+    def rows(self, name: str, index: np.ndarray) -> np.ndarray:
+        """Rows `index` of a 2-D tensor as FP32 (an embedding lookup) without reading the rest."""
+        path, base, info = self._where[name]
+        dtype = np.dtype(self._DTYPES[info["dtype"]])
+        width = int(info["shape"][1])
+        out = np.empty((len(index), width), dtype=dtype)
+        with open(path, "rb") as fh:
+            for j, r in enumerate(np.asarray(index).tolist()):
+                fh.seek(base + info["data_offsets"][0] + r * width * dtype.itemsize)
+                out[j] = np.frombuffer(fh.read(width * dtype.itemsize), dtype=dtype)
+        if info["dtype"] == "BF16":
+            return (out.astype(np.uint32) << 16).view(np.float32)
+        return out.astype(np.float32)
+
     def get(self, name: str) -> np.ndarray:
         path, base, info = self._where[name]
         dtype = self._DTYPES.get(info["dtype"])
@@ -175,6 +206,28 @@ def build(checkpoint: Path, out: Path) -> FusedSpec:
     checkpoint = Path(checkpoint)
     if (Path(out).parent / "model.onnx.data").exists():  # the weights are appended to it
         raise ValueError(f"{Path(out).parent / 'model.onnx.data'} exists: build into an empty directory")
+    model, lazy, spec, _ = graph_without_weights(checkpoint)
+    out = Path(out)
+    onnx.save(model, str(out))
+    del model
+
+    def as_array(item) -> np.ndarray:
+        shape, load = item
+        arr = np.asarray(load(), dtype=np.float32)
+        if tuple(arr.shape) != tuple(shape):
+            raise BadInput(f"checkpoint tensor has shape {list(arr.shape)}, config.json implies {list(shape)}")
+        return arr
+
+    attach_external_weights(out, lazy, as_array)
+    return spec
+
+
+def graph_without_weights(checkpoint: Path) -> tuple[onnx.ModelProto, dict[str, tuple[tuple[int, ...], object]],
+                                                     FusedSpec, _Weights]:
+    """The fused graph with every checkpoint weight as a graph input (FP32), and, for each such input, its shape
+    and a loader that reads it from the checkpoint when called (`build` writes them; `exporter.stream_build`
+    converts them on the way), the spec and the checkpoint's reader. Only the small constants are initializers."""
+    checkpoint = Path(checkpoint)
     spec = spec_from_config(json.loads((checkpoint / "config.json").read_text()))
     w = _Weights(checkpoint)
     cos, sin = rotary_tables(checkpoint, spec)
@@ -289,16 +342,4 @@ def build(checkpoint: Path, out: Path) -> FusedSpec:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)],
                               producer_name="r1deploy")
     model.ir_version = 10
-    out = Path(out)
-    onnx.save(model, str(out))
-    del model, graph
-
-    def as_array(item) -> np.ndarray:
-        shape, load = item
-        arr = np.asarray(load(), dtype=np.float32)
-        if tuple(arr.shape) != tuple(shape):
-            raise BadInput(f"checkpoint tensor has shape {list(arr.shape)}, config.json implies {list(shape)}")
-        return arr
-
-    attach_external_weights(out, lazy, as_array)
-    return spec
+    return model, lazy, spec, w

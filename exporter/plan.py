@@ -16,11 +16,15 @@ The accounting follows what r1deploy writes, not an idealised deployment:
   stay FP32 — the INT4 variant is derived from the FP32 export.
 * KV cache per token: 2 · layers · kv_heads · head_dim elements for GQA/MHA; for DeepseekV3's MLA the compressed
   latent that transformers caches, layers · (kv_lora_rank + qk_rope_head_dim). The element type is the cache
-  IO of the exported graph: FP32 (the quantize stage keeps graph IO FP32 unless `--fp16-io`).
-* memory per GPU: weights + KV for max_batch_size × max_sequence_len + the logits of one max-length prefill
-  (the graph returns logits at every prompt position, FP32) + the builder workspace the profile allows + a fixed
-  allowance for the CUDA context and Triton. One GPU holds one whole replica: plain TensorRT engines (what the
-  engine stage builds) have no tensor or pipeline parallelism.
+  IO of the served graph (`kv_dtype`): FP32 for the generic graph unless `quantize --fp16-io`, FP16 for the fused
+  graph's fp16 variant (the repository stage reads it from the graph it serves).
+* serving memory per GPU: weights + KV for max_batch_size × max_sequence_len + the activations of one max-length
+  prefill (`prefill_activation_bytes`) + its logits (FP32; every prompt position for the generic graph, the last
+  one for the fused graph, which takes `logits_index`) + a fixed allowance for the CUDA context and Triton.
+  The builder workspace is counted where it is used: the engine build (weights + workspace + the allowance), which
+  may run on the node's GPU before serving but not at the same time; a GPU must hold both, not their sum. One GPU
+  holds one whole replica: plain TensorRT engines (what the engine stage builds) have no tensor or pipeline
+  parallelism.
 * decode tokens/s upper bound per GPU: a decode step reads every weight it uses once and each running sequence's
   KV cache (at the mean decode context, max_input_len + max_output_len / 2) from memory at the data-sheet bandwidth;
   compute, kernel launch and scheduling cost nothing in this bound. The embedding table is not read (B rows are);
@@ -45,6 +49,7 @@ GIB = 1 << 30
 # CUDA context, cuBLAS/cuDNN handles and Triton's own per-GPU allocations: the usual ~0.5-1 GiB, taken at the top.
 RUNTIME_ALLOWANCE_BYTES = 1 * GIB
 DTYPE_BYTES = {"fp32": 4, "fp16": 2}
+GRAPHS = ("generic", "fused")  # exporter.export.GraphForm: which graph is served decides the logits' positions
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "mistral", "deepseek_v3")
 
 
@@ -336,12 +341,15 @@ class PlanConfig:
     shape: ModelShape
     profile: DeploymentProfile
     precision: Optional[Precision] = None  # default: the profile's
-    kv_dtype: str = "fp32"  # the exported graph's cache IO (fp16 with `quantize --fp16-io`)
+    kv_dtype: str = "fp32"  # the served graph's cache IO (fp16 with `quantize --fp16-io`, or the fused fp16 variant)
+    graph: str = "generic"  # generic (TensorRT: logits at every prompt position) | fused (logits at the last)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precision", Precision(self.precision or self.profile.precision))
         if self.kv_dtype not in DTYPE_BYTES:
             raise BadInput(f"kv dtype {self.kv_dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
+        if self.graph not in GRAPHS:
+            raise BadInput(f"graph {self.graph!r} is not one of {', '.join(GRAPHS)}")
         if not self.profile.gpu.memory_bandwidth_gb_s:
             raise BadInput(f"profile {self.profile.name!r}: gpu.memory_bandwidth_gb_s is not set (needed for the decode bound)")
 
@@ -350,10 +358,12 @@ class PlanConfig:
 class MemoryPerGpu:
     weights: int
     kv_cache: int
-    logits: int  # one max-length prefill's FP32 logits
-    workspace: int  # the builder workspace the profile allows the engine
+    logits: int  # one max-length prefill's FP32 logits (every position: generic graph; the last: fused)
+    activations: int  # one max-length prefill's working set (prefill_activation_bytes)
+    workspace: int  # the builder workspace the profile allows the engine: counted in `build`, not in `total`
     runtime: int  # CUDA context + Triton
-    total: int
+    total: int  # serving: weights + kv_cache + logits + activations + runtime
+    build: int = 0  # the engine build on this GPU: weights + workspace + runtime (before serving, not with it)
 
 
 @dataclass(frozen=True)
@@ -368,6 +378,7 @@ class CapacityPlan:
     weights: WeightBytes
     kv_dtype: str
     kv_bytes_per_token: int
+    graph: str  # which graph is served: generic | fused
     max_batch_size: int  # the profile's
     max_sequence_len: int
     memory_at_limits: MemoryPerGpu  # at the profile's max_batch_size × max_sequence_len
@@ -387,13 +398,15 @@ class CapacityPlan:
         """One line with the numbers: why a deployment of this plan cannot be written."""
         m = self.memory_at_limits
         alt = f"; fits: {', '.join(self.alternatives)}" if self.alternatives else "; no built-in profile/precision fits"
+        build = (f"; the engine build needs weights + workspace {m.workspace / GIB:.1f} GiB + runtime = "
+                 f"{m.build / GIB:.1f} GiB" if m.build > self.gpu_memory_bytes else "")
         return (
             f"{self.model} ({self.precision}) does not fit profile {self.profile!r} ({self.gpu}, "
-            f"{self.gpu_memory_bytes / GIB:.0f} GiB per GPU): weights {m.weights / GIB:.1f} GiB + workspace "
-            f"{m.workspace / GIB:.1f} GiB + logits {m.logits / GIB:.1f} GiB + runtime {m.runtime / GIB:.1f} GiB + KV "
-            f"{self.kv_bytes_per_token * self.max_sequence_len / GIB:.2f} GiB per {self.max_sequence_len}-token "
-            f"sequence leaves room for {self.max_concurrent_sequences} sequences; it needs {self.gpus_per_replica} "
-            f"GPUs and plain TensorRT engines cannot split a model across GPUs{alt}"
+            f"{self.gpu_memory_bytes / GIB:.0f} GiB per GPU): weights {m.weights / GIB:.1f} GiB + prefill "
+            f"activations {m.activations / GIB:.1f} GiB + logits {m.logits / GIB:.1f} GiB + runtime "
+            f"{m.runtime / GIB:.1f} GiB + KV {self.kv_bytes_per_token * self.max_sequence_len / GIB:.2f} GiB per "
+            f"{self.max_sequence_len}-token sequence leaves room for {self.max_concurrent_sequences} sequences{build}; "
+            f"it needs {self.gpus_per_replica} GPUs and plain TensorRT engines cannot split a model across GPUs{alt}"
         )
 
 
@@ -416,11 +429,39 @@ def _tokens_per_s(shape: ModelShape, w: WeightBytes, kv_tok: int, ctx: int, batc
     return batch * bandwidth / step
 
 
-def _fixed(shape: ModelShape, profile: DeploymentProfile, w: WeightBytes) -> MemoryPerGpu:
-    logits = 4 * profile.max_input_len * shape.vocab_size
+def compute_dtype_bytes(precision: Precision | str) -> int:
+    """The activations' element size: FP16 for the fp16 variant; FP32 for fp32 and for int4, whose graph is the
+    FP32 export with its weights replaced (weight-only quantization: the MatMuls compute in FP32)."""
+    return 2 if Precision(precision) is Precision.FP16 else 4
+
+
+def prefill_activation_bytes(shape: ModelShape, tokens: int, dtype_bytes: int) -> int:
+    """The working set of one prefill of `tokens` positions: the tensors alive at once inside one layer (runtimes
+    reuse one layer's buffers for the next) — residual + normed input + q|k|v + attention output + o_proj, then
+    gate, up and their product (SwiGLU) — in the compute type. No tokens × tokens attention matrix: TensorRT's
+    fused attention (flash-style) never writes one, and ONNX Runtime's CPU GroupQueryAttention was measured not
+    to hold one either (benchmarks/plan_vs_session.py: a 2048-token prefill of a 12-head model added 0.11 GiB,
+    where the FP32 probabilities alone would be 0.19 GiB). MoE layers are counted with the dense intermediate
+    size (DeepseekV3's first dense layers are the widest)."""
+    h = shape.hidden_size
+    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    per_token = 3 * h + q + 2 * kv + q + 3 * shape.intermediate_size
+    return dtype_bytes * tokens * per_token
+
+
+def logits_bytes(shape: ModelShape, tokens: int, graph: str = "generic") -> int:
+    """FP32 logits of one prefill: every position for the generic graph, the last for the fused graph."""
+    return 4 * (tokens if graph == "generic" else 1) * shape.vocab_size
+
+
+def _fixed(shape: ModelShape, profile: DeploymentProfile, w: WeightBytes, precision: Precision,
+           graph: str) -> MemoryPerGpu:
+    logits = logits_bytes(shape, profile.max_input_len, graph)
+    acts = prefill_activation_bytes(shape, profile.max_input_len, compute_dtype_bytes(precision))
     workspace = int(profile.builder.workspace_gib * GIB)
-    return MemoryPerGpu(w.total, 0, logits, workspace, RUNTIME_ALLOWANCE_BYTES,
-                        w.total + logits + workspace + RUNTIME_ALLOWANCE_BYTES)
+    return MemoryPerGpu(w.total, 0, logits, acts, workspace, RUNTIME_ALLOWANCE_BYTES,
+                        w.total + logits + acts + RUNTIME_ALLOWANCE_BYTES,
+                        w.total + workspace + RUNTIME_ALLOWANCE_BYTES)
 
 
 def _evaluate(cfg: PlanConfig, alternatives: list[str]) -> CapacityPlan:
@@ -429,21 +470,24 @@ def _evaluate(cfg: PlanConfig, alternatives: list[str]) -> CapacityPlan:
     kv_tok = shape.kv_elements_per_token() * DTYPE_BYTES[cfg.kv_dtype]
     seq = profile.max_sequence_len
     gpu_bytes = profile.gpu.memory_gib * GIB
-    fixed = _fixed(shape, profile, w)
+    fixed = _fixed(shape, profile, w, cfg.precision, cfg.graph)
     kv_limits = kv_tok * seq * profile.max_batch_size
     at_limits = replace(fixed, kv_cache=kv_limits, total=fixed.total + kv_limits)
     free = gpu_bytes - fixed.total
-    max_seqs = max(0, free // (kv_tok * seq)) if free > 0 else 0
+    buildable = fixed.build <= gpu_bytes  # the engine is built on this GPU first (workspace + weights)
+    max_seqs = max(0, free // (kv_tok * seq)) if free > 0 and buildable else 0
     planned = min(profile.max_batch_size, max_seqs)
     kv_budget = min(max(0, free) // kv_tok, planned * seq) if planned else 0
     # evenly split weights and workspace, each GPU still needs its runtime and one sequence's KV
-    gpus = max(1, math.ceil((fixed.total + kv_tok * seq) / gpu_bytes))
+    gpus = max(1, math.ceil((fixed.total + kv_tok * seq) / gpu_bytes), math.ceil(fixed.build / gpu_bytes))
     bandwidth = profile.gpu.memory_bandwidth_gb_s * 1e9
     ctx = profile.max_input_len + profile.max_output_len // 2
     tps1 = _tokens_per_s(shape, w, kv_tok, ctx, 1, bandwidth) if planned else 0.0
     tpsb = _tokens_per_s(shape, w, kv_tok, ctx, planned, bandwidth)
     slo = profile.slo.tokens_per_s
     notes = []
+    if not buildable:
+        notes.append(f"the engine build needs {fixed.build / GIB:.1f} GiB (weights + workspace + runtime): more than the GPU")
     if planned and planned < profile.max_batch_size:
         notes.append(f"only {planned} of the profile's {profile.max_batch_size} sequences of {seq} tokens fit")
     if shape.max_position_embeddings and seq > shape.max_position_embeddings:
@@ -453,8 +497,8 @@ def _evaluate(cfg: PlanConfig, alternatives: list[str]) -> CapacityPlan:
     return CapacityPlan(
         model=shape.name, profile=profile.name, gpu=profile.gpu.product, gpu_memory_bytes=gpu_bytes,
         gpus_per_pod=profile.gpus_per_pod, precision=cfg.precision.value, parameters=shape.parameters, weights=w,
-        kv_dtype=cfg.kv_dtype, kv_bytes_per_token=kv_tok, max_batch_size=profile.max_batch_size,
-        max_sequence_len=seq, memory_at_limits=at_limits, fits=at_limits.total <= gpu_bytes,
+        kv_dtype=cfg.kv_dtype, kv_bytes_per_token=kv_tok, graph=cfg.graph, max_batch_size=profile.max_batch_size,
+        max_sequence_len=seq, memory_at_limits=at_limits, fits=at_limits.total <= gpu_bytes and buildable,
         max_concurrent_sequences=int(max_seqs), planned_batch=int(planned), kv_budget_tokens=int(kv_budget),
         gpus_per_replica=gpus, decode_tokens_per_s_batch1=round(tps1, 1), decode_tokens_per_s_planned=round(tpsb, 1),
         slo_tokens_per_s=slo, meets_slo=(tpsb >= slo) if (slo and planned) else None,
@@ -477,7 +521,7 @@ def plan_capacity(cfg: PlanConfig, profiles: Optional[dict[str, DeploymentProfil
         for prec in (Precision.FP16, Precision.INT4):
             if name == cfg.profile.name and prec is cfg.precision:
                 continue
-            other = _evaluate(PlanConfig(cfg.shape, prof, prec, cfg.kv_dtype), [])
+            other = _evaluate(PlanConfig(cfg.shape, prof, prec, cfg.kv_dtype, cfg.graph), [])
             if other.planned_batch >= 1:
                 alts.append(f"{name}/{prec.value} (batch {other.planned_batch})")
     return replace(first, alternatives=alts)
@@ -502,7 +546,8 @@ def _variant_precision(onnx_variant: str) -> Precision:
 def plan_for_variant(config_json: Path, profile: DeploymentProfile, onnx_variant: str, kv_dtype: str) -> CapacityPlan:
     """The repository stage's plan: the exported checkpoint's config.json, the ONNX variant actually served and its
     KV-cache element type. BadInput (exit 2, with the numbers) when not one sequence fits."""
-    plan = plan_capacity(PlanConfig(load_shape(config_json), profile, _variant_precision(onnx_variant), kv_dtype))
+    graph = "fused" if onnx_variant.endswith("-fused") else "generic"
+    plan = plan_capacity(PlanConfig(load_shape(config_json), profile, _variant_precision(onnx_variant), kv_dtype, graph))
     ensure_deployable(plan)
     return plan
 

@@ -175,6 +175,36 @@ def _matmulnbits(t: WeightTarget, qw: QuantizedWeight, node: onnx.NodeProto, act
     return new, inits
 
 
+def int4_replacement(
+    node: onnx.NodeProto, t: WeightTarget, qw: QuantizedWeight, fmt: str
+) -> tuple[list[onnx.NodeProto], list[onnx.NodeProto], list[TensorProto]]:
+    """What one quantized weight becomes in `fmt` (qdq | ort): nodes that go before every other node (the
+    DequantizeLinear that produces the original weight name), the nodes that take `node`'s place (`node` itself,
+    possibly reading the AWQ-scaled activation, or its MatMulNBits), and the new initializers. `node` is edited in
+    place when it is kept. One weight at a time, so a writer can put each one's bytes on disk before the next
+    (exporter.stream_build); `write_int4` is this over a whole graph."""
+    head: list[onnx.NodeProto] = []
+    body: list[onnx.NodeProto] = []
+    inits: list[TensorProto] = []
+    act = node.input[0] if t.kind in ("matmul", "lm_head") else None
+    if qw.input_scale is not None and act is not None:
+        # AWQ: x · diag(1/s) feeds the weight quantized as diag(s)·W — the product is unchanged.
+        inv = t.weight + AWQ_SUFFIX
+        inits.append(numpy_helper.from_array((1.0 / qw.input_scale).astype(np.float32), inv))
+        scaled = f"{act}_awq_{t.weight}"
+        body.append(helper.make_node("Mul", [act, inv], [scaled], name=f"{node.name}_awq_scale"))
+        act = scaled
+    if fmt == "ort" and act is not None:
+        new, nbits = _matmulnbits(t, qw, node, act)
+        return head, [*body, new], inits + nbits
+    dq, dq_inits = _dq_nodes(t, qw)
+    head.extend(dq)
+    if act is not None and act != node.input[0]:
+        node.input[0] = act
+    body.append(node)
+    return head, body, inits + dq_inits
+
+
 def write_int4(
     base: onnx.ModelProto, quantized: dict[str, tuple[WeightTarget, QuantizedWeight]], fmt: str
 ) -> onnx.ModelProto:
@@ -188,37 +218,25 @@ def write_int4(
     by_node = {t.node: (t, qw) for t, qw in quantized.values()}
     head: list[onnx.NodeProto] = []
     body: list[onnx.NodeProto] = []
-    uses_ms = False
     for node in graph.node:
         if node.name not in by_node:
             body.append(node)
             continue
         t, qw = by_node[node.name]
-        act = node.input[0] if t.kind in ("matmul", "lm_head") else None
-        if qw.input_scale is not None and act is not None:
-            # AWQ: x · diag(1/s) feeds the weight quantized as diag(s)·W — the product is unchanged.
-            inv = t.weight + AWQ_SUFFIX
-            graph.initializer.append(numpy_helper.from_array((1.0 / qw.input_scale).astype(np.float32), inv))
-            scaled = f"{act}_awq_{t.weight}"
-            body.append(helper.make_node("Mul", [act, inv], [scaled], name=f"{node.name}_awq_scale"))
-            act = scaled
-        if fmt == "ort" and act is not None:
-            new, inits = _matmulnbits(t, qw, node, act)
-            graph.initializer.extend(inits)
-            body.append(new)
-            uses_ms = True
-            continue
-        dq, inits = _dq_nodes(t, qw)
+        h, b, inits = int4_replacement(node, t, qw, fmt)
+        head.extend(h)
+        body.extend(b)
         graph.initializer.extend(inits)
-        head.extend(dq)
-        if act is not None and act != node.input[0]:
-            node.input[0] = act
-        body.append(node)
     del graph.node[:]
     graph.node.extend(head + body)
-    if uses_ms and not any(o.domain == MS_DOMAIN for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
+    ensure_ms_opset(model)
     return model
+
+
+def ensure_ms_opset(model: onnx.ModelProto) -> None:
+    """Declare the com.microsoft domain when a MatMulNBits was written into a graph that had none."""
+    if any(n.domain == MS_DOMAIN for n in model.graph.node) and not any(o.domain == MS_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
 
 
 def write_probe(

@@ -139,8 +139,8 @@ class _Int4Build:
     evaluations: int  # full-model accuracy measurements the mixed-precision search made
 
 
-def _quantize_weights(base: onnx.ModelProto, s: Settings, export_report: dict, tokenizer_dir: Path):
-    targets = rewrite.find_targets(base, export_report.get("vocab_size"))
+def choose_targets(targets: list[rewrite.WeightTarget], s: Settings) -> tuple[list[rewrite.WeightTarget], list[dict]]:
+    """The weights the settings quantize, and those left FP32 with the reason (listed in the report)."""
     wanted = {"matmul", "expert"} | ({"lm_head"} if s.quantize_lm_head else set()) | (
         {"embedding"} if s.quantize_embeddings else set()
     )
@@ -154,6 +154,11 @@ def _quantize_weights(base: onnx.ModelProto, s: Settings, export_report: dict, t
             skipped.append({"layer": t.layer, "shape": list(t.shape), "reason": f"reduction dim {t.shape[t.axis]} is not a multiple of {s.block_size}"})
             continue
         chosen.append(t)
+    return chosen, skipped
+
+
+def _quantize_weights(base: onnx.ModelProto, s: Settings, export_report: dict, tokenizer_dir: Path):
+    chosen, skipped = choose_targets(rewrite.find_targets(base, export_report.get("vocab_size")), s)
     if not chosen:
         raise StageFailed(f"no weight in {export_report['model']} can be quantized with block size {s.block_size}")
     weights = {i.name: numpy_helper.to_array(i) for i in base.graph.initializer if i.name in {t.weight for t in chosen}}

@@ -123,6 +123,34 @@ def test_fit_batch_and_kv_budget_follow_the_memory_left():
     assert fp16_kv.planned_batch >= 2 * big.planned_batch - 1
 
 
+def test_serving_memory_counts_one_prefill_and_the_build_counts_the_workspace():
+    """Serving = weights + KV + one max prefill's activations and logits + runtime; the builder workspace belongs to
+    the engine build, which must fit the GPU on its own. The fused graph's logits are the last position's."""
+    production = get_profile("production")
+    shape = load_shape("r1-distill-qwen-7b")
+    p = plan_capacity(PlanConfig(shape, production, Precision.FP16, kv_dtype="fp16"))
+    m = p.memory_at_limits
+    assert m.total == m.weights + m.kv_cache + m.logits + m.activations + m.runtime
+    assert m.build == m.weights + m.workspace + m.runtime and m.workspace == 16 * GIB
+    assert m.logits == 4 * production.max_input_len * shape.vocab_size  # generic: every prompt position
+    h, i = shape.hidden_size, shape.intermediate_size
+    q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
+    assert m.activations == 2 * production.max_input_len * (3 * h + 2 * q + 2 * kv + 3 * i)  # FP16, no scores
+    fused = plan_capacity(PlanConfig(shape, production, Precision.FP16, kv_dtype="fp16", graph="fused"))
+    assert fused.memory_at_limits.logits == 4 * shape.vocab_size
+    assert fused.memory_at_limits.activations == m.activations  # no S × S attention matrix in either
+    # a bigger workspace changes the build, not what serving holds …
+    bigger = dataclasses.replace(production, builder=dataclasses.replace(production.builder, workspace_gib=40))
+    q40 = plan_capacity(PlanConfig(shape, bigger, Precision.FP16, kv_dtype="fp16"))
+    assert q40.max_concurrent_sequences == p.max_concurrent_sequences and q40.memory_at_limits.total == m.total
+    # … until the build no longer fits the GPU: then nothing can be served from it
+    huge = dataclasses.replace(production, builder=dataclasses.replace(production.builder, workspace_gib=70))
+    none = plan_capacity(PlanConfig(shape, huge, Precision.FP16, kv_dtype="fp16"))
+    assert none.planned_batch == 0 and not none.fits and "engine build needs" in none.refusal()
+    with pytest.raises(BadInput, match="graph"):
+        PlanConfig(shape, production, Precision.FP16, graph="traced")
+
+
 def test_a_model_that_cannot_fit_is_refused_with_the_numbers_and_what_would_fit():
     plan = plan_capacity(PlanConfig(load_shape("r1-distill-llama-70b"), get_profile("production"), Precision.FP16))
     assert plan.planned_batch == 0 and plan.gpus_per_replica >= 2
@@ -188,7 +216,15 @@ def test_cli_json_every_profile_and_one_line_errors(r1):
     assert {(p["profile"], p["precision"]) for p in plans} == {
         (pr, pc) for pr in ("production", "research", "edge") for pc in ("fp16", "int4")}
     fp16_prod = next(p for p in plans if (p["profile"], p["precision"]) == ("production", "fp16"))
-    assert fp16_prod["planned_batch"] == 0 and fp16_prod["weights"]["total"] > 60 * GIB
+    # 61 GiB of FP16 weights on an 80 GiB A100: a reduced batch (the workspace is the build's, not serving's) …
+    assert 0 < fp16_prod["planned_batch"] < 64 and fp16_prod["weights"]["total"] > 60 * GIB
+    edge_fp16 = next(p for p in plans if (p["profile"], p["precision"]) == ("edge", "fp16"))
+    assert edge_fp16["planned_batch"] == 0
+    # … which an FP16 cache and last-position logits (the fused graph's) about double
+    res16 = r1("--json", "plan", "--model", "r1-distill-qwen-32b", "--profile", "production", "--kv-dtype", "fp16",
+               "--graph", "fused")
+    assert res16.returncode == 0, res16.stderr
+    assert json.loads(res16.stdout)["plans"][0]["planned_batch"] >= 2 * fp16_prod["planned_batch"]
     bad = r1("plan", "--model", "no-such-model")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
 
@@ -228,11 +264,14 @@ def test_repository_caps_the_batch_at_what_fits_and_refuses_what_cannot(tmp_path
     base = load_profiles()["edge"]
     shape = load_shape("r1-distill-tiny", session_workdir)
     probe = plan_capacity(PlanConfig(shape, base, Precision.FP32))
-    seq_bytes = probe.kv_bytes_per_token * base.max_sequence_len
     m = probe.memory_at_limits
-    workspace = (base.gpu.memory_gib * GIB - m.runtime - m.weights - m.logits - 2.5 * seq_bytes) / GIB
-    small = dataclasses.replace(base, name="small-gpu",
-                                builder=dataclasses.replace(base.builder, workspace_gib=workspace))
+    # The serving memory (not the builder workspace, which the build uses before serving) decides the batch:
+    # a longer prompt limit grows the prefill's activations and logits until 2.5 sequences' KV are left.
+    # GPU = runtime + weights + a·I (prefill, linear in I on the generic graph) + 2.5 · kv_token · (I + O)
+    a = (m.logits + m.activations) / base.max_input_len
+    kv_tok, out_len = probe.kv_bytes_per_token, base.max_output_len
+    max_input = int((base.gpu.memory_gib * GIB - m.runtime - m.weights - 2.5 * kv_tok * out_len) / (a + 2.5 * kv_tok))
+    small = dataclasses.replace(base, name="small-gpu", max_input_len=max_input)
     r = write_repository(RepositoryConfig(model="r1-distill-tiny", profile=small, workdir=session_workdir,
                                           onnx_variant="fp32", out=tmp_path / "repo"))
     assert r.max_batch_size == 2 and any("GPU memory plan" in n for n in r.notes)
@@ -270,4 +309,4 @@ def test_manifests_refuse_a_model_that_fits_no_gpu_and_size_memory_from_the_weig
     capacity = json.loads(cm["data"]["capacity.json"])
     int4_profile = load_profiles(int4)["production"]
     expected = plan_capacity(PlanConfig(load_shape("r1-distill-llama-70b"), int4_profile))
-    assert capacity["scheduler"] == scheduler_limits(expected) and capacity["scheduler"]["max_rows"] == 6
+    assert capacity["scheduler"] == scheduler_limits(expected) and capacity["scheduler"]["max_rows"] == 10

@@ -49,8 +49,9 @@ def _human(r: PlanReport) -> None:
             if p.planned_batch < 1:
                 console.print(f"  [red]{p.profile}/{p.precision}:[/] {p.refusal()}")
     console.print(
-        "GPU memory at limits: weights + KV for max batch × (max input + max output) tokens + one prefill's logits + "
-        "builder workspace + 1 GiB runtime. max seqs: sequences of that length the memory left holds. "
+        "GPU memory at limits (serving): weights + KV for max batch × (max input + max output) tokens + one max "
+        "prefill's activations and logits + 1 GiB runtime; the engine build (weights + builder workspace + runtime) "
+        "must fit the GPU too, before serving. max seqs: sequences of that length the memory left holds. "
         "tok/s: decode upper bound per GPU from memory bandwidth (one replica per GPU)."
     )
 
@@ -63,9 +64,13 @@ def _human(r: PlanReport) -> None:
 @click.option("--precision", type=click.Choice(["profile", "all", *[p.value for p in Precision]]), default="profile",
               show_default=True, help="Weights precision: the profile's, one given, or fp16 and int4 side by side (all).")
 @click.option("--kv-dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-              help="KV-cache element type: the exported graph's cache IO (fp16 after `quantize --fp16-io`).")
+              help="KV-cache element type: the served graph's cache IO (fp16 after `quantize --fp16-io`, and for the "
+                   "fused graph's fp16 variant).")
+@click.option("--graph", type=click.Choice(["generic", "fused"]), default="generic", show_default=True,
+              help="The served graph: generic (TensorRT; logits at every prompt position) or fused (ONNX Runtime; "
+                   "logits at the last position only).")
 @pass_app
-def command(app: App, models, profile_names, precision, kv_dtype):
+def command(app: App, models, profile_names, precision, kv_dtype, graph):
     """Capacity plan from config.json alone: parameters, weight bytes, KV bytes per token, memory per GPU at each
     profile's limits, whether it fits, the largest batch that does, GPUs a replica needs and a decode tokens/s bound."""
     profiles = {n: app.profile(n) for n in profile_names} if profile_names else app.profiles
@@ -80,5 +85,5 @@ def command(app: App, models, profile_names, precision, kv_dtype):
             else:
                 precisions = [Precision(precision)]
             for prec in precisions:
-                report.plans.append(plan_capacity(PlanConfig(shape, profile, prec, kv_dtype), app.profiles))
+                report.plans.append(plan_capacity(PlanConfig(shape, profile, prec, kv_dtype, graph), app.profiles))
     emit(app, report, _human)

@@ -1,0 +1,144 @@
+#!/usr/bin/env python3
+"""`r1deploy plan`'s memory figures against the memory an ONNX Runtime session really takes, at three sizes.
+
+For each checkpoint the streaming builder writes the fused graph (FP32, or --precision), and a fresh process opens
+it the way the served engine does (`kv_shared.SharedKVEngine.from_path`: one session, one KV buffer per cache slot
+of [rows, kv_heads, capacity + 1, head_dim]) and runs one prefill of --prefill tokens. Its RSS is sampled every
+5 ms: after the imports (the baseline), after the session is created (the weights), after the KV buffers are
+allocated and touched, and the peak during the prefill (activations + logits). The plan's figures come from
+`exporter.plan`: weight_bytes, kv_bytes_per_token × rows × capacity, prefill_activation_bytes + logits_bytes for
+the fused graph. The runtime allowance (CUDA context + Triton, 1 GiB) has no CPU counterpart and is left out of
+both sides; the process baseline (Python + numpy + ONNX Runtime, ~0.1 GiB) is subtracted from the measured side.
+
+    python benchmarks/plan_vs_session.py --workdir /tmp/plan-vs-session [--checkpoint DIR ...]
+
+The default checkpoints: r1-distill-tiny and a 122 M-parameter Qwen2 (written here, random); the 1.5B shape is
+passed as a checkpoint directory (benchmarks/real_size.py writes one). Not part of `make test`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+PROBE = r"""
+import json, os, sys, threading, time
+import numpy as np, psutil
+sys.path.insert(0, {models!r})
+proc = psutil.Process()
+peak = [0]
+def sample():
+    while True:
+        peak[0] = max(peak[0], proc.memory_info().rss)
+        time.sleep(0.005)
+import onnxruntime
+from kv_shared import SharedKVEngine
+threading.Thread(target=sample, daemon=True).start()
+time.sleep(0.05)
+base = proc.memory_info().rss
+engine = SharedKVEngine.from_path({onnx!r}, {rows}, {capacity}, threads=0)
+after_session = proc.memory_info().rss
+for b in engine.buffers.values():
+    b.fill(0)  # touch every page: the buffer is what serving holds
+after_kv = proc.memory_info().rss
+peak[0] = after_kv
+prompt = [int(t) for t in np.random.default_rng(0).integers(3, {vocab}, {prefill})]
+engine.prefill([0], [prompt])
+time.sleep(0.05)
+print(json.dumps(dict(base=base, session=after_session - base, kv=after_kv - after_session,
+                      prefill=peak[0] - after_kv, total=peak[0] - base,
+                      kv_buffer_bytes=sum(b.nbytes for b in engine.buffers.values()))))
+"""
+
+
+def write_122m(dest: Path) -> Path:
+    """The 122 M-parameter Qwen2 of docs/benchmarks.md (hidden 768, 12 layers, 12 / 2 heads, vocab 32 000)."""
+    code = f"""
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+torch.manual_seed(0)
+cfg = Qwen2Config(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                  num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=4096)
+Qwen2ForCausalLM(cfg).to(torch.bfloat16).save_pretrained({str(dest)!r})
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
+    return dest
+
+
+def measure(ckpt: Path, out: Path, precision: str, rows: int, prefill: int, capacity: int) -> dict:
+    sys.path.insert(0, str(REPO))
+    from exporter.core.profiles import QuantSpec
+    from exporter.plan import (
+        compute_dtype_bytes,
+        load_shape,
+        logits_bytes,
+        prefill_activation_bytes,
+        weight_bytes,
+    )
+    from exporter.stream_build import StreamConfig, stream_build
+
+    shutil.rmtree(out, ignore_errors=True)
+    built = stream_build(ckpt, out, StreamConfig(precision=precision, method="rtn"))
+    shape = load_shape(ckpt)
+    code = PROBE.format(models=str(REPO / "exporter" / "repository" / "python_models"), onnx=str(built.onnx_path),
+                        rows=rows, capacity=capacity, vocab=min(shape.vocab_size, 256), prefill=prefill)
+    got = json.loads(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                                    env={**os.environ, "OMP_NUM_THREADS": "2"}).stdout.strip().splitlines()[-1])
+    kv_dtype_bytes = 2 if precision == "fp16" else 4
+    kv_tok = shape.kv_elements_per_token() * kv_dtype_bytes
+    plan = {
+        "weights": weight_bytes(shape, precision, QuantSpec(method="rtn", block_size=128)).total,
+        "kv": kv_tok * rows * (capacity + 1),
+        "prefill": prefill_activation_bytes(shape, prefill, compute_dtype_bytes(precision))
+        + logits_bytes(shape, prefill, "fused"),
+    }
+    plan["total"] = sum(plan.values())
+    measured = {"weights": got["session"], "kv": got["kv"], "prefill": got["prefill"], "total": got["total"]}
+    shutil.rmtree(out, ignore_errors=True)
+    return {"checkpoint": str(ckpt), "parameters": shape.parameters, "precision": precision, "rows": rows,
+            "prefill_tokens": prefill, "capacity": capacity, "plan": plan, "measured": measured,
+            "measured_over_plan": {k: round(measured[k] / plan[k], 3) if plan[k] else None for k in plan}}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/r1deploy-plan-vs-session"))
+    ap.add_argument("--checkpoint", type=Path, action="append", default=[], help="more checkpoints (the 1.5B shape)")
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int4"])
+    ap.add_argument("--rows", type=int, default=4)
+    ap.add_argument("--prefill", type=int, default=2048)
+    ap.add_argument("--capacity", type=int, default=2560)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    sys.path.insert(0, str(REPO))
+    from exporter.tiny_models import write_tiny_checkpoint
+
+    wd = args.workdir
+    wd.mkdir(parents=True, exist_ok=True)
+    ckpts = [write_tiny_checkpoint("r1-distill-tiny", wd / "models" / "r1-distill-tiny")]
+    m122 = wd / "models" / "qwen2-122m"
+    ckpts.append(m122 if (m122 / "config.json").is_file() else write_122m(m122))
+    ckpts += args.checkpoint
+    results = []
+    for ckpt in ckpts:
+        cfg = json.loads((ckpt / "config.json").read_text())
+        prefill = min(args.prefill, int(cfg.get("max_position_embeddings", 4096)) // 2)
+        capacity = min(args.capacity, int(cfg.get("max_position_embeddings", 4096)) - 1)
+        r = measure(ckpt, wd / "onnx", args.precision, args.rows, prefill, capacity)
+        results.append(r)
+        print(json.dumps(r), flush=True)
+    out = args.out or wd / "plan_vs_session.json"
+    out.write_text(json.dumps({"load": os.getloadavg(), "results": results}, indent=2) + "\n")
+    print(f"written {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,407 @@
+"""The fused decoder graph built straight from a checkpoint's safetensors shards to FP32, FP16 or INT4, in bounded
+memory: the path for real sizes (Qwen2 / Llama).
+
+`export --graph fused` + `quantize --graph fused` write the FP32 graph, then load it whole (INT4: the FP32 weights,
+every quantized copy and a rewritten proto; at R1-Distill-Qwen-1.5B's shape that passed 18 GiB). Here the graph is
+the one `exporter.fused_graph` writes — the same nodes, names and conventions — and each weight goes from the shard
+to `model.onnx.data` on its own, converted on the way:
+
+* `fp32`: as read (bf16 widened exactly);
+* `fp16`: the graph is converted first, without its weights, by the quantize stage's own converter
+  (`quantize.rewrite.to_fp16`: the same Casts, the same FP32 ops, KV cache FP16); then each weight is narrowed as
+  that converter narrows it. The same bytes as `quantize --graph fused --precision fp16` (tests/test_stream_build.py);
+* `int4` RTN: the quantize stage's targets (`choose_targets`), its quantizer (`quantize.core`) and its writer, one
+  weight at a time (`rewrite.int4_replacement`): the same initializers as the stage writes;
+* `int4` AWQ: calibrated layer by layer. The calibration sentences' hidden states are carried from one layer to the
+  next in numpy (FP32, the fused graph's arithmetic: RMSNorm, rotary from the same tables, causal GQA, SwiGLU), so
+  only one layer's weights and one layer's activations are held. The activations are those of the FP32 model, as the
+  stage captures them from the FP32 graph; they agree with ONNX Runtime's to float rounding, so AWQ's searches can
+  pick a neighbouring grid point on a few weights (tests compare the accuracies, not the bytes).
+
+Peak memory: one layer's FP32 weights (AWQ) or one weight (otherwise) and its quantization temporaries, plus the
+graph without weights; the largest single tensor (the embedding / lm_head table) is converted in row blocks.
+What is not done here: the accuracy report and gate of the quantize stage (it needs an FP32 reference session —
+the whole FP32 model in ONNX Runtime), and DeepseekV3 (its MLA has no fused kernel: it keeps the generic path).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from . import fused_graph
+from .core.errors import BadInput
+
+_ALIGN = 64  # ONNX Runtime maps 64-byte aligned external data without copying
+_BLOCK_BYTES = 1 << 26  # row blocks of the big tables (embedding, lm_head): 64 MiB of FP32 at a time
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """What to write. INT4 settings default to the quantize stage's (exporter.core.profiles.QuantSpec)."""
+
+    precision: str = "fp32"  # fp32 | fp16 | int4
+    method: str = "awq"  # int4: rtn | awq
+    block_size: int = 128
+    format: str = "qdq"  # int4: qdq | ort
+    symmetric: bool = True
+    quantize_lm_head: bool = False
+    calibration_sentences: Optional[int] = None  # AWQ: the first N of quantize.sentences.CALIBRATION (None: all)
+
+    def __post_init__(self) -> None:
+        if self.precision not in ("fp32", "fp16", "int4"):
+            raise BadInput(f"precision must be fp32, fp16 or int4, got {self.precision!r}")
+        if self.method not in ("rtn", "awq"):
+            raise BadInput(f"method must be rtn or awq, got {self.method!r}")
+        if self.format not in ("qdq", "ort"):
+            raise BadInput(f"format must be qdq or ort, got {self.format!r}")
+
+
+@dataclass
+class StreamResult:
+    onnx_path: Path
+    precision: str
+    layers: int
+    tensors_written: int
+    data_bytes: int  # model.onnx.data
+    graph_bytes: int  # model.onnx (the graph without weights)
+    seconds: float
+    quantized: list[str] = field(default_factory=list)  # weight names written as INT4
+    awq_alpha: dict[str, float] = field(default_factory=dict)
+
+
+class _DataFile:
+    """model.onnx.data, appended to one tensor at a time; each initializer gets its external-data reference."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fh = open(path, "wb")
+        self.offset = 0
+        self.count = 0
+
+    def _start(self) -> int:
+        pad = -self.offset % _ALIGN
+        self.fh.write(bytes(pad))
+        self.offset += pad
+        return self.offset
+
+    def _finish(self, tensor: TensorProto, start: int) -> None:
+        tensor.ClearField("raw_data")
+        del tensor.external_data[:]
+        tensor.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.path.name), ("offset", start), ("length", self.offset - start)):
+            tensor.external_data.add(key=key, value=str(value))
+        self.count += 1
+
+    def write(self, tensor: TensorProto, data: bytes | np.ndarray) -> None:
+        start = self._start()
+        buf = memoryview(np.ascontiguousarray(data)).cast("B") if isinstance(data, np.ndarray) else memoryview(data)
+        self.fh.write(buf)
+        self.offset += len(buf)
+        self._finish(tensor, start)
+
+    def write_blocks(self, tensor: TensorProto, blocks) -> None:
+        start = self._start()
+        for block in blocks:
+            buf = memoryview(np.ascontiguousarray(block)).cast("B")
+            self.fh.write(buf)
+            self.offset += len(buf)
+        self._finish(tensor, start)
+
+    def externalise(self, tensor: TensorProto) -> None:
+        """A tensor built in memory (INT4 codes, scales): its bytes to the file, the proto keeps a reference."""
+        if tensor.raw_data:
+            self.write(tensor, tensor.raw_data)
+        else:  # helper.make_tensor(..., raw=False): float_data etc.
+            self.write(tensor, onnx.numpy_helper.to_array(tensor))
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def _bf16_rows_to_f32(raw: np.ndarray) -> np.ndarray:
+    return (raw.astype(np.uint32) << 16).view(np.float32)
+
+
+def _table_blocks(w: fused_graph._Weights, name: str, transpose: bool, narrow):
+    """Row blocks of a big table (the embedding [vocab, h] or lm_head's [h, vocab]), converted per block: the raw
+    tensor (bf16: 2 bytes a value) is the only whole copy held."""
+    raw, dtype = w.raw(name)
+    to_f32 = _bf16_rows_to_f32 if dtype == "BF16" else (lambda a: a.astype(np.float32))
+    src = raw.T if transpose else raw
+    rows = max(1, _BLOCK_BYTES // (4 * src.shape[1]))
+    for start in range(0, src.shape[0], rows):
+        yield narrow(to_f32(np.ascontiguousarray(src[start : start + rows])))
+
+
+_FP16_TINY, _FP16_MAX = np.float32(5.96e-08), np.float32(65504.0)
+
+
+def _fp16(a: np.ndarray) -> np.ndarray:
+    """ONNX Runtime's `convert_np_to_float16` (what the quantize stage narrows weights with), without its work
+    that changes nothing: it indexes every positive and negative value only to log their range, and copies the
+    array once per clamp. Same clamps — non-zero magnitudes below 5.96e-8 to ±5.96e-8, finite ones above 65504 to
+    ±65504 — then the same rounding; the same bytes (tests/test_stream_build.py), several times faster."""
+    a = np.array(a, dtype=np.float32, copy=True)
+    a[(a > 0) & (a < _FP16_TINY)] = _FP16_TINY
+    a[(a < 0) & (a > -_FP16_TINY)] = -_FP16_TINY
+    a[(a > _FP16_MAX) & (a < np.inf)] = _FP16_MAX
+    a[(a < -_FP16_MAX) & (a > -np.inf)] = -_FP16_MAX
+    return a.astype(np.float16)
+
+
+def stream_build(checkpoint: Path, out_dir: Path, cfg: StreamConfig = StreamConfig()) -> StreamResult:
+    """Write `out_dir/model.onnx` + `model.onnx.data` for a Qwen2 / Llama checkpoint directory (safetensors, one
+    file or a sharded index) at `cfg`'s precision. `out_dir` must not hold a model yet."""
+    started = time.perf_counter()
+    checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    out = out_dir / "model.onnx"
+    if out.exists() or (out_dir / "model.onnx.data").exists():
+        raise BadInput(f"{out_dir} already holds a model: build into an empty directory")
+    model, lazy, spec, weights = fused_graph.graph_without_weights(checkpoint)
+    # The weight inputs become initializers without data: the converters below read only their type and dims.
+    graph = model.graph
+    headers: dict[str, TensorProto] = {}
+    kept_inputs = []
+    for value in graph.input:
+        if value.name in lazy:
+            shape, _ = lazy[value.name]
+            headers[value.name] = TensorProto(name=value.name, dims=list(shape), data_type=TensorProto.FLOAT)
+        else:
+            kept_inputs.append(value)
+    del graph.input[:]
+    graph.input.extend(kept_inputs)
+    graph.initializer.extend(headers.values())
+    result = StreamResult(out, cfg.precision, spec.layers, 0, 0, 0, 0.0)
+    data = _DataFile(out_dir / "model.onnx.data")
+    try:
+        if cfg.precision == "int4":
+            model = _write_int4(model, lazy, weights, spec, checkpoint, cfg, data, result)
+        else:
+            if cfg.precision == "fp16":
+                from quantize import rewrite
+
+                with rewrite._value_info_from_dims():  # the converter reads dims, never the (absent) values
+                    model = rewrite.to_fp16(model, keep_io_fp32=True, kv_cache_fp16=True)
+            for init in model.graph.initializer:
+                if init.name in lazy:
+                    narrow = _fp16 if init.data_type == TensorProto.FLOAT16 else (lambda a: a)
+                    _write_weight(data, init, lazy, weights, narrow)
+    finally:
+        data.close()
+    onnx.save(model, str(out))
+    result.tensors_written = data.count
+    result.data_bytes = data.offset
+    result.graph_bytes = out.stat().st_size
+    result.seconds = round(time.perf_counter() - started, 3)
+    return result
+
+
+def _write_weight(data: _DataFile, init: TensorProto, lazy: dict, w: fused_graph._Weights, narrow) -> None:
+    shape, load = lazy[init.name]
+    table = {"model.embed_tokens.weight": ("model.embed_tokens.weight", False)}
+    if init.name == "lm_head.weight_t":
+        head = "lm_head.weight" if w.has("lm_head.weight") else "model.embed_tokens.weight"
+        table["lm_head.weight_t"] = (head, True)
+    if init.name in table:
+        src, transpose = table[init.name]
+        got = tuple(w.shape(src)[::-1] if transpose else w.shape(src))
+        if got != tuple(shape):
+            raise BadInput(f"checkpoint tensor {src} has shape {list(w.shape(src))}, config.json implies {list(shape)}")
+        data.write_blocks(init, _table_blocks(w, src, transpose, narrow))
+        return
+    arr = np.asarray(load(), dtype=np.float32)
+    if tuple(arr.shape) != tuple(shape):
+        raise BadInput(f"checkpoint tensor {init.name} has shape {list(arr.shape)}, config.json implies {list(shape)}")
+    data.write(init, narrow(arr))
+
+
+def _write_int4(model: onnx.ModelProto, lazy: dict, w, spec, checkpoint: Path, cfg: StreamConfig, data: _DataFile,
+                result: StreamResult) -> onnx.ModelProto:
+    from quantize import core, rewrite
+    from quantize.config import QuantizeConfig
+    from quantize.stage import choose_targets, resolve
+
+    settings = resolve(QuantizeConfig(precision="int4", method=cfg.method, block_size=cfg.block_size,
+                                      format=cfg.format, symmetric=cfg.symmetric, quantize_lm_head=cfg.quantize_lm_head,
+                                      graph="fused"))
+    chosen, _skipped = choose_targets(rewrite.find_targets(model, spec.vocab), settings)
+    if not chosen:
+        raise BadInput(f"no weight of {checkpoint} can be quantized with block size {cfg.block_size}")
+    by_node = {t.node: t for t in chosen}
+    graph = model.graph
+    target_weights = {t.weight for t in chosen}
+    # FP32 weights that stay FP32 (norms, embedding, lm_head, rotary tables) go first, one at a time.
+    for init in graph.initializer:
+        if init.name in lazy and init.name not in target_weights:
+            _write_weight(data, init, lazy, w, lambda a: a)
+    calib = _Calibration(checkpoint, spec, lazy, w, cfg) if cfg.method == "awq" else None
+    head: list[onnx.NodeProto] = []
+    body: list[onnx.NodeProto] = []
+    new_inits: list[TensorProto] = []
+    layer_weights: dict[str, np.ndarray] = {}
+    current_layer = None
+    for node in graph.node:
+        t = by_node.get(node.name)
+        if t is None:
+            body.append(node)
+            continue
+        layer = _layer_of(t.weight)
+        if layer != current_layer:  # one layer's weights and activations at a time
+            current_layer, layer_weights = layer, {}
+            if calib is not None and layer is not None:
+                layer_weights = calib.advance(layer)
+            elif calib is not None and t.kind == "lm_head":
+                calib.finish()
+        wt = layer_weights.get(t.weight)
+        if wt is None:
+            wt = np.asarray(lazy[t.weight][1](), dtype=np.float32)
+        x = calib.acts.get(t.activation) if calib is not None and t.activation else None
+        if cfg.method == "awq" and x is not None:
+            qw = core.quantize_awq(wt, x, cfg.block_size, cfg.symmetric)
+        elif cfg.method == "awq":
+            qw = core.quantize_clipped(wt, t.axis, cfg.block_size, cfg.symmetric)
+        else:
+            qw = core.quantize_rtn(wt, t.axis, cfg.block_size, cfg.symmetric)
+        del wt
+        h, b, inits = rewrite.int4_replacement(node, t, qw, cfg.format)
+        for tensor in inits:
+            data.externalise(tensor)
+        head.extend(h)
+        body.extend(b)
+        new_inits.extend(inits)
+        result.quantized.append(t.weight)
+        if cfg.method == "awq":
+            result.awq_alpha[t.weight] = qw.alpha
+    kept = [i for i in graph.initializer if i.name not in target_weights]
+    del graph.initializer[:]
+    graph.initializer.extend(kept + new_inits)
+    del graph.node[:]
+    graph.node.extend(head + body)
+    rewrite.ensure_ms_opset(model)
+    return model
+
+
+def _layer_of(weight: str) -> Optional[int]:
+    parts = weight.split(".")
+    return int(parts[2]) if len(parts) > 2 and parts[:2] == ["model", "layers"] else None
+
+
+class _Calibration:
+    """AWQ's calibration activations, one layer at a time: the hidden states of the calibration sentences (the
+    FP32 model's) are carried through each layer in numpy, computing what the fused graph computes."""
+
+    def __init__(self, checkpoint: Path, spec: fused_graph.FusedSpec, lazy: dict, w, cfg: StreamConfig):
+        from quantize.evaluate import _encode
+        from quantize.sentences import CALIBRATION
+
+        sentences = CALIBRATION[: cfg.calibration_sentences] if cfg.calibration_sentences else CALIBRATION
+        ids, mask = _encode(checkpoint, sentences)
+        self.lengths = mask.sum(axis=1).astype(int)
+        tokens = ids[mask.astype(bool)]  # real tokens, sentence after sentence: the order the stage captures
+        self.spec, self.lazy = spec, lazy
+        embed = w.rows("model.embed_tokens.weight", tokens)
+        self.residual = embed  # [T, hidden]
+        self.branch: Optional[np.ndarray] = None
+        self.cos = np.asarray(lazy["cos_cache"][1](), np.float32)
+        self.sin = np.asarray(lazy["sin_cache"][1](), np.float32)
+        self.acts: dict[str, np.ndarray] = {}
+
+    def _rms(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        var = np.mean(np.square(x), axis=-1, keepdims=True)
+        return (x / np.sqrt(var + self.spec.eps) * weight).astype(np.float32)
+
+    def _rotary(self, x: np.ndarray, pos: np.ndarray) -> np.ndarray:  # x [L, heads, d], half-split rotation
+        half = x.shape[-1] // 2
+        cos, sin = self.cos[pos][:, None, :], self.sin[pos][:, None, :]
+        x1, x2 = x[..., :half], x[..., half:]
+        return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+
+    def advance(self, i: int) -> dict[str, np.ndarray]:
+        """Layer i's FP32 MatMul weights (by graph name); sets `acts` to the inputs of its MatMuls and moves the
+        hidden states past it."""
+        s, lazy = self.spec, self.lazy
+        p, a, m = f"model.layers.{i}", f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+
+        def get(name):
+            return np.asarray(lazy[name][1](), np.float32)
+
+        w = {n: get(n) for n in (f"{a}.qkv_proj.weight", f"{a}.o_proj.weight", f"{m}.gate_proj.weight",
+                                 f"{m}.up_proj.weight", f"{m}.down_proj.weight")}
+        if self.branch is not None:
+            self.residual = self.residual + self.branch
+        x = self._rms(self.residual, get(f"{p}.input_layernorm.weight"))
+        qkv = x @ w[f"{a}.qkv_proj.weight"]
+        if f"{a}.qkv_proj.bias" in lazy:
+            qkv = qkv + get(f"{a}.qkv_proj.bias")
+        d, h, kv = s.head_dim, s.heads, s.kv_heads
+        attn = np.empty((qkv.shape[0], h * d), np.float32)
+        start = 0
+        for n in self.lengths:
+            rows = slice(start, start + n)
+            pos = np.arange(n)
+            q = self._rotary(qkv[rows, : h * d].reshape(n, h, d), pos)
+            k = self._rotary(qkv[rows, h * d : (h + kv) * d].reshape(n, kv, d), pos)
+            v = qkv[rows, (h + kv) * d :].reshape(n, kv, d)
+            group = h // kv
+            k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+            scores = np.einsum("qhd,khd->hqk", q, k) * np.float32(d**-0.5)
+            scores = np.where(np.tril(np.ones((n, n), bool))[None], scores, -np.inf)
+            scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+            probs = scores / scores.sum(axis=-1, keepdims=True)
+            attn[rows] = np.einsum("hqk,khd->qhd", probs, v).reshape(n, h * d)
+            start += n
+        o = attn @ w[f"{a}.o_proj.weight"]
+        self.residual = self.residual + o
+        x2 = self._rms(self.residual, get(f"{p}.post_attention_layernorm.weight"))
+        gate, up = x2 @ w[f"{m}.gate_proj.weight"], x2 @ w[f"{m}.up_proj.weight"]
+        hidden = (gate / (1.0 + np.exp(-gate)) * up).astype(np.float32)
+        self.branch = hidden @ w[f"{m}.down_proj.weight"]
+        self.acts = {f"{p}.input_layernorm.out": x, f"{a}.out": attn, f"{p}.post_attention_layernorm.out": x2,
+                     f"{m}.hidden": hidden}
+        return w
+
+    def finish(self) -> None:
+        """lm_head's input (with --quantize-lm-head): the final norm at every real position."""
+        norm = np.asarray(self.lazy["model.norm.weight"][1](), np.float32)
+        self.acts = {"model.norm.selected": self._rms(self.residual + self.branch, norm)}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """`python -m exporter.stream_build CHECKPOINT OUT_DIR --precision int4 ...`: the builder on its own (the
+    real-size benchmark runs it in its own process). Bad input: one line, exit 2."""
+    import argparse
+    import json
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m exporter.stream_build", description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint", type=Path)
+    ap.add_argument("out_dir", type=Path)
+    ap.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int4"])
+    ap.add_argument("--method", default="awq", choices=["rtn", "awq"])
+    ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--format", default="qdq", choices=["qdq", "ort"])
+    ap.add_argument("--calibration-sentences", type=int, default=None)
+    args = ap.parse_args(argv)
+    try:
+        cfg = StreamConfig(precision=args.precision, method=args.method, block_size=args.block_size,
+                           format=args.format, calibration_sentences=args.calibration_sentences)
+        r = stream_build(args.checkpoint, args.out_dir, cfg)
+    except BadInput as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps({"onnx": str(r.onnx_path), "precision": r.precision, "tensors": r.tensors_written,
+                      "data_bytes": r.data_bytes, "graph_bytes": r.graph_bytes, "seconds": r.seconds,
+                      "quantized": len(r.quantized)}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
