@@ -195,3 +195,77 @@ def test_async_streamed_n_chat_carries_each_index(aclient):  # noqa: F811
                 by_index[choice.index] += choice.logprobs.content
     assert len(by_index[0]) == len(by_index[1]) == 6
     assert all(e.logprob <= 0 for e in by_index[0] + by_index[1])
+
+
+# ---- structured output -----------------------------------------------------------------------------------------
+# nested objects, arrays, enums, required, nullable; numbers and strings bounded (a grammar cannot make a small
+# model end an unbounded number: it would run to max_tokens, as it would on any server)
+SCHEMAS = {
+    "person": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 20},
+               "age": {"type": "integer", "minimum": 0, "maximum": 150}}, "required": ["name", "age"],
+               "additionalProperties": False},
+    "enum_flag": {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]},
+                  "ok": {"type": "boolean"}}, "required": ["color", "ok"]},
+    "tags": {"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string", "maxLength": 10},
+             "minItems": 1, "maxItems": 3}}, "required": ["tags"]},
+    "nested": {"type": "object", "properties": {"user": {"type": "object", "properties": {
+               "id": {"type": "integer", "minimum": 1, "maximum": 9999}, "email": {"type": "string", "maxLength": 30}},
+               "required": ["id", "email"]}, "active": {"type": "boolean"}}, "required": ["user", "active"]},
+    "array_of_objects": {"type": "object", "properties": {"points": {"type": "array", "maxItems": 3, "items": {
+                         "type": "object", "properties": {"x": {"type": "integer", "minimum": -99, "maximum": 99},
+                                                          "y": {"type": "integer", "minimum": -99, "maximum": 99}},
+                         "required": ["x", "y"]}}}, "required": ["points"]},
+    "nullable": {"type": "object", "properties": {"kind": {"type": "string", "enum": ["a", "b"]},
+                 "count": {"type": "integer", "minimum": 0, "maximum": 1000},
+                 "note": {"type": ["string", "null"], "maxLength": 15}}, "required": ["kind", "count", "note"]},
+}
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_json_schema_output_validates_for_every_schema(client, temperature):  # noqa: F811
+    """Chat with response_format json_schema (strict), greedy and sampled: the reasoning is free (R1's template
+    opened a think block), the content parses and validates against its schema for every schema of the set."""
+    import json
+
+    import jsonschema
+
+    for name, schema in SCHEMAS.items():
+        r = client.chat.completions.create(
+            model="generate", messages=[{"role": "user", "content": QUESTION}], max_tokens=400,
+            temperature=temperature, seed=7,
+            response_format={"type": "json_schema", "json_schema": {"name": name, "schema": schema, "strict": True}})
+        m = r.choices[0].message
+        assert r.choices[0].finish_reason == "stop", (name, m)
+        assert m.model_extra["reasoning_content"], name  # the thought came first, unconstrained
+        jsonschema.validate(json.loads(m.content), schema)
+
+
+def test_json_object_whole_and_streamed_and_on_completions(client):  # noqa: F811
+    import json
+
+    kw = {"model": "generate", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 400,
+          "temperature": 0, "response_format": {"type": "json_object"}}
+    whole = client.chat.completions.create(**kw).choices[0].message.content
+    assert isinstance(json.loads(whole), dict)
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(**kw, stream=True)
+                       if c.choices)
+    assert streamed == whole
+    # completions take response_format too (vLLM's extension): no think block, all of the text is JSON
+    r = client.completions.create(model="generate", prompt="Answer in JSON: ", max_tokens=200, temperature=0,
+                                  extra_body={"response_format": {"type": "json_schema", "json_schema": {
+                                      "name": "p", "schema": SCHEMAS["person"]}}})
+    assert json.loads(r.choices[0].text).keys() == {"name", "age"}
+
+
+def test_bad_response_formats_are_refused(client):  # noqa: F811
+    msg = [{"role": "user", "content": "hi"}]
+    for fmt, needle in [({"type": "yaml"}, "response_format.type"),
+                        ({"type": "json_schema", "json_schema": {"name": "x"}}, "schema must be"),
+                        ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "frob"}}},
+                         "not usable")]:
+        e = _status_error(lambda fmt=fmt: client.chat.completions.create(model="generate", messages=msg,
+                                                                         response_format=fmt))
+        assert e.status_code == 400 and needle in e.message, e.message
+    e = _status_error(lambda: client.chat.completions.create(model="scripted", messages=msg,
+                                                             response_format={"type": "json_object"}))
+    assert e.body["param"] == "response_format" and "not supported by model scripted" in e.message

@@ -410,3 +410,59 @@ def test_sampling_params_are_validated():
                        ({"top_logprobs": 21}, "top_logprobs")]:
         with pytest.raises(ls.RequestError, match=needle):
             ls.SamplingParams(max_tokens=10, **kw).validate(64, vocab=800)
+
+
+# ---- structured output -----------------------------------------------------------------------------------------
+SCHEMA = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}, "n": {"type": "integer",
+          "minimum": 0, "maximum": 99}, "tags": {"type": "array", "items": {"type": "string", "maxLength": 8},
+          "maxItems": 2}}, "required": ["color", "n", "tags"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def tiny_tok(exported, session_workdir):
+    from tokenizers import Tokenizer
+
+    from exporter.core.artifacts import ModelLayout
+
+    exported("r1-distill-tiny")
+    path = ModelLayout(session_workdir, "r1-distill-tiny").tokenizer_dir / "tokenizer.json"
+    return Tokenizer.from_file(str(path)), path
+
+
+def test_a_json_schema_guide_constrains_its_row_only_and_leaves_the_thought_free(session, reference, tiny_tok):
+    """Three rows in one batch: a guided row without a think block (all of it is JSON that validates), a guided
+    row whose prompt opens a think block (the thought is the unconstrained greedy one up to `</think>`, then JSON
+    that validates), and an unguided row (the plain greedy tokens)."""
+    import json
+
+    import guided
+    import jsonschema
+
+    from exporter import tiny_models
+
+    tok, path = tiny_tok
+    eos = {tok.token_to_id(tiny_models.EOS)}
+    think_end = tok.token_to_id("</think>")
+    factory = guided.GuideFactory(str(path), sorted(eos), tok.token_to_id("<think>"), think_end)
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
+    plain_prompt = tok.encode("Answer in JSON: ").ids
+    chat_prompt = tok.encode(tiny_models.chat_prompt("What is a KV cache?")).ids
+    sched = make_scheduler(session, rows=4, eos=eos)
+    free = ls.Sequence(plain_prompt, ls.SamplingParams(max_tokens=120), ls.TextStream(decode, []))
+    flat = ls.Sequence(plain_prompt, ls.SamplingParams(max_tokens=120), ls.TextStream(decode, []))
+    thinking = ls.Sequence(chat_prompt, ls.SamplingParams(max_tokens=200), ls.TextStream(decode, []))
+    flat.guide = factory.guide("json_schema", json.dumps(SCHEMA), plain_prompt)
+    thinking.guide = factory.guide("json_schema", json.dumps(SCHEMA), chat_prompt)
+    assert flat.guide.active and not thinking.guide.active
+    run_all(sched, {0: [free, flat, thinking]})
+    assert free.tokens == reference(plain_prompt, 120, eos)
+    assert flat.finish_reason == "eos"
+    jsonschema.validate(json.loads(decode(flat.tokens)), SCHEMA)
+    assert thinking.finish_reason == "eos" and think_end in thinking.tokens
+    cut = thinking.tokens.index(think_end) + 1
+    assert thinking.tokens[:cut] == reference(chat_prompt, 200, eos)[:cut]  # the thought is free
+    jsonschema.validate(json.loads(decode(thinking.tokens[cut:])), SCHEMA)
+    with pytest.raises(guided.GuideError, match="not usable"):
+        factory.guide("json_schema", "{not json", plain_prompt)
+    with pytest.raises(guided.GuideError, match="must be one of"):
+        factory.guide("yaml", "", plain_prompt)

@@ -140,6 +140,28 @@ def _needs(model: ServedModel, key: str) -> None:
                        f"{name})", key)
 
 
+def _response_format(body: dict, model: ServedModel) -> tuple[str, str]:
+    """`response_format` → (guided_decoding_guide_type, guided_decoding_guide): json_object, or json_schema with
+    its schema (strict or not, it is enforced token by token); text is the default."""
+    value = body.get("response_format")
+    if value is None:
+        return "", ""
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind == "text":
+        return "", ""
+    if kind not in ("json_object", "json_schema"):
+        raise ApiError(400, "response_format.type must be text, json_object or json_schema", "response_format")
+    if "guided_decoding_guide_type" not in model.inputs:
+        raise ApiError(400, f"response_format {kind} is not supported by model {model.name} (its generate model has "
+                       "no input guided_decoding_guide_type)", "response_format")
+    if kind == "json_object":
+        return kind, ""
+    spec = value.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        raise ApiError(400, "response_format.json_schema.schema must be a JSON schema object", "response_format")
+    return kind, json.dumps(spec["schema"], ensure_ascii=False)
+
+
 def _sampling_fields(body: dict, chat: bool, model: ServedModel, stream: bool, max_tokens: int) -> Sampling:
     """n, best_of, logprobs / top_logprobs, echo, suffix, the penalties, min_tokens, logit_bias: applied (each
     needs its generate input) or refused with a 400 naming the field."""
@@ -321,6 +343,7 @@ def parse_request(body: dict, models: dict[str, ServedModel], chat: bool, profil
     include_usage = bool(options and _flag(options, "include_usage", False))
     separate = _flag(body, "separate_reasoning", True) and chat and model.think_end_id is not None
     sampling = _sampling_fields(body, chat, model, stream, max_tokens)
+    guide_type, guide = _response_format(body, model)
     generation = Generation(
         prompt=prompt, max_tokens=max_tokens,
         temperature=temperature if temperature is not None else defaults.get("temperature"),
@@ -333,6 +356,7 @@ def parse_request(body: dict, models: dict[str, ServedModel], chat: bool, profil
         logit_bias=sampling.logit_bias, n=sampling.best_of,
         # best_of > n ranks the choices by their cumulative logprob
         logprobs=sampling.logprobs or sampling.best_of > sampling.n, top_logprobs=sampling.top_logprobs,
+        guide_type=guide_type, guide=guide,
     )
     return Parsed(model_id, model, generation, prompt_tokens, stream, include_usage, separate, n=sampling.n,
                   logprobs=sampling.logprobs, top_logprobs=sampling.top_logprobs, echo=sampling.echo)

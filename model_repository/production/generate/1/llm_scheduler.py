@@ -17,7 +17,8 @@ Sampling is per row: each request has its own generator, seeded by its `seed`, a
 its own logits row, so a seeded request gets the same tokens alone and in company. Before the draw the batch's
 logits go through the request's logits processing, as array operations over the rows that ask for it (vLLM's
 order): repetition penalty (prompt and output tokens), frequency and presence penalties (output tokens),
-logit_bias, end of sequence masked until min_tokens. Log-probabilities are the log-softmax of those processed
+logit_bias, end of sequence masked until min_tokens, and last the grammar of a structured-output request
+(guided.py: the tokens its grammar forbids get -inf). Log-probabilities are the log-softmax of those processed
 logits divided by the temperature (1 when greedy), before the top-p cut — vLLM's `processed_logprobs`; with no
 penalty or bias and a temperature of 0 or 1 they equal vLLM's default `raw_logprobs`. A request with n > 1 is one
 group of n sequences: the prompt is prefilled once and its KV row copied to the others (`engine.fork`); choice i
@@ -256,6 +257,8 @@ class Sequence:
     counts: np.ndarray | None = None  # output tokens by id (penalties), made at the first processing
     prompt_seen: np.ndarray | None = None  # prompt tokens by id (the repetition penalty)
     cumulative_logprob: float = 0.0
+    # structured output (guided.py's Guide): the tokens its grammar allows, once active (after a think block)
+    guide: object = None
 
     def __post_init__(self) -> None:
         seed = self.params.seed
@@ -399,6 +402,8 @@ class Scheduler:
         seq.pending_tokens.append(token)
         if seq.counts is not None:
             seq.counts[token] += 1
+        if seq.guide is not None:
+            seq.guide.accept(token)
         if info is not None:
             seq.cumulative_logprob += info[0]
             seq.pending_logprobs.append(info[0])
@@ -435,7 +440,8 @@ class Scheduler:
         pen = [i for i, s in enumerate(seqs) if s.params.penalized]
         bias = [i for i, s in enumerate(seqs) if s.params.logit_bias]
         early = [i for i, s in enumerate(seqs) if len(s.tokens) < s.params.min_tokens and not s.params.ignore_eos]
-        if not (pen or bias or early):
+        guided = [i for i, s in enumerate(seqs) if s.guide is not None and s.guide.active]
+        if not (pen or bias or early or guided):
             return logits
         logits = np.array(logits, dtype=np.float32)
         vocab = logits.shape[1]
@@ -467,6 +473,11 @@ class Scheduler:
         if early and self.eos:
             eos = np.asarray(sorted(t for t in self.eos if t < vocab), np.int64)
             logits[np.ix_(early, eos)] = -np.inf
+        if guided:
+            # last: no bias brings back a token the grammar forbids
+            guides = [seqs[i].guide for i in guided]
+            allowed = guides[0].masks(guides, vocab)
+            logits[guided] = np.where(allowed, logits[guided], -np.inf)
         return logits
 
     def step(self, shutting_down: bool = False) -> tuple[list[Sequence], list[Sequence], StepStats]:

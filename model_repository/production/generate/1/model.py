@@ -11,14 +11,16 @@ Inputs: text_input; optional max_tokens, temperature (0 = greedy, the default), 
 name) or stop, stream, ignore_eos, exclude_input_in_output (default true), skip_special_tokens (default true),
 return_num_input_tokens, return_num_output_tokens (accepted: the counts are always sent), presence_penalty,
 frequency_penalty, repetition_penalty, min_tokens, logit_bias (JSON: token id → bias), num_return_sequences (n),
-return_log_probs, top_logprobs (TensorRT-LLM's and vLLM's names). Outputs: text_output (the new text of this
-response when streaming, else the whole completion), token_ids (this response's tokens), finish_reason ("length" |
-"stop" | "eos"; empty on non-final chunks), num_input_tokens, num_output_tokens (tokens in this response),
-sequence_index (which of the n choices), and with return_log_probs output_log_probs / top_logprob_ids /
-top_logprobs (per token of this response). A stream's tokens leave per scheduler step — the step's new tokens of
-every stream in one response each, or every `stream_interval_steps` steps — then a last response per choice
-carries its finish_reason; the request's very last response carries the FINAL flag. Errors are one line to the client ("server busy: …" when the queue is full) and the traceback, if
-any, goes to Triton's log.
+return_log_probs, top_logprobs, guided_decoding_guide_type / guided_decoding_guide (structured output:
+json_object, json_schema, regex, ebnf; guided.py) — TensorRT-LLM's and vLLM's names. Outputs: text_output (the
+new text of this response when streaming, else the whole completion), token_ids (this response's tokens),
+finish_reason ("length" | "stop" | "eos"; empty on non-final chunks), num_input_tokens, num_output_tokens (tokens
+in this response), sequence_index (which of the n choices), and with return_log_probs output_log_probs /
+top_logprob_ids / top_logprobs (per token of this response). A stream's tokens leave per scheduler step — the
+step's new tokens of every stream in one response each, or every `stream_interval_steps` steps — then a last
+response per choice carries its finish_reason; the request's very last response carries the FINAL flag. Errors
+are one line to the client ("server busy: …" when the queue is full) and the traceback, if any, goes to Triton's
+log.
 
 The engine is reached in-process — ONNX Runtime (CPU, or the CUDA execution provider), a TensorRT plan or a
 TensorRT-RTX plan (engine_runtimes.py) — or through BLS, by name (`engine_call: bls`, any Triton engine model).
@@ -35,6 +37,7 @@ import traceback
 from pathlib import Path
 
 import numpy as np
+from guided import GuideError, GuideFactory
 from kv_padded import CacheSlot, PaddedKVEngine
 from llm_scheduler import Limits, RequestError, SamplingParams, Scheduler, Sequence, ServerBusy, TextStream
 
@@ -270,6 +273,9 @@ class TritonPythonModel:
             engine = PaddedKVEngine(run, slots, cache["dtype"], limits.max_rows, cache.get("logits", "logits"),
                                     pad_id=int(cache.get("pad_id", 0)), max_batch=max_batch)
         self.scheduler = Scheduler(engine, limits, self.eos)
+        # structured output: the grammar engine is loaded on the first guided request
+        self.guides = GuideFactory(str(tokenizer_dir / "tokenizer.json"), sorted(self.eos),
+                                   self.tokenizer.token_to_id("<think>"), self.tokenizer.token_to_id("</think>"))
         self.metrics = _Metrics({"model": args["model_name"], "version": args["model_version"]})
         self.shutdown = threading.Event()
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -307,9 +313,7 @@ class TritonPythonModel:
         if len(prompt.encode("utf-8")) > self.max_input_len * MAX_PROMPT_BYTES_PER_TOKEN:
             raise RequestError(f"prompt is longer than this deployment accepts ({self.max_input_len} tokens)")
         guide_type = _scalar(request, "guided_decoding_guide_type", str, "")
-        if guide_type:
-            raise RequestError(f"guided_decoding_guide_type {guide_type!r}: structured output is not supported by "
-                               "this generate model")
+        guide_text = _scalar(request, "guided_decoding_guide", str, "")
         top_logprobs = _scalar(request, "top_logprobs", int, 0)
         params = SamplingParams(
             max_tokens=_scalar(request, "max_tokens", int, self.default_max_tokens),
@@ -346,7 +350,18 @@ class TritonPythonModel:
         handle = _Handle(request, prompt, echo, len(prompt_ids), params.n, params.logprobs)
         first = Sequence(prompt_ids, params, text(), handle=handle)
         first.siblings = [Sequence(prompt_ids, params, text(), handle=handle, index=i) for i in range(1, params.n)]
+        if guide_type:
+            for s in first.group:
+                s.guide = self._guide(guide_type, guide_text, prompt_ids)
         return first
+
+    def _guide(self, kind: str, text: str, prompt_ids: list[int]):
+        try:
+            return self.guides.guide(kind, text, prompt_ids)
+        except GuideError as exc:
+            raise RequestError(str(exc)) from None
+        except ImportError as exc:
+            raise RequestError(f"structured output needs xgrammar, which this server lacks ({_line(exc)})") from None
 
     def execute(self, requests):
         for request in requests:
