@@ -22,8 +22,10 @@ from typing import Optional
 
 from aiohttp import web
 
+from .fields import CHAT, COMPLETIONS, check_fields
+from .http_errors import JsonErrorRunner, error_headers
 from .metrics import Metrics
-from .models import ServedModel, read_repositories
+from .models import THINK_END, THINK_START, ServedModel, read_repositories
 from .protocol import (
     ApiError,
     Parsed,
@@ -36,6 +38,7 @@ from .protocol import (
     usage,
 )
 from .reasoning import ReasoningSplitter
+from .special import SpecialTokenFilter
 from .triton import Chunk, TritonClient, TritonError, aclose_quietly, build_request
 
 log = logging.getLogger("r1deploy.gateway")
@@ -111,7 +114,7 @@ class Gateway:
             return response
         except ApiError as exc:
             status = exc.status
-            return web.json_response(exc.body(), status=exc.status)
+            return web.json_response(exc.body(), status=exc.status, headers=error_headers(exc))
         except web.HTTPException as exc:
             status = exc.status
             if exc.status == 413:
@@ -168,6 +171,7 @@ class Gateway:
         received = time.perf_counter()
         raw = await request.read()  # past client_max_size: HTTPRequestEntityTooLarge → 413
         body = parse_body(raw, self.cfg.max_json_depth)
+        check_fields(body, CHAT if chat else COMPLETIONS)
         p = parse_request(body, self.models, chat, self.cfg.sampling)
         request[MODEL_ID] = p.model_id
         rid = new_id("chatcmpl" if chat else "cmpl")
@@ -201,6 +205,9 @@ class Gateway:
         except TritonError as exc:
             raise ApiError(exc.status, str(exc)) from None
         text = "".join(texts)
+        specials = state.special_filter()
+        if specials is not None:
+            text = specials.feed(text) + specials.finish()
         choice: dict = {"index": 0, "logprobs": None, "finish_reason": finish_reason(state.finish)}
         if chat:
             message: dict = {"role": "assistant", "content": text}
@@ -253,13 +260,17 @@ class Gateway:
             return {"index": 0, "text": content, "logprobs": None, "finish_reason": None} if content else None
 
         splitter = state.splitter() if p.separate_reasoning else None
+        specials = state.special_filter()
         if chat:
             await send({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
         try:
             chunk = first
             while chunk is not None:
                 state.count(chunk)
-                r, c = splitter.feed(chunk.text, chunk.token_ids) if splitter else ("", chunk.text)
+                text = chunk.text
+                if specials is not None:
+                    text = specials.feed(text) + (specials.finish() if chunk.final else "")
+                r, c = splitter.feed(text, chunk.token_ids) if splitter else ("", text)
                 if chunk.final and splitter:
                     r2, c2 = splitter.finish()
                     r, c = r + r2, c + c2
@@ -315,6 +326,11 @@ class _Output:
         tok = model.tokenizer
         return ReasoningSplitter(model.think_end_id, lambda ids: tok.decode(ids, skip_special_tokens=True))
 
+    def special_filter(self) -> Optional[SpecialTokenFilter]:
+        if not self.p.strip_special:
+            return None
+        return SpecialTokenFilter(self.p.model.special_texts(keep=(THINK_START, THINK_END)))
+
     def _prompt_tokens(self) -> int:
         if self.prompt_tokens is None:
             self.prompt_tokens = self.p.model.count_tokens(self.p.generation.prompt)
@@ -349,7 +365,9 @@ class GatewayServer:
     async def _main(self) -> None:
         self._stop = asyncio.Event()
         # handler_cancellation: a client that disconnects cancels its handler, and with it the Triton request
-        runner = web.AppRunner(self.gateway.app(), handler_cancellation=True, access_log=None)
+        # JsonErrorRunner: what aiohttp refuses before any handler runs (a request line or header over 8 KB)
+        # is answered in OpenAI's shape too, with one log line and no traceback
+        runner = JsonErrorRunner(self.gateway.app(), handler_cancellation=True, access_log=None)
         await runner.setup()
         try:
             site = web.TCPSite(runner, self.cfg.host, self.cfg.port)

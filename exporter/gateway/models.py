@@ -77,6 +77,11 @@ class ServedModel:
             self._template = ChatTemplate.from_tokenizer_dir(self.tokenizer_dir, self.name)
         return self._template
 
+    def special_texts(self, keep: tuple[str, ...] = ()) -> list[str]:
+        """The text of the tokenizer's special tokens, less `keep` and any tool-call tag (the parsers read those)."""
+        added = self.tokenizer.get_added_tokens_decoder().values()
+        return [t.content for t in added if t.special and t.content not in keep and "tool" not in t.content]
+
     def count_tokens(self, prompt: str) -> int:
         # the same call the generate model makes (tokenizer.encode with its default special-token handling)
         return len(self.tokenizer.encode(prompt).ids)
