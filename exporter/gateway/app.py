@@ -39,6 +39,8 @@ from .protocol import (
 )
 from .reasoning import ReasoningSplitter
 from .special import SpecialTokenFilter
+from .tools import ToolStreamParser, tool_call_delta
+from .tools import split_whole as split_tool_calls
 from .triton import Chunk, TritonClient, TritonError, aclose_quietly, build_request
 
 log = logging.getLogger("r1deploy.gateway")
@@ -211,6 +213,7 @@ class Gateway:
         choice: dict = {"index": 0, "logprobs": None, "finish_reason": finish_reason(state.finish)}
         if chat:
             message: dict = {"role": "assistant", "content": text}
+            reasoning, content = "", text
             if p.separate_reasoning:
                 splitter = state.splitter()
                 r1, c1 = splitter.feed(text, ids)
@@ -218,6 +221,12 @@ class Gateway:
                 reasoning, content = r1 + r2, c1 + c2
                 message["content"] = content if content or not reasoning else None
                 message.update(reasoning_fields(reasoning or None))
+            if p.tools is not None:
+                content, calls = split_tool_calls(content, p.tools.names)
+                if calls:
+                    message["content"] = content if content.strip() else None
+                    message["tool_calls"] = calls
+                    choice["finish_reason"] = "tool_calls"
             choice["message"] = message
         else:
             choice["text"] = text
@@ -261,6 +270,7 @@ class Gateway:
 
         splitter = state.splitter() if p.separate_reasoning else None
         specials = state.special_filter()
+        calls_parser = ToolStreamParser(p.tools.names) if chat and p.tools is not None else None
         if chat:
             await send({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
         try:
@@ -274,9 +284,17 @@ class Gateway:
                 if chunk.final and splitter:
                     r2, c2 = splitter.finish()
                     r, c = r + r2, c + c2
+                calls: list[dict] = []
+                if calls_parser is not None:
+                    c, calls = calls_parser.feed(c)
+                    if chunk.final:
+                        c2, calls2 = calls_parser.finish()
+                        c, calls = c + c2, calls + calls2
                 out = piece(r, c)
                 if out is not None:
                     await send(out)
+                for call in calls:
+                    await send(tool_call_delta(call, calls_parser.calls.index(call)))
                 if chunk.final:
                     break
                 chunk = await it.__anext__()
@@ -287,7 +305,8 @@ class Gateway:
             return resp
         except StopAsyncIteration:
             pass
-        end = {"index": 0, "logprobs": None, "finish_reason": finish_reason(state.finish)}
+        end = {"index": 0, "logprobs": None, "finish_reason": "tool_calls" if calls_parser and calls_parser.calls
+               else finish_reason(state.finish)}
         end.update({"delta": {}} if chat else {"text": ""})
         await send(end)
         state.done()

@@ -175,9 +175,18 @@ CHAT: dict[str, Field] = {f.name: f for f in [
     _f("top_logprobs", "integer", SUPPORTED, "0..20 alternatives per token (with logprobs)", example=0),
     _f("response_format", "object", SUPPORTED, "`text`, `json_object`, `json_schema` (strict): the answer after "
        "`</think>` is constrained token by token (xgrammar)", example={"type": "text"}),
-    _refused("tools", "array", "tools are not implemented yet", example=[{"type": "function", "function": {"name": "f"}}]),
-    _refused("tool_choice", "string|object", "tools are not implemented yet", example="auto"),
-    _refused("parallel_tool_calls", "boolean", "tools are not implemented yet"),
+    _f("tools", "array", SUPPORTED, "function tools, rendered in the chat template's tool format (R1's "
+       "`<｜tool▁calls▁begin｜>` tags); the model's calls come back as `tool_calls` (streamed: one delta per call) with "
+       "`finish_reason: tool_calls`; `strict: true` is refused (arguments are not constrained yet); a template that "
+       "does not render tools: 400",
+       example=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
+    _f("tool_choice", "string|object", SUPPORTED, "`auto` (the default with tools) or `none` (the tools are not "
+       "shown to the model); `required` and a named function are refused until guided decoding forces the call",
+       accepts=lambda v: v in ("auto", "none"), refusal="forcing a call needs guided decoding, not in this server "
+       "yet (use auto)", example="none", refused_example="required"),
+    _f("parallel_tool_calls", "boolean", SUPPORTED, "true: every call the model makes is returned; false is "
+       "refused (nothing limits the model to one call)", accepts=lambda v: v is True,
+       refusal="the model is not limited to one call", example=True, refused_example=False),
     _f("separate_reasoning", "boolean", SUPPORTED, "default true: R1's thought in `reasoning_content` / `reasoning`; "
        "false: the raw text", origin="SGLang", example=True),
     _f("store", "boolean", NOT_APPLICABLE, "false (the default) only: this server stores no completions",

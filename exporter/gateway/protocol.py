@@ -15,6 +15,7 @@ from .chat import TemplateRejected
 from .errors import ApiError
 from .messages import parse_messages
 from .models import ServedModel
+from .tools import ToolSpec, parse_tools, render_prompt
 from .triton import Generation
 
 MAX_STOP_STRINGS = 16
@@ -122,6 +123,7 @@ class Parsed:
     separate_reasoning: bool
     # generate keeps special tokens for the gateway's reasoning split: the others are taken out of the text here
     strip_special: bool = False
+    tools: Optional[ToolSpec] = None  # chat with tools (tool_choice not none): the answer's calls are parsed
 
 
 def lookup_model(body: dict, models: dict[str, ServedModel]) -> tuple[str, ServedModel]:
@@ -162,9 +164,11 @@ def parse_request(body: dict, models: dict[str, ServedModel], chat: bool, profil
     n = _integer(body, "n")
     if n is not None and n != 1:
         raise ApiError(400, f"n must be 1 (this server returns one choice per request), got {n}", "n")
+    tools = None
     if chat:
         try:
-            prompt = model.template.render(parse_messages(body))
+            tools = parse_tools(body)
+            prompt = render_prompt(model.template, parse_messages(body), tools)
         except TemplateRejected as exc:
             raise ApiError(400, str(exc), "messages") from None
     else:
@@ -203,7 +207,8 @@ def parse_request(body: dict, models: dict[str, ServedModel], chat: bool, profil
         raise ApiError(400, "stream_options must be an object", "stream_options")
     include_usage = bool(options and _flag(options, "include_usage", False))
     separate = _flag(body, "separate_reasoning", True) and chat and model.think_end_id is not None
-    keep_specials = chat and model.think_end_id is not None  # the reasoning split needs `</think>` in the text
+    # the reasoning split needs `</think>` in the text, the tool parser the tool-call tags (special in R1's vocabulary)
+    keep_specials = chat and (model.think_end_id is not None or tools is not None)
     client_skip = _flag(body, "skip_special_tokens", True)
     generation = Generation(
         prompt=prompt, max_tokens=max_tokens,
@@ -214,7 +219,8 @@ def parse_request(body: dict, models: dict[str, ServedModel], chat: bool, profil
         skip_special_tokens=client_skip and not keep_specials,
     )
     strip = keep_specials and client_skip and "skip_special_tokens" in model.inputs
-    return Parsed(model_id, model, generation, prompt_tokens, stream, include_usage, separate, strip_special=strip)
+    return Parsed(model_id, model, generation, prompt_tokens, stream, include_usage, separate, strip_special=strip,
+                  tools=tools)
 
 
 def new_id(prefix: str) -> str:
