@@ -1,6 +1,7 @@
 """The OpenAI-compatible gateway: an aiohttp application in front of Triton's gRPC streaming API.
 
-Routes: GET /v1/models[/{id}], POST /v1/chat/completions, POST /v1/completions, GET /health, GET /metrics.
+Routes: GET /v1/models[/{id}], POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings (encoder
+models), POST /tokenize and /detokenize (vLLM's), GET /health, GET /metrics.
 The gateway holds no model: it renders prompts (chat template), counts tokens and checks limits with the
 tokenizer files of the model repository, forwards a request it has validated field by field (never the client's
 body), and turns `generate`'s responses back into OpenAI objects or server-sent events.
@@ -22,6 +23,7 @@ from typing import Optional
 
 from aiohttp import web
 
+from .embeddings import EmbeddingModel, embed, parse_embedding_request, read_embedding_models
 from .fields import CHAT, COMPLETIONS, check_fields
 from .http_errors import JsonErrorRunner, error_headers
 from .metrics import Metrics
@@ -39,6 +41,7 @@ from .protocol import (
 )
 from .reasoning import ReasoningSplitter
 from .special import SpecialTokenFilter
+from .tokens import detokenize, tokenize
 from .tools import ToolStreamParser, tool_call_delta
 from .tools import split_whole as split_tool_calls
 from .triton import Chunk, TritonClient, TritonError, aclose_quietly, build_request
@@ -46,7 +49,9 @@ from .triton import Chunk, TritonClient, TritonError, aclose_quietly, build_requ
 log = logging.getLogger("r1deploy.gateway")
 # the model id a request named, for the metrics (a typed key where aiohttp has them)
 MODEL_ID = web.RequestKey("model_id", str) if hasattr(web, "RequestKey") else "model_id"
-ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/health/live", "/metrics"}
+_KEYED = {"/tokenize", "/detokenize"}  # outside /v1 (vLLM's paths) but the API's, so behind the keys too
+ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/tokenize", "/detokenize",
+             "/health", "/health/live", "/metrics"}
 
 
 @dataclass
@@ -66,8 +71,10 @@ class GatewayConfig:
 class Gateway:
     def __init__(self, cfg: GatewayConfig):
         self.cfg = cfg
-        self.models: dict[str, ServedModel] = read_repositories(cfg.repositories, cfg.served_model_names)
-        for model in self.models.values():
+        self.embedders: dict[str, EmbeddingModel] = read_embedding_models(cfg.repositories)
+        self.models: dict[str, ServedModel] = read_repositories(cfg.repositories, cfg.served_model_names,
+                                                                require=not self.embedders)
+        for model in [*self.models.values(), *self.embedders.values()]:
             _ = model.tokenizer  # loaded now: a missing tokenizer is bad input at start, not a first slow request
         self._keys = [k.encode() for k in cfg.api_keys]
         self.metrics = Metrics()
@@ -80,6 +87,9 @@ class Gateway:
         app.router.add_get("/v1/models/{model:.+}", self.get_model)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/embeddings", self.embeddings)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_post("/detokenize", self.detokenize)
         app.router.add_get("/health", self.health)
         app.router.add_get("/health/live", self.live)
         app.router.add_get("/metrics", self.prometheus)
@@ -109,7 +119,7 @@ class Gateway:
             "/v1/models" if request.path.startswith("/v1/models/") else "other")
         status = 500
         try:
-            if request.path.startswith("/v1/") and not self._authorized(request.headers.get("Authorization", "")):
+            if (request.path.startswith("/v1/") or request.path in _KEYED) and not self._authorized(request.headers.get("Authorization", "")):
                 raise ApiError(401, "Invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key")
             response = await handler(request)
             status = response.status
@@ -138,18 +148,47 @@ class Gateway:
         return {"id": model_id, "object": "model", "created": model.created, "owned_by": "r1deploy",
                 "root": model.name, "max_model_len": model.limits.max_sequence_len}
 
+    def _embedder_object(self, model_id: str, model: EmbeddingModel) -> dict:
+        return {"id": model_id, "object": "model", "created": model.created, "owned_by": "r1deploy",
+                "root": model.name, "max_model_len": model.max_length}
+
+    def _all_models(self) -> dict[str, dict]:
+        objects = {i: self._model_object(i, m) for i, m in self.models.items()}
+        objects.update({i: self._embedder_object(i, m) for i, m in self.embedders.items()})
+        return objects
+
     async def list_models(self, request):
-        data = [self._model_object(i, m) for i, m in sorted(self.models.items())]
+        data = [obj for _, obj in sorted(self._all_models().items())]
         return web.json_response({"object": "list", "data": data})
 
     async def get_model(self, request):
         model_id = request.match_info["model"]
-        if model_id not in self.models:
+        objects = self._all_models()
+        if model_id not in objects:
             raise ApiError(404, f"The model `{model_id}` does not exist", "model", "model_not_found")
-        return web.json_response(self._model_object(model_id, self.models[model_id]))
+        return web.json_response(objects[model_id])
+
+    async def embeddings(self, request):
+        body = parse_body(await request.read(), self.cfg.max_json_depth)
+        r = parse_embedding_request(body, self.embedders, self.models)
+        request[MODEL_ID] = r.model_id
+        try:
+            doc = await embed(self.client, r, self.cfg.request_timeout_s)
+        except TritonError as exc:
+            raise ApiError(exc.status, str(exc)) from None
+        self.metrics.tokens(r.model_id, sum(r.counts), 0)
+        return web.json_response(doc)
+
+    async def tokenize(self, request):
+        body = parse_body(await request.read(), self.cfg.max_json_depth)
+        return web.json_response(tokenize(body, self.models, self.embedders))
+
+    async def detokenize(self, request):
+        body = parse_body(await request.read(), self.cfg.max_json_depth)
+        return web.json_response(detokenize(body, self.models, self.embedders))
 
     async def health(self, request):
-        ready, why = await self.client.ready(sorted({m.name for m in self.models.values()}))
+        ready, why = await self.client.ready(sorted({m.name for m in [*self.models.values(), *self.embedders.values()]}))
         if not ready:
             raise ApiError(503, why)
         return web.json_response({"status": "ready", "triton": self.cfg.triton, "models": sorted(self.models)})

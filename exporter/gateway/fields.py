@@ -247,7 +247,35 @@ EMBEDDINGS: dict[str, Field] = {f.name: f for f in [
     _f("user", "string", NOT_APPLICABLE, "as in chat: nothing here reads it", example="user-1234"),
 ]}
 
-REGISTRIES = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETIONS, "/v1/embeddings": EMBEDDINGS}
+# vLLM's /tokenize and /detokenize (not OpenAI's API): what the model's tokenizer makes of a prompt or a chat
+TOKENIZE: dict[str, Field] = {f.name: f for f in [
+    _f("model", "string", SUPPORTED, "a served model id (an LLM, or an embedding model with `prompt`)",
+       origin="vLLM", example="generate"),
+    _f("prompt", "string", SUPPORTED, "a text, tokenized as the model tokenizes its prompt (give prompt or messages)",
+       origin="vLLM", example="Hello"),
+    _f("messages", "array", SUPPORTED, "a chat, rendered with the model's chat template as /v1/chat/completions "
+       "renders it, then tokenized", origin="vLLM", example=None),
+    _f("tools", "array", SUPPORTED, "with messages: rendered as /v1/chat/completions renders them", origin="vLLM",
+       example=None),
+    _f("add_generation_prompt", "boolean", SUPPORTED, "with messages: default true, as the chat endpoint adds it",
+       origin="vLLM", example=True),
+    _f("add_special_tokens", "boolean", SUPPORTED, "default true: the tokenizer's own special tokens, as the model "
+       "tokenizes its prompt (vLLM's default for messages is false)", origin="vLLM", example=True),
+    _f("return_token_strs", "boolean", SUPPORTED, "`token_strs`: each token's vocabulary string", origin="vLLM",
+       example=True),
+    _refused("continue_final_message", "boolean", "not implemented", "vLLM"),
+    _refused("chat_template", "string", "the model's own chat template is used", "vLLM", example="{{ 1 }}"),
+    _refused("chat_template_kwargs", "object", "no template options", "vLLM", example={}),
+    _refused("mm_processor_kwargs", "object", "text models only", "vLLM", example={}),
+]}
+
+DETOKENIZE: dict[str, Field] = {f.name: f for f in [
+    _f("model", "string", SUPPORTED, "a served model id", origin="vLLM", example="generate"),
+    _f("tokens", "array", SUPPORTED, "token ids, decoded with special tokens kept", origin="vLLM", example=[1]),
+]}
+
+REGISTRIES = {"/v1/chat/completions": CHAT, "/v1/completions": COMPLETIONS, "/v1/embeddings": EMBEDDINGS,
+              "/tokenize": TOKENIZE, "/detokenize": DETOKENIZE}
 
 
 def check_fields(body: dict, registry: dict[str, Field]) -> None:

@@ -163,9 +163,10 @@ def read_model(model_dir: Path) -> Optional[ServedModel]:
     )
 
 
-def read_repositories(repositories: list[Path], aliases: list[str] = ()) -> dict[str, ServedModel]:
+def read_repositories(repositories: list[Path], aliases: list[str] = (), require: bool = True) -> dict[str, ServedModel]:
     """OpenAI model id → ServedModel, for every LLM entry model in the repositories. `aliases`
-    (--served-model-name) name the only LLM, as `r1deploy serve` users call the model by its own name."""
+    (--served-model-name) name the only LLM, as `r1deploy serve` users call the model by its own name.
+    `require=False`: none is fine (the repositories serve embedding models)."""
     found: list[ServedModel] = []
     for repo in repositories:
         repo = Path(repo)
@@ -175,6 +176,8 @@ def read_repositories(repositories: list[Path], aliases: list[str] = ()) -> dict
             model = read_model(model_dir)
             if model is not None:
                 found.append(model)
+    if not found and not require:
+        return {}
     if not found:
         raise BadInput(f"no LLM (a decoupled model with text_input and text_output) in {', '.join(map(str, repositories))}")
     if aliases:

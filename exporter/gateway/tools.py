@@ -102,11 +102,11 @@ def parse_tools(body: dict) -> Optional[ToolSpec]:
     raise _bad("tool_choice must be none, auto, required or a named function", "tool_choice")
 
 
-def render_prompt(template, messages: list[dict], spec: Optional[ToolSpec]) -> str:
-    prompt = template.render(messages)
+def render_prompt(template, messages: list[dict], spec: Optional[ToolSpec], add_generation_prompt: bool = True) -> str:
+    prompt = template.render(messages, add_generation_prompt)
     if spec is None:
         return prompt
-    with_tools = template.render(messages, tools=spec.tools)
+    with_tools = template.render(messages, add_generation_prompt, tools=spec.tools)
     if with_tools == prompt:
         raise _bad("tools: this model's chat template does not render tools (the model would never see them)",
                    "tools", "unsupported_value")
