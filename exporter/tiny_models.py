@@ -40,10 +40,53 @@ TOKENIZER_FILE = DATA / "tokenizer.json"
 # Presets with learned weights: the safetensors file and the record of the training run that wrote it.
 TRAINED = {"r1-distill-tiny": DATA / "r1-distill-tiny.safetensors"}
 
+# DeepSeek-R1's chat format, as its own tokenizer_config.json's template renders it: the system prompts (joined by a
+# blank line) right after bos, user turns, assistant turns with their thought dropped (the text after the last
+# `</think>`) and their tool calls in R1's tool-call tags, tool outputs in R1's tool-output tags, and the generation
+# prompt that opens a thought (none after tool outputs: the model goes on from `<｜tool▁outputs▁end｜>`). Two
+# differences: R1's own template never resets its first-call / first-output flags between turns (a second tool
+# turn loses its `<｜Assistant｜>`): they are reset per turn here; and it does not render `tools` at all, so the
+# function definitions go into the system prompt as vLLM's and SGLang's R1 tool templates put them. A user-only
+# chat renders exactly as before (tested: the trained model's answers depend on it).
+_TOOL_CALL = ("'<｜tool▁call▁begin｜>' + call['type'] + '<｜tool▁sep｜>' + call['function']['name'] + '\\n```json\\n'"
+              " + call['function']['arguments'] + '\\n```<｜tool▁call▁end｜>'")
 CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
-    "{% elif m['role'] == 'assistant' %}<｜Assistant｜>{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<｜Assistant｜><think>\n{% endif %}"
+    "{%- set ns = namespace(system='', tools='', first_system=true, in_tool=false, first_output=true) -%}"
+    "{%- for m in messages if m['role'] == 'system' -%}"
+    "{%- set ns.system = m['content'] if ns.first_system else ns.system + '\\n\\n' + m['content'] -%}"
+    "{%- set ns.first_system = false -%}"
+    "{%- endfor -%}"
+    "{%- if tools -%}"
+    "{%- set ns.tools = '## Tools\\n\\nTo call a function, answer with\\n<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>"
+    "function<｜tool▁sep｜>NAME\\n```json\\n{\"argument\": \"value\"}\\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>\\n"
+    "(one tool-call block per call, inside one tool-calls block). The functions:\\n' -%}"
+    "{%- for tool in tools -%}{%- set ns.tools = ns.tools + '\\n```json\\n' + (tool | tojson) + '\\n```\\n' -%}{%- endfor -%}"
+    "{%- set ns.system = ns.tools if ns.first_system else ns.system + '\\n\\n' + ns.tools -%}"
+    "{%- endif -%}"
+    "{{ bos_token }}{{ ns.system }}"
+    "{%- for m in messages -%}"
+    "{%- if m['role'] == 'user' -%}"
+    "{%- set ns.in_tool = false -%}<｜User｜>{{ m['content'] }}"
+    "{%- elif m['role'] == 'assistant' -%}"
+    "{%- set content = m['content'] or '' -%}"
+    "{%- if '</think>' in content -%}{%- set content = content.split('</think>')[-1] -%}{%- endif -%}"
+    "{%- if ns.in_tool -%}<｜tool▁outputs▁end｜>{%- else -%}<｜Assistant｜>{%- endif -%}"
+    "{%- set ns.in_tool = false -%}{%- set ns.first_output = true -%}"
+    "{{ content }}"
+    "{%- if m['tool_calls'] is defined and m['tool_calls'] -%}"
+    "<｜tool▁calls▁begin｜>"
+    "{%- for call in m['tool_calls'] -%}{%- if not loop.first -%}{{ '\\n' }}{%- endif -%}{{ " + _TOOL_CALL + " }}{%- endfor -%}"
+    "<｜tool▁calls▁end｜>"
+    "{%- endif -%}"
+    "{{ eos_token }}"
+    "{%- elif m['role'] == 'tool' -%}"
+    "{%- if ns.first_output -%}<｜tool▁outputs▁begin｜>{%- endif -%}"
+    "<｜tool▁output▁begin｜>{{ m['content'] }}<｜tool▁output▁end｜>"
+    "{%- set ns.in_tool = true -%}{%- set ns.first_output = false -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if ns.in_tool -%}<｜tool▁outputs▁end｜>{%- endif -%}"
+    "{%- if add_generation_prompt and not ns.in_tool -%}<｜Assistant｜><think>{{ '\\n' }}{%- endif -%}"
 )
 
 
@@ -209,7 +252,8 @@ def build_model(preset: str, tok):
 
 
 def _fingerprint(preset: str) -> str:
-    payload = {"config": TINY_CONFIGS[preset], "seed": SEED, "vocab": VOCAB_SIZE, "tokenizer": artifacts.sha256_file(TOKENIZER_FILE)}
+    payload = {"config": TINY_CONFIGS[preset], "seed": SEED, "vocab": VOCAB_SIZE, "tokenizer": artifacts.sha256_file(TOKENIZER_FILE),
+               "chat_template": artifacts.sha256_text(CHAT_TEMPLATE)}  # a changed template rewrites the checkpoint
     if preset in TRAINED:
         payload["weights"] = artifacts.sha256_file(TRAINED[preset])
     return artifacts.sha256_text(json.dumps(payload, sort_keys=True))[:16]

@@ -1,6 +1,7 @@
 """The OpenAI-compatible gateway: an aiohttp application in front of Triton's gRPC streaming API.
 
-Routes: GET /v1/models[/{id}], POST /v1/chat/completions, POST /v1/completions, GET /health, GET /metrics.
+Routes: GET /v1/models[/{id}], POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings (encoder
+models), POST /tokenize and /detokenize (vLLM's), GET /health, GET /metrics.
 The gateway holds no model: it renders prompts (chat template), counts tokens and checks limits with the
 tokenizer files of the model repository, forwards a request it has validated field by field (never the client's
 body), and turns `generate`'s responses back into OpenAI objects or server-sent events.
@@ -23,8 +24,11 @@ from typing import Optional
 from aiohttp import web
 
 from ..health import PROBE_TIMEOUT_S, Verdict
+from .embeddings import EmbeddingModel, embed, parse_embedding_request, read_embedding_models
+from .fields import CHAT, COMPLETIONS, check_fields
+from .http_errors import JsonErrorRunner, error_headers
 from .metrics import Metrics
-from .models import ServedModel, read_repositories
+from .models import THINK_END, THINK_START, ServedModel, read_repositories
 from .protocol import (
     ApiError,
     Parsed,
@@ -39,12 +43,18 @@ from .protocol import (
     usage,
 )
 from .reasoning import ReasoningSplitter
+from .special import SpecialTokenFilter
+from .tokens import detokenize, tokenize
+from .tools import ToolStreamParser, tool_call_delta
+from .tools import split_whole as split_tool_calls
 from .triton import Chunk, TritonClient, TritonError, aclose_quietly, build_request
 
 log = logging.getLogger("r1deploy.gateway")
 # the model id a request named, for the metrics (a typed key where aiohttp has them)
 MODEL_ID = web.RequestKey("model_id", str) if hasattr(web, "RequestKey") else "model_id"
-ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/health/live", "/metrics"}
+_KEYED = {"/tokenize", "/detokenize"}  # outside /v1 (vLLM's paths) but the API's, so behind the keys too
+ENDPOINTS = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/tokenize", "/detokenize",
+             "/health", "/health/live", "/metrics"}
 
 
 @dataclass
@@ -69,8 +79,10 @@ class GatewayConfig:
 class Gateway:
     def __init__(self, cfg: GatewayConfig):
         self.cfg = cfg
-        self.models: dict[str, ServedModel] = read_repositories(cfg.repositories, cfg.served_model_names)
-        for model in self.models.values():
+        self.embedders: dict[str, EmbeddingModel] = read_embedding_models(cfg.repositories)
+        self.models: dict[str, ServedModel] = read_repositories(cfg.repositories, cfg.served_model_names,
+                                                                require=not self.embedders)
+        for model in [*self.models.values(), *self.embedders.values()]:
             _ = model.tokenizer  # loaded now: a missing tokenizer is bad input at start, not a first slow request
         self._keys = [k.encode() for k in cfg.api_keys]
         self.metrics = Metrics()
@@ -87,6 +99,9 @@ class Gateway:
         app.router.add_get("/v1/models/{model:.+}", self.get_model)
         app.router.add_post("/v1/chat/completions", self.chat)
         app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/embeddings", self.embeddings)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_post("/detokenize", self.detokenize)
         app.router.add_get("/health", self.health)
         app.router.add_get("/health/live", self.live)
         app.router.add_get("/metrics", self.prometheus)
@@ -145,16 +160,14 @@ class Gateway:
             "/v1/models" if request.path.startswith("/v1/models/") else "other")
         status = 500
         try:
-            if request.path.startswith("/v1/") and not self._authorized(request.headers.get("Authorization", "")):
+            if (request.path.startswith("/v1/") or request.path in _KEYED) and not self._authorized(request.headers.get("Authorization", "")):
                 raise ApiError(401, "Invalid or missing API key (Authorization: Bearer KEY)", code="invalid_api_key")
             response = await handler(request)
             status = response.status
             return response
         except ApiError as exc:
             status = exc.status
-            # a full queue or a model being brought back: worth retrying soon (OpenAI's clients honour it)
-            headers = {"Retry-After": "1"} if exc.status in (429, 503) else None
-            return web.json_response(exc.body(), status=exc.status, headers=headers)
+            return web.json_response(exc.body(), status=exc.status, headers=error_headers(exc))
         except web.HTTPException as exc:
             status = exc.status
             if exc.status == 413:
@@ -176,20 +189,49 @@ class Gateway:
         return {"id": model_id, "object": "model", "created": model.created, "owned_by": "r1deploy",
                 "root": model.name, "max_model_len": model.limits.max_sequence_len}
 
+    def _embedder_object(self, model_id: str, model: EmbeddingModel) -> dict:
+        return {"id": model_id, "object": "model", "created": model.created, "owned_by": "r1deploy",
+                "root": model.name, "max_model_len": model.max_length}
+
+    def _all_models(self) -> dict[str, dict]:
+        objects = {i: self._model_object(i, m) for i, m in self.models.items()}
+        objects.update({i: self._embedder_object(i, m) for i, m in self.embedders.items()})
+        return objects
+
     async def list_models(self, request):
-        data = [self._model_object(i, m) for i, m in sorted(self.models.items())]
+        data = [obj for _, obj in sorted(self._all_models().items())]
         return web.json_response({"object": "list", "data": data})
 
     async def get_model(self, request):
         model_id = request.match_info["model"]
-        if model_id not in self.models:
+        objects = self._all_models()
+        if model_id not in objects:
             raise ApiError(404, f"The model `{model_id}` does not exist", "model", "model_not_found")
-        return web.json_response(self._model_object(model_id, self.models[model_id]))
+        return web.json_response(objects[model_id])
+
+    async def embeddings(self, request):
+        body = parse_body(await request.read(), self.cfg.max_json_depth)
+        r = parse_embedding_request(body, self.embedders, self.models)
+        request[MODEL_ID] = r.model_id
+        try:
+            doc = await embed(self.client, r, self.cfg.request_timeout_s)
+        except TritonError as exc:
+            raise ApiError(exc.status, str(exc)) from None
+        self.metrics.tokens(r.model_id, sum(r.counts), 0)
+        return web.json_response(doc)
+
+    async def tokenize(self, request):
+        body = parse_body(await request.read(), self.cfg.max_json_depth)
+        return web.json_response(tokenize(body, self.models, self.embedders))
+
+    async def detokenize(self, request):
+        body = parse_body(await request.read(), self.cfg.max_json_depth)
+        return web.json_response(detokenize(body, self.models, self.embedders))
 
     async def health(self, request):
-        """Ready: Triton and every model ready, and every model answering its health probe (exporter/health.py) —
+        """Ready: Triton and every model ready, and every LLM model answering its health probe (exporter/health.py) —
         Triton's own readiness stays green when a model's process is dead."""
-        ready, why = await self.client.ready(sorted(self.engines))
+        ready, why = await self.client.ready(sorted({*self.engines, *(m.name for m in self.embedders.values())}))
         if not ready:
             raise ApiError(503, why)
         for name, verdict in sorted(self.verdicts.items()):
@@ -218,6 +260,7 @@ class Gateway:
         received = time.perf_counter()
         raw = await request.read()  # past client_max_size: HTTPRequestEntityTooLarge → 413
         body = parse_body(raw, self.cfg.max_json_depth)
+        check_fields(body, CHAT if chat else COMPLETIONS)
         p = parse_request(body, self.models, chat, self.cfg.sampling)
         request[MODEL_ID] = p.model_id
         self._gate(p.model)
@@ -256,9 +299,13 @@ class Gateway:
         choices = []
         for index, run in enumerate(ordered):
             text = run.text
+            specials = state.special_filter()
+            if specials is not None:
+                text = specials.feed(text) + specials.finish()
             choice: dict = {"index": index, "logprobs": None, "finish_reason": finish_reason(run.finish or state.finish)}
             if chat:
                 message: dict = {"role": "assistant", "content": text}
+                reasoning, content = "", text
                 if p.separate_reasoning:
                     splitter = state.splitter()
                     r1, c1 = splitter.feed(text, run.ids)
@@ -266,6 +313,12 @@ class Gateway:
                     reasoning, content = r1 + r2, c1 + c2
                     message["content"] = content if content or not reasoning else None
                     message.update(reasoning_fields(reasoning or None))
+                if p.tools is not None:
+                    content, calls = split_tool_calls(content, p.tools.names)
+                    if calls:
+                        message["content"] = content if content.strip() else None
+                        message["tool_calls"] = calls
+                        choice["finish_reason"] = "tool_calls"
                 choice["message"] = message
                 if p.logprobs:
                     choice["logprobs"] = {"content": chat_logprobs(decode, run.ids, run.logprobs, run.top_ids,
@@ -338,10 +391,13 @@ class Gateway:
         finished: dict[int, str] = {}
 
         async def end(index: int, reason: str) -> None:
-            out = {"index": index, "logprobs": None, "finish_reason": finish_reason(reason)}
+            called = index in parsers and parsers[index].calls
+            out = {"index": index, "logprobs": None, "finish_reason": "tool_calls" if called else finish_reason(reason)}
             out.update({"delta": {}} if chat else {"text": ""})
             await send(out)
 
+        specials_of = {i: state.special_filter() for i in range(p.n)}
+        parsers = {i: ToolStreamParser(p.tools.names) for i in range(p.n)} if chat and p.tools is not None else {}
         if chat:
             for i in range(p.n):
                 await send({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -352,14 +408,27 @@ class Gateway:
                 state.count(chunk)
                 i = chunk.index
                 splitter = splitters.get(i)
-                r, c = splitter.feed(chunk.text, chunk.token_ids) if splitter else ("", chunk.text)
                 last = chunk.final or bool(chunk.finish_reason)
+                text = chunk.text
+                specials = specials_of.get(i)
+                if specials is not None:
+                    text = specials.feed(text) + (specials.finish() if last else "")
+                r, c = splitter.feed(text, chunk.token_ids) if splitter else ("", text)
                 if last and splitter:
                     r2, c2 = splitter.finish()
                     r, c = r + r2, c + c2
+                calls: list[dict] = []
+                calls_parser = parsers.get(i)
+                if calls_parser is not None:
+                    c, calls = calls_parser.feed(c)
+                    if last:
+                        c2, calls2 = calls_parser.finish()
+                        c, calls = c + c2, calls + calls2
                 out = piece(i, r, c, chunk)
                 if out is not None:
                     await send(out)
+                for call in calls:
+                    await send(tool_call_delta(call, calls_parser.calls.index(call), i))
                 if chunk.finish_reason and i not in finished:
                     finished[i] = chunk.finish_reason
                     await end(i, chunk.finish_reason)
@@ -442,6 +511,11 @@ class _Output:
         tok = model.tokenizer
         return ReasoningSplitter(model.think_end_id, lambda ids: tok.decode(ids, skip_special_tokens=True))
 
+    def special_filter(self) -> Optional[SpecialTokenFilter]:
+        if not self.p.strip_special:
+            return None
+        return SpecialTokenFilter(self.p.model.special_texts(keep=(THINK_START, THINK_END)))
+
     def _prompt_tokens(self) -> int:
         if self.prompt_tokens is None:
             self.prompt_tokens = self.p.model.count_tokens(self.p.generation.prompt)
@@ -476,7 +550,9 @@ class GatewayServer:
     async def _main(self) -> None:
         self._stop = asyncio.Event()
         # handler_cancellation: a client that disconnects cancels its handler, and with it the Triton request
-        runner = web.AppRunner(self.gateway.app(), handler_cancellation=True, access_log=None)
+        # JsonErrorRunner: what aiohttp refuses before any handler runs (a request line or header over 8 KB)
+        # is answered in OpenAI's shape too, with one log line and no traceback
+        runner = JsonErrorRunner(self.gateway.app(), handler_cancellation=True, access_log=None)
         await runner.setup()
         try:
             site = web.TCPSite(runner, self.cfg.host, self.cfg.port)

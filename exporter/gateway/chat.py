@@ -68,11 +68,13 @@ class ChatTemplate:
         special = {k: token(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
         return cls(source, special, str(tokenizer_dir))
 
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict], add_generation_prompt: bool = True, tools: list[dict] | None = None) -> str:
         import jinja2
 
+        extra = {"tools": tools} if tools else {}  # as transformers: `tools` undefined when there are none
         try:
-            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.special)
+            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **extra,
+                                        **self.special)
         except TemplateRejected:
             raise
         except jinja2.exceptions.SecurityError as exc:

@@ -77,6 +77,11 @@ class ServedModel:
             self._template = ChatTemplate.from_tokenizer_dir(self.tokenizer_dir, self.name)
         return self._template
 
+    def special_texts(self, keep: tuple[str, ...] = ()) -> list[str]:
+        """The text of the tokenizer's special tokens, less `keep` and any tool-call tag (the parsers read those)."""
+        added = self.tokenizer.get_added_tokens_decoder().values()
+        return [t.content for t in added if t.special and t.content not in keep and "tool" not in t.content]
+
     def count_tokens(self, prompt: str) -> int:
         # the same call the generate model makes (tokenizer.encode with its default special-token handling)
         return len(self.tokenizer.encode(prompt).ids)
@@ -158,9 +163,10 @@ def read_model(model_dir: Path) -> Optional[ServedModel]:
     )
 
 
-def read_repositories(repositories: list[Path], aliases: list[str] = ()) -> dict[str, ServedModel]:
+def read_repositories(repositories: list[Path], aliases: list[str] = (), require: bool = True) -> dict[str, ServedModel]:
     """OpenAI model id → ServedModel, for every LLM entry model in the repositories. `aliases`
-    (--served-model-name) name the only LLM, as `r1deploy serve` users call the model by its own name."""
+    (--served-model-name) name the only LLM, as `r1deploy serve` users call the model by its own name.
+    `require=False`: none is fine (the repositories serve embedding models)."""
     found: list[ServedModel] = []
     for repo in repositories:
         repo = Path(repo)
@@ -170,6 +176,8 @@ def read_repositories(repositories: list[Path], aliases: list[str] = ()) -> dict
             model = read_model(model_dir)
             if model is not None:
                 found.append(model)
+    if not found and not require:
+        return {}
     if not found:
         raise BadInput(f"no LLM (a decoupled model with text_input and text_output) in {', '.join(map(str, repositories))}")
     if aliases:

@@ -5,32 +5,20 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import uuid
 from dataclasses import dataclass
 from typing import Any, Optional
 
 from .chat import TemplateRejected
+from .errors import ApiError
+from .messages import parse_messages
 from .models import ServedModel
+from .tools import ToolSpec, parse_tools, render_prompt
 from .triton import Generation
 
 MAX_STOP_STRINGS = 16
-
-_ERROR_TYPES = {
-    400: "invalid_request_error", 401: "authentication_error", 404: "invalid_request_error",
-    405: "invalid_request_error", 413: "invalid_request_error", 429: "rate_limit_error",
-    500: "server_error", 502: "server_error", 503: "service_unavailable", 504: "server_error",
-}
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: Optional[str] = None, code: Optional[str] = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-
-    def body(self) -> dict:
-        return {"error": {"message": self.message, "type": _ERROR_TYPES.get(self.status, "server_error"),
-                          "param": self.param, "code": self.code}}
 
 
 def json_depth_exceeds(value: Any, limit: int) -> bool:
@@ -57,7 +45,42 @@ def parse_body(raw: bytes, max_depth: int) -> dict:
         raise ApiError(400, "request body must be a JSON object")
     if json_depth_exceeds(body, max_depth):
         raise ApiError(400, f"JSON nested deeper than {max_depth} levels")
+    if _SURROGATE_ESCAPE.search(raw):
+        unencodable_string(body)
     return body
+
+
+# a lone surrogate can only come from a \uD800-\uDFFF escape (raw bytes that are not UTF-8 fail to parse): only a
+# body with such an escape is walked (a valid pair, an escaped emoji, is joined by the parser and passes the walk)
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def unencodable_string(body: dict) -> None:
+    """400 naming a field (`messages[0].content`, `stop[1]`, a key's object) holding a string that is not
+    encodable as UTF-8 (a lone surrogate such as "a\\ud800b"), before anything encodes it."""
+    stack: list[tuple[Any, str]] = [(body, "")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, dict):
+            for key, value in item.items():
+                where = f"{path}.{key}" if path else str(key)
+                if not _encodable(key):
+                    raise ApiError(400, f"a field name in {path or 'the body'} is not valid Unicode (a lone "
+                                   "surrogate)", path or None, "invalid_string")
+                stack.append((value, where))
+        elif isinstance(item, list):
+            stack.extend((value, f"{path}[{i}]") for i, value in enumerate(item))
+        elif isinstance(item, str) and not _encodable(item):
+            raise ApiError(400, f"{path} is not valid Unicode: it holds a lone surrogate (a \\uD800-\\uDFFF escape "
+                           "without its pair)", path, "invalid_string")
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _number(body: dict, key: str, lo: float, hi: float, lo_open: bool = False) -> Optional[float]:
@@ -102,6 +125,9 @@ class Parsed:
     logprobs: bool = False  # the client asked for logprobs (generation.logprobs may be set for best_of alone)
     top_logprobs: int = 0
     echo: bool = False  # completions: the prompt before each choice's text
+    # generate keeps special tokens for the gateway's reasoning split: the others are taken out of the text here
+    strip_special: bool = False
+    tools: Optional[ToolSpec] = None  # chat with tools (tool_choice not none): the answer's calls are parsed
 
 
 MAX_N = 16  # choices (and best_of) of one request: the generate model's limit
@@ -258,31 +284,6 @@ def lookup_model(body: dict, models: dict[str, ServedModel]) -> tuple[str, Serve
     return model_id, models[model_id]
 
 
-def _messages(body: dict) -> list[dict]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise ApiError(400, "messages must be a non-empty list", "messages")
-    out = []
-    for i, m in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise ApiError(400, f"{where} must be an object with a role", where)
-        content = m.get("content")
-        if isinstance(content, list):  # content parts: text only
-            texts = []
-            for part in content:
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise ApiError(400, f"{where}.content: only text parts are supported", where)
-                texts.append(part["text"])
-            content = "".join(texts)
-        elif content is None:
-            content = ""
-        elif not isinstance(content, str):
-            raise ApiError(400, f"{where}.content must be a string or a list of text parts", where)
-        out.append({"role": m["role"], "content": content})
-    return out
-
-
 def _prompt(body: dict) -> str:
     prompt = body.get("prompt")
     if isinstance(prompt, list):
@@ -294,11 +295,25 @@ def _prompt(body: dict) -> str:
     return prompt
 
 
+def _max_tokens(body: dict, limits) -> int:
+    """max_completion_tokens wins over max_tokens, and each one given is checked (a bad one is never hidden)."""
+    chosen = None
+    for key in ("max_tokens", "max_completion_tokens"):
+        value = _integer(body, key)
+        if value is not None:
+            if not 1 <= value <= limits.max_output_len:
+                raise ApiError(400, f"{key} must lie in 1..{limits.max_output_len}, got {value}", key)
+            chosen = value
+    return limits.default_max_tokens if chosen is None else chosen
+
+
 def parse_request(body: dict, models: dict[str, ServedModel], chat: bool, profile_sampling: dict) -> Parsed:
     model_id, model = lookup_model(body, models)
+    tools = None
     if chat:
         try:
-            prompt = model.template.render(_messages(body))
+            tools = parse_tools(body)
+            prompt = render_prompt(model.template, parse_messages(body), tools)
         except TemplateRejected as exc:
             raise ApiError(400, str(exc), "messages") from None
     else:
@@ -310,12 +325,7 @@ def parse_request(body: dict, models: dict[str, ServedModel], chat: bool, profil
     if prompt_tokens is not None and prompt_tokens > limits.max_input_len:
         raise ApiError(400, f"prompt has {prompt_tokens} tokens; this deployment accepts at most {limits.max_input_len}",
                        "messages" if chat else "prompt", "context_length_exceeded")
-    key = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _integer(body, key)
-    if max_tokens is None:
-        max_tokens = limits.default_max_tokens
-    elif not 1 <= max_tokens <= limits.max_output_len:
-        raise ApiError(400, f"{key} must lie in 1..{limits.max_output_len}, got {max_tokens}", key)
+    max_tokens = _max_tokens(body, limits)
     temperature = _number(body, "temperature", 0.0, 2.0)
     top_p = _number(body, "top_p", 0.0, 1.0, lo_open=True)
     defaults = {**model.default_sampling, **profile_sampling}
@@ -344,13 +354,16 @@ def parse_request(body: dict, models: dict[str, ServedModel], chat: bool, profil
     separate = _flag(body, "separate_reasoning", True) and chat and model.think_end_id is not None
     sampling = _sampling_fields(body, chat, model, stream, max_tokens)
     guide_type, guide = _response_format(body, model)
+    # the reasoning split needs `</think>` in the text, the tool parser the tool-call tags (special in R1's vocabulary)
+    keep_specials = chat and (model.think_end_id is not None or tools is not None)
+    client_skip = _flag(body, "skip_special_tokens", True)
     generation = Generation(
         prompt=prompt, max_tokens=max_tokens,
         temperature=temperature if temperature is not None else defaults.get("temperature"),
         top_p=top_p if top_p is not None else defaults.get("top_p"),
         seed=seed, stop=stop, stream=stream, ignore_eos=ignore_eos,
         # keep `</think>` in the text where the model can (the reasoning split, and the raw text, need it)
-        skip_special_tokens=not (chat and model.think_end_id is not None),
+        skip_special_tokens=client_skip and not keep_specials,
         presence_penalty=sampling.presence_penalty, frequency_penalty=sampling.frequency_penalty,
         repetition_penalty=sampling.repetition_penalty, min_tokens=sampling.min_tokens,
         logit_bias=sampling.logit_bias, n=sampling.best_of,
@@ -358,8 +371,10 @@ def parse_request(body: dict, models: dict[str, ServedModel], chat: bool, profil
         logprobs=sampling.logprobs or sampling.best_of > sampling.n, top_logprobs=sampling.top_logprobs,
         guide_type=guide_type, guide=guide,
     )
+    strip = keep_specials and client_skip and "skip_special_tokens" in model.inputs
     return Parsed(model_id, model, generation, prompt_tokens, stream, include_usage, separate, n=sampling.n,
-                  logprobs=sampling.logprobs, top_logprobs=sampling.top_logprobs, echo=sampling.echo)
+                  logprobs=sampling.logprobs, top_logprobs=sampling.top_logprobs, echo=sampling.echo,
+                  strip_special=strip, tools=tools)
 
 
 def new_id(prefix: str) -> str:

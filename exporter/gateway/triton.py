@@ -278,6 +278,20 @@ class TritonClient:
             if not finished:
                 call.cancel()
 
+    async def infer(self, request: pb.ModelInferRequest, timeout_s: Optional[float] = None) -> pb.ModelInferResponse:
+        """One unary request (a model that is not decoupled: the embedding ensemble, an encoder)."""
+        try:
+            return await self.stub.ModelInfer(request, timeout=timeout_s)
+        except grpc.aio.AioRpcError as exc:
+            code, details = exc.code(), exc.details() or ""
+            if code is grpc.StatusCode.INVALID_ARGUMENT:
+                status = error_status(details)
+            elif code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.NOT_FOUND):
+                status = 503
+            else:
+                status = 504 if code is grpc.StatusCode.DEADLINE_EXCEEDED else 500
+            raise TritonError(f"Triton at {self.url}: {code.name}: {details}", status) from None
+
     async def close(self) -> None:
         await self.channel.close(grace=None)
 

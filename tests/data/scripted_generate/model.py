@@ -27,6 +27,13 @@ SCRIPTS = {
     "open": ["<think>", "Let me th", "ink.</th", "ink>\n\nThe ans", "wer is 4."],
     # the thought never closes (cut by max_tokens)
     "unclosed": ["Still thinking", " about it"],
+    # R1's tool-call format after the thought: some content, then two calls, tags and arguments split across chunks
+    "tool": ["I should look it up.</think>", "\n\nLet me check.", "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function",
+             "<｜tool▁sep｜>get_weather\n```json\n{\"city\": ", "\"Paris\"}\n```<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>",
+             "function<｜tool▁sep｜>get_time\n```json\n{}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>"],
+    # a call whose arguments are not JSON: left in the content as written
+    "tool-bad": ["Hm.</think>", "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n",
+                 "{city: Paris}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>"],
 }
 TAGS = ("<think>", "</think>")
 
