@@ -229,10 +229,14 @@ COMPLETIONS: dict[str, Field] = {f.name: f for f in [
     _f("prompt", "string|array", SUPPORTED, "a string, or a list of one string (one prompt per request; token-id "
        "prompts are refused)", example="Hello"),
     *_SAMPLING,
-    _f("logprobs", "integer", SUPPORTED, "0..5 alternatives per token, after the sampler's processing", example=0),
-    _f("echo", "boolean", SUPPORTED, "the prompt before the completion", example=False),
-    _f("suffix", "string", SUPPORTED, "text after the completion", example=""),
+    _f("logprobs", "integer", SUPPORTED, "0..20 alternatives per token, after the sampler's processing", example=0),
+    _f("echo", "boolean", SUPPORTED, "the prompt before the completion (with logprobs: refused, the prompt's "
+       "logprobs are not computed)", example=False),
+    _f("suffix", "string", SUPPORTED, "only empty: a non-empty suffix is refused with a 400 (the served models have no "
+       "fill-in-the-middle tokens)", example=""),
     _f("best_of", "integer", SUPPORTED, "candidates generated, the `n` most likely returned (≥ n)", example=1),
+    _f("response_format", "object", SUPPORTED, "vLLM's extension: `text`, `json_object`, `json_schema` enforced token "
+       "by token (xgrammar)", origin="vLLM", example={"type": "text"}),
     *_EXTENSIONS_REFUSED,
 ]}
 
