@@ -412,8 +412,8 @@ def test_every_error_status_reaches_the_client(client, gateway, repos):
 
     chat = client.chat.completions.create
     msg = [{"role": "user", "content": "hi"}]
-    e = _status_error(lambda: chat(model="generate", messages=msg, n=2))
-    assert e.status_code == 400 and isinstance(e, openai.BadRequestError) and "n must be 1" in e.message
+    e = _status_error(lambda: chat(model="generate", messages=msg, n=17))
+    assert e.status_code == 400 and isinstance(e, openai.BadRequestError) and "n must lie in 1..16" in e.message
     e = _status_error(lambda: chat(model="generate", messages=msg, temperature=5))
     assert e.status_code == 400 and e.body["param"] == "temperature"
     e = _status_error(lambda: chat(model="scripted", messages=[{"role": "user", "content": "word " * 100}]))
@@ -491,7 +491,7 @@ def test_health_and_metrics(gateway, client):
 
     client.completions.create(model="generate", prompt=PROMPT, max_tokens=2)
     with pytest.raises(openai.BadRequestError):
-        client.completions.create(model="generate", prompt=PROMPT, max_tokens=2, n=3)
+        client.completions.create(model="generate", prompt=PROMPT, max_tokens=2, n=17)
     with urllib.request.urlopen(gateway + "/health", timeout=10) as r:
         assert json.loads(r.read())["status"] == "ready"
     with urllib.request.urlopen(gateway + "/metrics", timeout=10) as r:

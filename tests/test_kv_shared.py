@@ -131,3 +131,29 @@ def test_kv_shared_imports_only_numpy_and_onnxruntime():
     modules = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     modules |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert modules == {"numpy", "onnxruntime"}
+
+
+def test_fork_copies_a_row_and_the_copies_decode_as_the_source(fused_path):
+    """n choices over the fused graph: a prefilled row forked into two free rows (one inside, one past the span
+    of running rows); all three then decode the same greedy tokens as the prompt alone, and a row in use or a
+    row without a prompt is refused."""
+    prompt = _prompts(3, [13])[0]
+    want = _alone(fused_path, prompt, 8)
+    engine = SharedKVEngine.from_path(fused_path, max_rows=5, max_seq=64, threads=1)
+    other = _prompts(4, [9])[0]
+    first = engine.prefill([0, 2], [prompt, other])
+    engine.fork(0, [1, 4])
+    assert [engine.cached(r) for r in range(5)] == [13, 13, 9, 0, 13]
+    tokens = {r: [int(first[0].argmax())] for r in (0, 1, 4)}
+    others = [int(first[1].argmax())]
+    while len(tokens[0]) < 8:
+        logits = engine.decode([0, 1, 2, 4], [tokens[0][-1], tokens[1][-1], others[-1], tokens[4][-1]])
+        for i, r in enumerate((0, 1, 4)):
+            tokens[r].append(int(logits[[0, 1, 3][i]].argmax()))
+        others.append(int(logits[2].argmax()))
+    assert tokens[0] == tokens[1] == tokens[4] == want
+    assert others == _alone(fused_path, other, 8)
+    with pytest.raises(ValueError, match="in use"):
+        engine.fork(0, [2])
+    with pytest.raises(ValueError, match="no prompt"):
+        engine.fork(3, [3])

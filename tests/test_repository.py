@@ -83,9 +83,14 @@ def test_profiles_generate_parse_and_match_onnx(workdir, tmp_path, model, profil
         assert [i.name for i in gen.input] == [
             "text_input", "max_tokens", "temperature", "top_p", "seed", "stop_words", "stop", "stream", "ignore_eos",
             "exclude_input_in_output", "skip_special_tokens", "return_num_input_tokens", "return_num_output_tokens",
+            "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "logit_bias",
+            "num_return_sequences", "return_log_probs", "top_logprobs", "guided_decoding_guide_type",
+            "guided_decoding_guide",
         ]
         assert [i.name for i in gen.input if not i.optional] == ["text_input"]
-        assert [o.name for o in gen.output] == ["text_output", "token_ids", "finish_reason", "num_input_tokens", "num_output_tokens"]
+        assert [o.name for o in gen.output] == ["text_output", "token_ids", "finish_reason", "num_input_tokens",
+                                                "num_output_tokens", "sequence_index", "output_log_probs",
+                                                "top_logprob_ids", "top_logprobs"]
         assert not gen.response_cache.enable
         assert gen.parameters["engine_call"].string_value == "bls"
         sched = json.loads(gen.parameters["scheduler"].string_value)

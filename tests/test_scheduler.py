@@ -226,3 +226,243 @@ def test_engine_runners_fail_at_load_with_one_line_naming_what_is_missing(tmp_pa
             feeds[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
     (logits,) = run(feeds, ["logits"])
     assert logits.shape[:2] == (1, 3)
+
+
+# ---- logits processing, log-probabilities, n choices -----------------------------------------------------------
+class Stepper:
+    """An independent greedy loop over the same ONNX session that lets the test choose each next token from the
+    raw logits with its own (plain Python, per-token) processing: the reference for the scheduler's batched one."""
+
+    def __init__(self, session):
+        self.session = session
+        self.past = [i for i in session.get_inputs() if i.name.startswith("past_key_values.")]
+        self.outputs = [o.name for o in session.get_outputs()]
+
+    def run(self, prompt_ids, max_tokens, choose, eos=frozenset()):
+        """`choose(raw_logits, tokens_so_far) -> token`; returns (tokens, raw logits of each step)."""
+        n = len(prompt_ids)
+        feeds = {"input_ids": np.asarray([prompt_ids], np.int64), "attention_mask": np.ones((1, n), np.int64),
+                 "position_ids": np.arange(n, dtype=np.int64)[None, :]}
+        for i in self.past:
+            feeds[i.name] = np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32)
+        tokens, raws = [], []
+        while len(tokens) < max_tokens:
+            out = dict(zip(self.outputs, self.session.run(self.outputs, feeds), strict=True))
+            raw = out["logits"][0, -1].astype(np.float64)
+            token = choose(raw, tokens)
+            if token in eos:
+                break
+            tokens.append(token)
+            raws.append(raw)
+            total = n + len(tokens)
+            feeds = {"input_ids": np.asarray([[token]], np.int64), "attention_mask": np.ones((1, total), np.int64),
+                     "position_ids": np.asarray([[total - 1]], np.int64)}
+            for i in self.past:
+                feeds[i.name] = out[i.name.replace("past_key_values.", "present.")]
+        return tokens, raws
+
+
+def _log_softmax(x):
+    x = np.asarray(x, np.float64)
+    return x - (x.max() + np.log(np.exp(x - x.max()).sum()))
+
+
+def test_greedy_logprobs_are_the_log_softmax_of_the_engine_logits(session):
+    """Greedy with logprobs and top_logprobs, batched with other requests: each token's logprob is the
+    log-softmax of the logits an independent in-process loop computes on the same ONNX (within 1e-4), and the top
+    list is that distribution's best tokens in order, the chosen one first."""
+    p = prompt(14, 3)
+    tokens, raws = Stepper(session).run(p, 12, lambda raw, _: int(np.argmax(raw)))
+    sched = make_scheduler(session, rows=4)
+    target = seq(p, 12, logprobs=True, top_logprobs=5)
+    run_all(sched, {0: [seq(prompt(7, 1), 9), target], 1: [seq(prompt(20, 2), 5, logprobs=True)]})
+    assert target.tokens == tokens
+    assert len(target.pending_logprobs) == 12 and len(target.pending_top) == 12
+    for raw, token, lp, (ids, values) in zip(raws, tokens, target.pending_logprobs, target.pending_top, strict=True):
+        want = _log_softmax(raw)
+        assert abs(lp - want[token]) < 1e-4
+        assert ids[0] == token and len(ids) == 5
+        assert ids == [int(i) for i in np.argsort(-want, kind="stable")[:5]]
+        assert np.allclose(values, want[ids], atol=1e-4)
+    assert abs(target.cumulative_logprob - sum(target.pending_logprobs)) < 1e-9
+
+
+def test_sampled_logprobs_follow_the_temperature(session):
+    """At temperature T the logprob of each drawn token is log-softmax(logits / T) of that step."""
+    p = prompt(10, 8)
+    sched = make_scheduler(session, rows=2)
+    s = seq(p, 8, temperature=0.7, seed=5, logprobs=True)
+    run_all(sched, {0: [s]})
+    drawn = iter(s.tokens)
+    _, raws = Stepper(session).run(p, 8, lambda raw, _: next(drawn))
+    for raw, token, lp in zip(raws, s.tokens, s.pending_logprobs, strict=True):
+        assert abs(lp - _log_softmax(raw / 0.7)[token]) < 1e-4
+
+
+def _processed_reference(prompt_ids, tokens, raw, presence=0.0, frequency=0.0, repetition=1.0, bias=None):
+    """vLLM's penalties written out token by token (the scheduler applies them as array operations)."""
+    x = np.array(raw, np.float64)
+    seen = set(prompt_ids) | set(tokens)
+    for t in seen:
+        if repetition != 1:
+            x[t] = x[t] / repetition if x[t] > 0 else x[t] * repetition
+    for t in set(tokens):
+        x[t] -= frequency * tokens.count(t) + presence
+    for t, b in (bias or {}).items():
+        x[t] += b
+    return x
+
+
+@pytest.mark.parametrize("kw", [
+    {"frequency_penalty": 2.0}, {"presence_penalty": 2.0}, {"repetition_penalty": 2.0},
+    {"frequency_penalty": 1.0, "presence_penalty": 1.5, "repetition_penalty": 1.5},
+])
+def test_penalties_change_greedy_output_as_vllm_defines_them(session, kw):
+    """Each penalty, batched with an unpenalized row of the same prompt: the penalized row is token for token
+    the reference's processing, the plain row is plain greedy, and the two differ (the effect is visible)."""
+    p = prompt(12, 5)
+    args = {"presence": kw.get("presence_penalty", 0.0), "frequency": kw.get("frequency_penalty", 0.0),
+            "repetition": kw.get("repetition_penalty", 1.0)}
+    want, _ = Stepper(session).run(p, 40, lambda raw, toks: int(np.argmax(_processed_reference(p, toks, raw, **args))))
+    plain_want, _ = Stepper(session).run(p, 40, lambda raw, _: int(np.argmax(raw)))
+    sched = make_scheduler(session, rows=4)
+    penalized, plain = seq(p, 40, **kw), seq(p, 40)
+    run_all(sched, {0: [plain, penalized]})
+    assert penalized.tokens == want and plain.tokens == plain_want
+    assert penalized.tokens != plain.tokens
+    assert len(set(penalized.tokens)) >= len(set(plain.tokens))  # penalties spread the output over more tokens
+
+
+def test_logit_bias_forces_and_forbids_tokens(session):
+    p = prompt(9, 2)
+    plain_want, _ = Stepper(session).run(p, 6, lambda raw, _: int(np.argmax(raw)))
+    sched = make_scheduler(session, rows=4)
+    forced = seq(p, 6, logit_bias={42: 100.0})
+    forbidden = seq(p, 6, logit_bias={t: -100.0 for t in set(plain_want)})
+    plain = seq(p, 6)
+    run_all(sched, {0: [forced, forbidden, plain]})
+    assert forced.tokens == [42] * 6
+    assert plain.tokens == plain_want and not set(forbidden.tokens) & set(plain_want)
+    bias = {t: -100.0 for t in set(plain_want)}
+    want, _ = Stepper(session).run(p, 6, lambda raw, toks: int(np.argmax(_processed_reference(p, toks, raw, bias=bias))))
+    assert forbidden.tokens == want
+
+
+def test_min_tokens_masks_eos_until_reached(session):
+    p = prompt(10, 6)
+    full, _ = Stepper(session).run(p, 12, lambda raw, _: int(np.argmax(raw)))
+    eos = {full[2]}
+    sched = make_scheduler(session, rows=4, eos=eos)
+    early, held = seq(p, 12), seq(p, 12, min_tokens=8)
+    run_all(sched, {0: [early, held]})
+    assert early.finish_reason == "eos" and len(early.tokens) == 2
+
+    def masked(raw, toks):
+        x = raw.copy()
+        if len(toks) < 8:
+            x[list(eos)] = -np.inf
+        return int(np.argmax(x))
+
+    want, _ = Stepper(session).run(p, 12, masked, eos=eos)
+    assert held.tokens == want and len(held.tokens) >= 8
+    assert not set(held.tokens[:8]) & eos
+
+
+def test_n_choices_fork_one_prefill_and_are_reproducible_by_seed(session, reference):
+    """n = 3 in one group: one prefill (the others forked from its KV row), greedy choices all equal the
+    reference; seeded sampled choices are the same on a second run, choice 0 equals the n = 1 request of that
+    seed, choice i uses seed + i, and the choices differ from each other."""
+    def group(p, n, **kw):
+        first = seq(p, 10, **kw)
+        first.siblings = [ls.Sequence(list(p), first.params, ls.TextStream(lambda ids: "", []), index=i)
+                          for i in range(1, n)]
+        return first
+
+    p = prompt(11, 7)
+    sched = make_scheduler(session, rows=6)
+    greedy = group(p, 3)
+    company = seq(prompt(5, 1), 7)
+    sched.submit(company)
+    sched.submit(greedy)
+    _, _, stats = sched.step()
+    assert stats.prefilled == 2  # two prompts prefilled, the two other choices forked
+    run_all(sched, {0: []})
+    assert all(c.tokens == reference(p, 10) for c in greedy.group)
+    assert sched.reserved == 0 and len(sched.free_rows) == 6
+
+    def sampled(seed, n):
+        s = make_scheduler(session, rows=6)
+        g = group(p, n, temperature=1.0, seed=seed)
+        run_all(s, {0: [g]})
+        return [c.tokens for c in g.group]
+
+    first, again = sampled(77, 3), sampled(77, 3)
+    assert first == again and len({tuple(t) for t in first}) == 3
+    assert sampled(77, 1) == first[:1] and sampled(78, 1) == first[1:2]
+    with pytest.raises(ls.RequestError, match="num_return_sequences"):
+        make_scheduler(session, rows=2).submit(group(p, 3))
+
+
+def test_sampling_params_are_validated():
+    for kw, needle in [({"presence_penalty": 3.0}, "presence_penalty"), ({"repetition_penalty": 0.0}, "repetition"),
+                       ({"min_tokens": 11}, "min_tokens"), ({"logit_bias": {5: 101.0}}, "logit_bias"),
+                       ({"logit_bias": {900: 1.0}}, "outside the vocabulary"), ({"n": 0}, "num_return_sequences"),
+                       ({"top_logprobs": 21}, "top_logprobs")]:
+        with pytest.raises(ls.RequestError, match=needle):
+            ls.SamplingParams(max_tokens=10, **kw).validate(64, vocab=800)
+
+
+# ---- structured output -----------------------------------------------------------------------------------------
+SCHEMA = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}, "n": {"type": "integer",
+          "minimum": 0, "maximum": 99}, "tags": {"type": "array", "items": {"type": "string", "maxLength": 8},
+          "maxItems": 2}}, "required": ["color", "n", "tags"], "additionalProperties": False}
+
+
+@pytest.fixture(scope="module")
+def tiny_tok(exported, session_workdir):
+    from tokenizers import Tokenizer
+
+    from exporter.core.artifacts import ModelLayout
+
+    exported("r1-distill-tiny")
+    path = ModelLayout(session_workdir, "r1-distill-tiny").tokenizer_dir / "tokenizer.json"
+    return Tokenizer.from_file(str(path)), path
+
+
+def test_a_json_schema_guide_constrains_its_row_only_and_leaves_the_thought_free(session, reference, tiny_tok):
+    """Three rows in one batch: a guided row without a think block (all of it is JSON that validates), a guided
+    row whose prompt opens a think block (the thought is the unconstrained greedy one up to `</think>`, then JSON
+    that validates), and an unguided row (the plain greedy tokens)."""
+    import json
+
+    import guided
+    import jsonschema
+
+    from exporter import tiny_models
+
+    tok, path = tiny_tok
+    eos = {tok.token_to_id(tiny_models.EOS)}
+    think_end = tok.token_to_id("</think>")
+    factory = guided.GuideFactory(str(path), sorted(eos), tok.token_to_id("<think>"), think_end)
+    decode = lambda ids: tok.decode(ids, skip_special_tokens=False)  # noqa: E731
+    plain_prompt = tok.encode("Answer in JSON: ").ids
+    chat_prompt = tok.encode(tiny_models.chat_prompt("What is a KV cache?")).ids
+    sched = make_scheduler(session, rows=4, eos=eos)
+    free = ls.Sequence(plain_prompt, ls.SamplingParams(max_tokens=120), ls.TextStream(decode, []))
+    flat = ls.Sequence(plain_prompt, ls.SamplingParams(max_tokens=120), ls.TextStream(decode, []))
+    thinking = ls.Sequence(chat_prompt, ls.SamplingParams(max_tokens=200), ls.TextStream(decode, []))
+    flat.guide = factory.guide("json_schema", json.dumps(SCHEMA), plain_prompt)
+    thinking.guide = factory.guide("json_schema", json.dumps(SCHEMA), chat_prompt)
+    assert flat.guide.active and not thinking.guide.active
+    run_all(sched, {0: [free, flat, thinking]})
+    assert free.tokens == reference(plain_prompt, 120, eos)
+    assert flat.finish_reason == "eos"
+    jsonschema.validate(json.loads(decode(flat.tokens)), SCHEMA)
+    assert thinking.finish_reason == "eos" and think_end in thinking.tokens
+    cut = thinking.tokens.index(think_end) + 1
+    assert thinking.tokens[:cut] == reference(chat_prompt, 200, eos)[:cut]  # the thought is free
+    jsonschema.validate(json.loads(decode(thinking.tokens[cut:])), SCHEMA)
+    with pytest.raises(guided.GuideError, match="not usable"):
+        factory.guide("json_schema", "{not json", plain_prompt)
+    with pytest.raises(guided.GuideError, match="must be one of"):
+        factory.guide("yaml", "", plain_prompt)

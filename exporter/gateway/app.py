@@ -31,6 +31,8 @@ from .models import THINK_END, THINK_START, ServedModel, read_repositories
 from .protocol import (
     ApiError,
     Parsed,
+    chat_logprobs,
+    completion_logprobs,
     finish_reason,
     new_id,
     now,
@@ -42,8 +44,7 @@ from .protocol import (
 from .reasoning import ReasoningSplitter
 from .special import SpecialTokenFilter
 from .tokens import detokenize, tokenize
-from .tools import ToolStreamParser, tool_call_delta
-from .tools import split_whole as split_tool_calls
+from .tools import answer_parser, split_answer, tool_call_delta
 from .triton import Chunk, TritonClient, TritonError, aclose_quietly, build_request
 
 log = logging.getLogger("r1deploy.gateway")
@@ -236,43 +237,54 @@ class Gateway:
             await aclose_quietly(chunks)  # a request not read to its end is cancelled in Triton
 
     async def _whole(self, p: Parsed, chat: bool, rid: str, chunks: AsyncIterator[Chunk], state: _Output):
-        texts: list[str] = []
-        ids: list[int] = []
+        runs: dict[int, _Run] = {}
         try:
             async for c in chunks:
                 state.count(c)
-                texts.append(c.text)
-                ids.extend(c.token_ids)
+                runs.setdefault(c.index, _Run()).add(c)
         except TritonError as exc:
             raise ApiError(exc.status, str(exc)) from None
-        text = "".join(texts)
-        specials = state.special_filter()
-        if specials is not None:
-            text = specials.feed(text) + specials.finish()
-        choice: dict = {"index": 0, "logprobs": None, "finish_reason": finish_reason(state.finish)}
-        if chat:
-            message: dict = {"role": "assistant", "content": text}
-            reasoning, content = "", text
-            if p.separate_reasoning:
-                splitter = state.splitter()
-                r1, c1 = splitter.feed(text, ids)
-                r2, c2 = splitter.finish()
-                reasoning, content = r1 + r2, c1 + c2
-                message["content"] = content if content or not reasoning else None
-                message.update(reasoning_fields(reasoning or None))
-            if p.tools is not None:
-                content, calls = split_tool_calls(content, p.tools.names)
-                if calls:
-                    message["content"] = content if content.strip() else None
-                    message["tool_calls"] = calls
-                    choice["finish_reason"] = "tool_calls"
-            choice["message"] = message
-        else:
-            choice["text"] = text
+        ordered = [runs[i] for i in sorted(runs)]
+        if len(ordered) > p.n:  # best_of: the n with the highest cumulative logprob
+            ordered = sorted(ordered, key=lambda r: -sum(r.logprobs))[: p.n]
+        decode = state.token_text
+        choices = []
+        for index, run in enumerate(ordered):
+            text = run.text
+            specials = state.special_filter()
+            if specials is not None:
+                text = specials.feed(text) + specials.finish()
+            choice: dict = {"index": index, "logprobs": None, "finish_reason": finish_reason(run.finish or state.finish)}
+            if chat:
+                message: dict = {"role": "assistant", "content": text}
+                reasoning, content = "", text
+                if p.separate_reasoning:
+                    splitter = state.splitter()
+                    r1, c1 = splitter.feed(text, run.ids)
+                    r2, c2 = splitter.finish()
+                    reasoning, content = r1 + r2, c1 + c2
+                    message["content"] = content if content or not reasoning else None
+                    message.update(reasoning_fields(reasoning or None))
+                if p.tools is not None:
+                    content, calls = split_answer(content, p.tools)
+                    if calls:
+                        message["content"] = content if content.strip() else None
+                        message["tool_calls"] = calls
+                        choice["finish_reason"] = "tool_calls"
+                choice["message"] = message
+                if p.logprobs:
+                    choice["logprobs"] = {"content": chat_logprobs(decode, run.ids, run.logprobs, run.top_ids,
+                                                                   run.top_values, p.top_logprobs), "refusal": None}
+            else:
+                choice["text"] = (p.generation.prompt + text) if p.echo else text
+                if p.logprobs:
+                    choice["logprobs"] = completion_logprobs(decode, run.ids, run.logprobs, run.top_ids,
+                                                             run.top_values, p.top_logprobs, 0)
+            choices.append(choice)
         state.done()
         return web.json_response({
             "id": rid, "object": "chat.completion" if chat else "text_completion", "created": now(),
-            "model": p.model_id, "choices": [choice], "usage": state.usage(),
+            "model": p.model_id, "choices": choices, "usage": state.usage(),
         })
 
     async def _stream(self, request: web.Request, p: Parsed, chat: bool, rid: str, chunks: AsyncIterator[Chunk],
@@ -297,43 +309,81 @@ class Gateway:
                 obj.update(extra)
             await resp.write(b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n")
 
-        def piece(reasoning: str, content: str) -> Optional[dict]:
+        decode = state.token_text
+        offsets = dict.fromkeys(range(p.n), 0)  # completions: text offset of each choice's next token
+        echoed: set[int] = set()
+
+        def piece(index: int, reasoning: str, content: str, c: Chunk) -> Optional[dict]:
+            logprobs = None
+            if p.logprobs and c.token_ids:
+                if chat:
+                    logprobs = {"content": chat_logprobs(decode, c.token_ids, c.logprobs, c.top_ids, c.top_logprobs,
+                                                         p.top_logprobs), "refusal": None}
+                else:
+                    logprobs = completion_logprobs(decode, c.token_ids, c.logprobs, c.top_ids, c.top_logprobs,
+                                                   p.top_logprobs, offsets[index])
+                    offsets[index] += sum(len(t) for t in logprobs["tokens"])
             if chat:
                 delta: dict = {}
                 if reasoning:
                     delta.update(reasoning_fields(reasoning))
                 if content:
                     delta["content"] = content
-                return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None} if delta else None
-            return {"index": 0, "text": content, "logprobs": None, "finish_reason": None} if content else None
+                if not delta and logprobs is None:
+                    return None
+                return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": None}
+            if p.echo and index not in echoed:
+                echoed.add(index)
+                content = p.generation.prompt + content
+            if not content and logprobs is None:
+                return None
+            return {"index": index, "text": content, "logprobs": logprobs, "finish_reason": None}
 
-        splitter = state.splitter() if p.separate_reasoning else None
-        specials = state.special_filter()
-        calls_parser = ToolStreamParser(p.tools.names) if chat and p.tools is not None else None
+        splitters = {i: state.splitter() for i in range(p.n)} if p.separate_reasoning else {}
+        finished: dict[int, str] = {}
+
+        async def end(index: int, reason: str) -> None:
+            called = index in parsers and parsers[index].calls
+            out = {"index": index, "logprobs": None, "finish_reason": "tool_calls" if called else finish_reason(reason)}
+            out.update({"delta": {}} if chat else {"text": ""})
+            await send(out)
+
+        specials = {i: state.special_filter() for i in range(p.n)}
+        parsers = {i: answer_parser(p.tools) for i in range(p.n)} if chat and p.tools is not None else {}
         if chat:
-            await send({"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None})
+            for i in range(p.n):
+                await send({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                            "finish_reason": None})
         try:
             chunk = first
             while chunk is not None:
                 state.count(chunk)
+                i = chunk.index
+                splitter = splitters.get(i)
+                last = chunk.final or bool(chunk.finish_reason)
                 text = chunk.text
-                if specials is not None:
-                    text = specials.feed(text) + (specials.finish() if chunk.final else "")
+                special = specials.get(i)
+                if special is not None:
+                    text = special.feed(text) + (special.finish() if last else "")
                 r, c = splitter.feed(text, chunk.token_ids) if splitter else ("", text)
-                if chunk.final and splitter:
+                if last and splitter:
                     r2, c2 = splitter.finish()
                     r, c = r + r2, c + c2
                 calls: list[dict] = []
-                if calls_parser is not None:
-                    c, calls = calls_parser.feed(c)
-                    if chunk.final:
-                        c2, calls2 = calls_parser.finish()
+                parser = parsers.get(i)
+                if parser is not None:
+                    c, calls = parser.feed(c)
+                    if last:
+                        c2, calls2 = parser.finish()
                         c, calls = c + c2, calls + calls2
-                out = piece(r, c)
+                out = piece(i, r, c, chunk)
                 if out is not None:
                     await send(out)
                 for call in calls:
-                    await send(tool_call_delta(call, calls_parser.calls.index(call)))
+                    await send(tool_call_delta(call, parser.calls.index(call), i))
+                if chunk.finish_reason and i not in finished:
+                    finished[i] = chunk.finish_reason
+                    await end(i, chunk.finish_reason)
                 if chunk.final:
                     break
                 chunk = await it.__anext__()
@@ -344,16 +394,40 @@ class Gateway:
             return resp
         except StopAsyncIteration:
             pass
-        end = {"index": 0, "logprobs": None, "finish_reason": "tool_calls" if calls_parser and calls_parser.calls
-               else finish_reason(state.finish)}
-        end.update({"delta": {}} if chat else {"text": ""})
-        await send(end)
+        for i in range(p.n):
+            if i not in finished:
+                await end(i, state.finish)
         state.done()
         if p.include_usage:
             await send(None, {"usage": state.usage()})
         await resp.write(b"data: [DONE]\n\n")
         await resp.write_eof()
         return resp
+
+
+class _Run:
+    """One choice's responses gathered (a whole, non-streamed answer)."""
+
+    def __init__(self):
+        self.texts: list[str] = []
+        self.ids: list[int] = []
+        self.logprobs: list[float] = []
+        self.top_ids: list[list[int]] = []
+        self.top_values: list[list[float]] = []
+        self.finish = ""
+
+    def add(self, c: Chunk) -> None:
+        self.texts.append(c.text)
+        self.ids.extend(c.token_ids)
+        self.logprobs.extend(c.logprobs)
+        self.top_ids.extend(c.top_ids)
+        self.top_values.extend(c.top_logprobs)
+        if c.finish_reason:
+            self.finish = c.finish_reason
+
+    @property
+    def text(self) -> str:
+        return "".join(self.texts)
 
 
 class _Output:
@@ -376,6 +450,10 @@ class _Output:
         self.completion_tokens += c.num_output_tokens if c.num_output_tokens is not None else len(c.token_ids)
         if c.finish_reason:
             self.finish = c.finish_reason
+
+    def token_text(self, ids: list[int]) -> str:
+        """A token's own text, special tokens kept (logprobs name every token, `</think>` too)."""
+        return self.p.model.tokenizer.decode(ids, skip_special_tokens=False)
 
     def splitter(self) -> ReasoningSplitter:
         model = self.p.model

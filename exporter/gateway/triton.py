@@ -5,6 +5,7 @@ cancels the request and `generate` stops decoding it)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -34,6 +35,16 @@ class Generation:
     stream: bool = True
     skip_special_tokens: bool = True
     ignore_eos: bool = False  # vLLM's extension: generate exactly max_tokens (benchmarks)
+    presence_penalty: Optional[float] = None
+    frequency_penalty: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    min_tokens: Optional[int] = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    n: int = 1  # sequences generated (num_return_sequences): best_of when the gateway picks the best n
+    logprobs: bool = False  # return_log_probs
+    top_logprobs: int = 0
+    guide_type: str = ""  # guided_decoding_guide_type: json_object | json_schema | regex | ebnf
+    guide: str = ""
 
 
 @dataclass
@@ -44,6 +55,10 @@ class Chunk:
     num_input_tokens: Optional[int] = None
     num_output_tokens: Optional[int] = None
     final: bool = False
+    index: int = 0  # sequence_index: which choice
+    logprobs: list[float] = field(default_factory=list)  # output_log_probs, per token
+    top_ids: list[list[int]] = field(default_factory=list)  # top_logprob_ids, per token
+    top_logprobs: list[list[float]] = field(default_factory=list)
 
 
 class TritonError(Exception):
@@ -104,6 +119,22 @@ def build_request(model: ServedModel, g: Generation, request_id: str = "") -> pb
     if g.ignore_eos:
         add("ignore_eos", [True])
     add("skip_special_tokens", [g.skip_special_tokens])
+    # sampling fields are sent only when set: parse_request refused them already where the model lacks the input
+    for name, value in (("presence_penalty", g.presence_penalty), ("frequency_penalty", g.frequency_penalty),
+                        ("repetition_penalty", g.repetition_penalty), ("min_tokens", g.min_tokens)):
+        if value is not None:
+            add(name, [value])
+    if g.logit_bias:
+        add("logit_bias", [json.dumps({str(k): v for k, v in sorted(g.logit_bias.items())})])
+    if g.n != 1:
+        add("num_return_sequences", [g.n])
+    if g.logprobs:
+        add("return_log_probs", [True])
+    if g.top_logprobs:
+        add("top_logprobs", [g.top_logprobs])
+    if g.guide_type:
+        add("guided_decoding_guide_type", [g.guide_type])
+        add("guided_decoding_guide", [g.guide])
     add("exclude_input_in_output", [True])
     add("return_num_input_tokens", [True])
     add("return_num_output_tokens", [True])
@@ -132,6 +163,17 @@ def parse_response(resp: pb.ModelInferResponse) -> Chunk:
         elif out.name in ("num_input_tokens", "num_output_tokens") and raw:
             value = int(np.frombuffer(raw, dtype=triton_to_np_dtype(out.datatype)).reshape(-1)[0])
             setattr(chunk, out.name, value)
+        elif out.name == "sequence_index" and raw:
+            chunk.index = int(np.frombuffer(raw, dtype=triton_to_np_dtype(out.datatype)).reshape(-1)[0])
+        elif out.name == "output_log_probs":
+            chunk.logprobs = np.frombuffer(raw, dtype=triton_to_np_dtype(out.datatype)).astype(float).tolist()
+        elif out.name in ("top_logprob_ids", "top_logprobs"):
+            shape = list(out.shape)[-2:]  # [1, N, K]
+            values = np.frombuffer(raw, dtype=triton_to_np_dtype(out.datatype)).reshape(shape)
+            if out.name == "top_logprob_ids":
+                chunk.top_ids = values.astype(int).tolist()
+            else:
+                chunk.top_logprobs = values.astype(float).tolist()
     final = resp.parameters.get("triton_final_response")
     chunk.final = final is None or final.bool_param
     return chunk

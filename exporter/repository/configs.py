@@ -159,10 +159,24 @@ GENERATE_INPUTS = [
     ("skip_special_tokens", "TYPE_BOOL", [1], True),
     ("return_num_input_tokens", "TYPE_BOOL", [1], True),
     ("return_num_output_tokens", "TYPE_BOOL", [1], True),
+    # sampling (TensorRT-LLM's and vLLM's names): penalties, logit_bias (JSON token id → bias), n, logprobs,
+    # structured output
+    ("presence_penalty", "TYPE_FP32", [1], True),
+    ("frequency_penalty", "TYPE_FP32", [1], True),
+    ("repetition_penalty", "TYPE_FP32", [1], True),
+    ("min_tokens", "TYPE_INT32", [1], True),
+    ("logit_bias", STRING, [1], True),
+    ("num_return_sequences", "TYPE_INT32", [1], True),
+    ("return_log_probs", "TYPE_BOOL", [1], True),
+    ("top_logprobs", "TYPE_INT32", [1], True),
+    ("guided_decoding_guide_type", STRING, [1], True),
+    ("guided_decoding_guide", STRING, [1], True),
 ]
 GENERATE_OUTPUTS = [
     ("text_output", STRING, [1]), ("token_ids", "TYPE_INT64", [-1]), ("finish_reason", STRING, [1]),
     ("num_input_tokens", "TYPE_UINT32", [1]), ("num_output_tokens", "TYPE_UINT32", [1]),
+    ("sequence_index", "TYPE_INT32", [1]), ("output_log_probs", "TYPE_FP32", [-1]),
+    ("top_logprob_ids", "TYPE_INT64", [-1, -1]), ("top_logprobs", "TYPE_FP32", [-1, -1]),
 ]
 
 

@@ -1,7 +1,7 @@
 """A KV-cache engine over r1deploy's fused decoder graph (`r1deploy export --graph fused`): one fixed buffer per
 cache slot, [max_rows, kv_heads, capacity, head_dim], that ONNX Runtime updates in place.
 
-Implements the KVEngine protocol of the `generate` model (prefill / decode / release / cached). Row r of every
+Implements the KVEngine protocol of the `generate` model (prefill / decode / fork / release / cached). Row r of every
 buffer belongs to scheduler row id r. A call covers a contiguous span of rows: the graph's `past_key_values.*`
 and `present.*` are bound (IOBinding) to the same memory, that span's rows of the buffers, so
 GroupQueryAttention writes each row's new keys and values at that row's own length and nothing is copied —
@@ -141,6 +141,22 @@ class SharedKVEngine:
         step.rows, step.at, step.epoch, step.longest = list(rows), at, self._epoch, int(mine.max())
         step.whole = bool(len(rows) == hi - lo and np.array_equal(at, np.arange(hi - lo)))
         return step
+
+    def fork(self, source: int, rows: list[int]) -> None:
+        """Free `rows` start as copies of running row `source` (the other choices of an n > 1 request): its
+        cached positions copied into theirs."""
+        self._check_row(source)
+        n = int(self._lengths[source])
+        if not n:
+            raise ValueError(f"fork: row {source} has no prompt (prefill it first)")
+        for r in rows:
+            self._check_row(r)
+            if self._lengths[r]:
+                raise ValueError(f"fork: row {r} is in use (release it first)")
+        for buf in self.buffers.values():
+            buf[rows, :, :n] = buf[source, :, :n]
+        self._lengths[rows] = n
+        self._epoch += 1
 
     def release(self, rows: list[int]) -> None:
         # Nothing to clear: a row's stale positions beyond its length are never read, and the next prompt

@@ -135,6 +135,19 @@ class PaddedKVEngine:
             self.lengths[r] += 1
         return logits[[at[r] for r in rows]]
 
+    def fork(self, source: int, rows: list[int]) -> None:
+        """Free `rows` start as copies of running row `source` (the other choices of an n > 1 request)."""
+        if source not in self.lengths:
+            raise ValueError(f"fork: row {source} is not running")
+        for row in rows:
+            if row in self.lengths:
+                raise ValueError(f"row {row} is already running")
+        at = self.order.index(source)
+        self.cache = [np.concatenate([c, np.repeat(c[at : at + 1], len(rows), axis=0)], axis=0) for c in self.cache]
+        self.order.extend(rows)
+        for row in rows:
+            self.lengths[row] = self.lengths[source]
+
     def release(self, rows: list[int]) -> None:
         gone = {r for r in rows if r in self.lengths}
         if not gone:

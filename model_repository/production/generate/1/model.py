@@ -9,13 +9,18 @@ never waits for a send and no two threads send at the same time; a watcher threa
 
 Inputs: text_input; optional max_tokens, temperature (0 = greedy, the default), top_p, seed, stop_words (Triton's
 name) or stop, stream, ignore_eos, exclude_input_in_output (default true), skip_special_tokens (default true),
-return_num_input_tokens, return_num_output_tokens (accepted: the counts are always sent). Outputs: text_output
-(the new text of this response when streaming, else the whole completion), token_ids (this response's tokens),
-finish_reason ("length" | "stop" | "eos"; empty on non-final chunks), num_input_tokens, num_output_tokens (tokens in
-this response). A stream's tokens leave per scheduler step — the step's new tokens of every stream in one
-response each, or every `stream_interval_steps` steps — then a last response with the FINAL flag carries the
-finish_reason. Errors are one line to the client ("server busy: …" when the queue is full) and the traceback, if
-any, goes to Triton's log.
+return_num_input_tokens, return_num_output_tokens (accepted: the counts are always sent), presence_penalty,
+frequency_penalty, repetition_penalty, min_tokens, logit_bias (JSON: token id → bias), num_return_sequences (n),
+return_log_probs, top_logprobs, guided_decoding_guide_type / guided_decoding_guide (structured output:
+json_object, json_schema, regex, ebnf; guided.py) — TensorRT-LLM's and vLLM's names. Outputs: text_output (the
+new text of this response when streaming, else the whole completion), token_ids (this response's tokens),
+finish_reason ("length" | "stop" | "eos"; empty on non-final chunks), num_input_tokens, num_output_tokens (tokens
+in this response), sequence_index (which of the n choices), and with return_log_probs output_log_probs /
+top_logprob_ids / top_logprobs (per token of this response). A stream's tokens leave per scheduler step — the
+step's new tokens of every stream in one response each, or every `stream_interval_steps` steps — then a last
+response per choice carries its finish_reason; the request's very last response carries the FINAL flag. Errors
+are one line to the client ("server busy: …" when the queue is full) and the traceback, if any, goes to Triton's
+log.
 
 The engine is reached in-process — ONNX Runtime (CPU, or the CUDA execution provider), a TensorRT plan or a
 TensorRT-RTX plan (engine_runtimes.py) — or through BLS, by name (`engine_call: bls`, any Triton engine model).
@@ -32,6 +37,7 @@ import traceback
 from pathlib import Path
 
 import numpy as np
+from guided import GuideError, GuideFactory
 from kv_padded import CacheSlot, PaddedKVEngine
 from llm_scheduler import Limits, RequestError, SamplingParams, Scheduler, Sequence, ServerBusy, TextStream
 
@@ -74,26 +80,56 @@ def _strings(request, name: str) -> list[str]:
     return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
 
 
+def _logit_bias(request) -> dict[int, float]:
+    """`logit_bias`: a JSON object, token id (as a string, JSON's only key type) → bias."""
+    raw = _scalar(request, "logit_bias", str, "")
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise RequestError("logit_bias must be a JSON object of token id → bias") from None
+    if not isinstance(value, dict):
+        raise RequestError("logit_bias must be a JSON object of token id → bias")
+    out = {}
+    for key, bias in value.items():
+        try:
+            token = int(key)
+        except (TypeError, ValueError):
+            raise RequestError(f"logit_bias: {key!r} is not a token id") from None
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)):
+            raise RequestError(f"logit_bias: the bias of token {key} must be a number")
+        out[token] = float(bias)
+    return out
+
+
 class _Handle:
-    """What the sender needs to answer one request."""
+    """What the sender needs to answer one request (all n of its choices)."""
 
     __slots__ = ("request", "sender", "prompt_text", "echo", "last_sent_step", "prompt_tokens", "lock", "closed",
-                 "started")
+                 "started", "remaining", "echoed", "logprobs")
 
-    def __init__(self, request, prompt_text: str, echo: bool, prompt_tokens: int):
+    def __init__(self, request, prompt_text: str, echo: bool, prompt_tokens: int, choices: int = 1,
+                 logprobs: bool = False):
         self.request, self.sender = request, request.get_response_sender()
         self.prompt_text, self.echo, self.prompt_tokens = prompt_text, echo, prompt_tokens
         self.last_sent_step = -1
+        self.remaining = choices  # choices whose last response is not sent yet: the last of them is FINAL
+        self.echoed: set[int] = set()  # choices whose stream has had the prompt put before it
+        self.logprobs = logprobs
         # Triton frees a request's response factory with its FINAL response, and asking `is_cancelled` after
         # that crashes the server (SIGSEGV in TRITONBACKEND_ResponseFactoryIsCancelled, seen here under load):
         # the final send and the cancellation check of one request exclude each other, and `closed` ends checks
         self.lock = threading.Lock()
         self.closed = False
-        self.started = False  # its first response is out (or on its way): only the sender thread reads and sets it
+        # choices whose first response is out (or on its way): only the sender thread reads and sets it
+        self.started: set[int] = set()
 
     def send_final(self, response=None) -> None:
         final = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         with self.lock:
+            if self.closed:  # another choice's error or cancellation already ended the request
+                return
             self.closed = True
             if response is None:
                 self.sender.send(flags=final)
@@ -237,6 +273,9 @@ class TritonPythonModel:
             engine = PaddedKVEngine(run, slots, cache["dtype"], limits.max_rows, cache.get("logits", "logits"),
                                     pad_id=int(cache.get("pad_id", 0)), max_batch=max_batch)
         self.scheduler = Scheduler(engine, limits, self.eos)
+        # structured output: the grammar engine is loaded on the first guided request
+        self.guides = GuideFactory(str(tokenizer_dir / "tokenizer.json"), sorted(self.eos),
+                                   self.tokenizer.token_to_id("<think>"), self.tokenizer.token_to_id("</think>"))
         self.metrics = _Metrics({"model": args["model_name"], "version": args["model_version"]})
         self.shutdown = threading.Event()
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -273,6 +312,9 @@ class TritonPythonModel:
             raise RequestError("text_input is empty")
         if len(prompt.encode("utf-8")) > self.max_input_len * MAX_PROMPT_BYTES_PER_TOKEN:
             raise RequestError(f"prompt is longer than this deployment accepts ({self.max_input_len} tokens)")
+        guide_type = _scalar(request, "guided_decoding_guide_type", str, "")
+        guide_text = _scalar(request, "guided_decoding_guide", str, "")
+        top_logprobs = _scalar(request, "top_logprobs", int, 0)
         params = SamplingParams(
             max_tokens=_scalar(request, "max_tokens", int, self.default_max_tokens),
             temperature=_scalar(request, "temperature", float, 0.0),
@@ -282,18 +324,44 @@ class TritonPythonModel:
             ignore_eos=bool(_scalar(request, "ignore_eos", bool, False)),
             stream=bool(_scalar(request, "stream", bool, False)),
             skip_special_tokens=bool(_scalar(request, "skip_special_tokens", bool, True)),
+            presence_penalty=_scalar(request, "presence_penalty", float, 0.0),
+            frequency_penalty=_scalar(request, "frequency_penalty", float, 0.0),
+            repetition_penalty=_scalar(request, "repetition_penalty", float, 1.0),
+            min_tokens=_scalar(request, "min_tokens", int, 0),
+            logit_bias=_logit_bias(request),
+            n=_scalar(request, "num_return_sequences", int, 1),
+            # top_logprobs > 0 asks for log-probabilities too
+            logprobs=bool(_scalar(request, "return_log_probs", bool, False)) or top_logprobs > 0,
+            top_logprobs=top_logprobs,
         )
-        params.validate(self.max_output_len)
+        params.validate(self.max_output_len, vocab=self.tokenizer.get_vocab_size(with_added_tokens=True))
         prompt_ids = self.tokenizer.encode(prompt).ids
         if not prompt_ids:
             raise RequestError("text_input has no tokens")
         if len(prompt_ids) > self.max_input_len:
             raise RequestError(f"prompt has {len(prompt_ids)} tokens; this deployment accepts at most {self.max_input_len}")
         skip = params.skip_special_tokens
-        text = TextStream(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=skip), params.stop,
-                          incremental=params.stream)
+
+        def text():
+            return TextStream(lambda ids: self.tokenizer.decode(ids, skip_special_tokens=skip), params.stop,
+                              incremental=params.stream)
+
         echo = not bool(_scalar(request, "exclude_input_in_output", bool, True))
-        return Sequence(prompt_ids, params, text, handle=_Handle(request, prompt, echo, len(prompt_ids)))
+        handle = _Handle(request, prompt, echo, len(prompt_ids), params.n, params.logprobs)
+        first = Sequence(prompt_ids, params, text(), handle=handle)
+        first.siblings = [Sequence(prompt_ids, params, text(), handle=handle, index=i) for i in range(1, params.n)]
+        if guide_type:
+            for s in first.group:
+                s.guide = self._guide(guide_type, guide_text, prompt_ids)
+        return first
+
+    def _guide(self, kind: str, text: str, prompt_ids: list[int]):
+        try:
+            return self.guides.guide(kind, text, prompt_ids)
+        except GuideError as exc:
+            raise RequestError(str(exc)) from None
+        except ImportError as exc:
+            raise RequestError(f"structured output needs xgrammar, which this server lacks ({_line(exc)})") from None
 
     def execute(self, requests):
         for request in requests:
@@ -349,15 +417,18 @@ class TritonPythonModel:
         h: _Handle = seq.handle
         if seq.params.stream:
             text, tokens = seq.pending_text, seq.pending_tokens
-            if h.echo and h.last_sent_step < 0:
+            if h.echo and seq.index not in h.echoed:
+                h.echoed.add(seq.index)
                 text = h.prompt_text + text
         else:
             text, tokens = seq.text.text, seq.tokens
             if h.echo:
                 text = h.prompt_text + text
-        seq.pending_text, seq.pending_tokens = "", []
+        piece = _Piece(seq.index, text, list(tokens), seq.finish_reason if final else "", final,
+                       seq.pending_logprobs, seq.pending_top)
+        seq.pending_text, seq.pending_tokens, seq.pending_logprobs, seq.pending_top = "", [], [], []
         h.last_sent_step = self.step_count
-        self.outbox.put(("chunk", h, text, list(tokens), seq.finish_reason if final else "", final))
+        self.outbox.put(("chunk", h, piece))
 
     def _watch_cancellation(self):
         """Cancelled (or disconnected) requests are flagged here; the loop frees their rows at its next step.
@@ -376,14 +447,29 @@ class TritonPythonModel:
 
     # -- responses out -----------------------------------------------------------------------------------------
     @staticmethod
-    def _response(text: str, tokens: list[int], finish: str, prompt_tokens: int):
-        return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor("text_output", np.array([[text.encode("utf-8")]], dtype=np.object_)),
+    def _response(piece: "_Piece", h: _Handle):
+        tokens = piece.tokens
+        outputs = [
+            pb_utils.Tensor("text_output", np.array([[piece.text.encode("utf-8")]], dtype=np.object_)),
             pb_utils.Tensor("token_ids", np.asarray([tokens], dtype=np.int64).reshape(1, -1)),
-            pb_utils.Tensor("finish_reason", np.array([[finish.encode("utf-8")]], dtype=np.object_)),
-            pb_utils.Tensor("num_input_tokens", np.array([[prompt_tokens]], dtype=np.uint32)),
+            pb_utils.Tensor("finish_reason", np.array([[piece.finish.encode("utf-8")]], dtype=np.object_)),
+            pb_utils.Tensor("num_input_tokens", np.array([[h.prompt_tokens]], dtype=np.uint32)),
             pb_utils.Tensor("num_output_tokens", np.array([[len(tokens)]], dtype=np.uint32)),
-        ])
+            pb_utils.Tensor("sequence_index", np.array([[piece.index]], dtype=np.int32)),
+        ]
+        if h.logprobs:
+            k = max((len(ids) for ids, _ in piece.top), default=0)
+            ids = np.zeros((1, len(piece.top), k), np.int64)
+            values = np.full((1, len(piece.top), k), -np.inf, np.float32)
+            for i, (row_ids, row_values) in enumerate(piece.top):
+                ids[0, i, : len(row_ids)] = row_ids
+                values[0, i, : len(row_values)] = row_values
+            outputs += [
+                pb_utils.Tensor("output_log_probs", np.asarray([piece.logprobs], np.float32).reshape(1, -1)),
+                pb_utils.Tensor("top_logprob_ids", ids),
+                pb_utils.Tensor("top_logprobs", values),
+            ]
+        return pb_utils.InferenceResponse(output_tensors=outputs)
 
     def _send_loop(self):
         """The only thread that sends. Chunks of one stream that queued up while earlier sends were under way
@@ -402,9 +488,13 @@ class TritonPythonModel:
             for item in _coalesce(items):
                 try:
                     if item[0] == "chunk":
-                        _, h, text, tokens, finish, is_final = item
-                        response = self._response(text, tokens, finish, h.prompt_tokens)
-                        if is_final:
+                        _, h, piece = item
+                        if h.closed:
+                            continue  # an error or cancellation of another choice ended the request
+                        response = self._response(piece, h)
+                        if piece.final:
+                            h.remaining -= 1
+                        if piece.final and h.remaining <= 0:
                             h.send_final(response)
                         else:
                             h.sender.send(response)
@@ -428,29 +518,43 @@ class TritonPythonModel:
             t.join(timeout=10)
 
 
+class _Piece:
+    """One response's worth of one choice: its new text and tokens (with their log-probabilities when asked)."""
+
+    __slots__ = ("index", "text", "tokens", "finish", "final", "logprobs", "top")
+
+    def __init__(self, index, text, tokens, finish, final, logprobs, top):
+        self.index, self.text, self.tokens, self.finish, self.final = index, text, tokens, finish, final
+        self.logprobs, self.top = logprobs, top
+
+    def merged(self, later: "_Piece") -> "_Piece":
+        return _Piece(self.index, self.text + later.text, self.tokens + later.tokens, later.finish, later.final,
+                      self.logprobs + later.logprobs, self.top + later.top)
+
+
 def _coalesce(items: list) -> list:
-    """Merge each stream's consecutive chunks (text and tokens joined, the last one's finish and flag kept);
-    other items keep their place. A stream's first response is never merged into: it leaves with the first step's
-    tokens alone, so time to first token never waits for later steps and a stream of several steps always gets
-    more than one response."""
+    """Merge each stream's consecutive chunks (text, tokens and logprobs joined, the last one's finish and flag
+    kept), per choice; other items keep their place. A choice's first response is never merged into: it leaves
+    with the first step's tokens alone, so time to first token never waits for later steps and a stream of several
+    steps always gets more than one response."""
     out: list = []
-    open_chunk: dict[int, int] = {}  # id(handle) → index in `out` of its chunk that is not final yet
+    open_chunk: dict[tuple, int] = {}  # (id(handle), choice) → index in `out` of its chunk that is not final yet
     for item in items:
         if item[0] != "chunk":
             out.append(item)
             continue
-        key = id(item[1])
-        if not item[1].started:
-            item[1].started = True
+        h, piece = item[1], item[2]
+        key = (id(h), piece.index)
+        if piece.index not in h.started:
+            h.started.add(piece.index)
             out.append(item)
             continue
         at = open_chunk.get(key)
         if at is None:
             out.append(item)
         else:
-            _, h, text, tokens, _, _ = out[at]
-            out[at] = ("chunk", h, text + item[2], tokens + item[3], item[4], item[5])
-        if item[5]:
+            out[at] = ("chunk", h, out[at][2].merged(piece))
+        if piece.final:
             open_chunk.pop(key, None)
         else:
             open_chunk[key] = len(out) - 1 if at is None else at

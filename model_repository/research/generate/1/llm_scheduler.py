@@ -14,7 +14,15 @@ The pieces follow vLLM's split (scheduler / model runner / output processor):
 * `TextStream` — incremental detokenization and stop strings, per request.
 
 Sampling is per row: each request has its own generator, seeded by its `seed`, and draws once per token from
-its own logits row, so a seeded request gets the same tokens alone and in company.
+its own logits row, so a seeded request gets the same tokens alone and in company. Before the draw the batch's
+logits go through the request's logits processing, as array operations over the rows that ask for it (vLLM's
+order): repetition penalty (prompt and output tokens), frequency and presence penalties (output tokens),
+logit_bias, end of sequence masked until min_tokens, and last the grammar of a structured-output request
+(guided.py: the tokens its grammar forbids get -inf). Log-probabilities are the log-softmax of those processed
+logits divided by the temperature (1 when greedy), before the top-p cut — vLLM's `processed_logprobs`; with no
+penalty or bias and a temperature of 0 or 1 they equal vLLM's default `raw_logprobs`. A request with n > 1 is one
+group of n sequences: the prompt is prefilled once and its KV row copied to the others (`engine.fork`); choice i
+draws from a generator seeded with seed + i, so the same seed gives the same n choices.
 """
 
 from __future__ import annotations
@@ -26,6 +34,10 @@ from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
+
+MAX_N = 16  # choices of one request (rows it may hold at once)
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+MAX_LOGIT_BIAS = 1024  # tokens biased by one request
 
 
 class RequestError(Exception):
@@ -46,8 +58,20 @@ class SamplingParams:
     ignore_eos: bool = False
     stream: bool = False
     skip_special_tokens: bool = True
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    min_tokens: int = 0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    n: int = 1  # num_return_sequences
+    logprobs: bool = False  # return_log_probs
+    top_logprobs: int = 0
 
-    def validate(self, max_output_len: int) -> None:
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0 or self.frequency_penalty != 0 or self.repetition_penalty != 1
+
+    def validate(self, max_output_len: int, vocab: int | None = None, max_n: int = MAX_N) -> None:
         if not 1 <= self.max_tokens <= max_output_len:
             raise RequestError(f"max_tokens must lie in 1..{max_output_len}, got {self.max_tokens}")
         if not math.isfinite(self.temperature) or self.temperature < 0:
@@ -56,6 +80,25 @@ class SamplingParams:
             raise RequestError(f"top_p must lie in (0, 1], got {self.top_p}")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise RequestError(f"seed must lie in 0..2**64-1, got {self.seed}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and -2 <= value <= 2):
+                raise RequestError(f"{name} must lie in [-2, 2], got {value}")
+        if not (math.isfinite(self.repetition_penalty) and 0 < self.repetition_penalty <= 2):
+            raise RequestError(f"repetition_penalty must lie in (0, 2], got {self.repetition_penalty}")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise RequestError(f"min_tokens must lie in 0..max_tokens ({self.max_tokens}), got {self.min_tokens}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise RequestError(f"logit_bias holds at most {MAX_LOGIT_BIAS} tokens, got {len(self.logit_bias)}")
+        for token, bias in self.logit_bias.items():
+            if not (0 <= token < (vocab if vocab is not None else 2**31)):
+                raise RequestError(f"logit_bias: token id {token} is outside the vocabulary (0..{(vocab or 2**31) - 1})")
+            if not (math.isfinite(bias) and -100 <= bias <= 100):
+                raise RequestError(f"logit_bias: the bias of token {token} must lie in [-100, 100], got {bias}")
+        if not 1 <= self.n <= max_n:
+            raise RequestError(f"num_return_sequences must lie in 1..{max_n}, got {self.n}")
+        if not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise RequestError(f"top_logprobs must lie in 0..{MAX_TOP_LOGPROBS}, got {self.top_logprobs}")
 
 
 class Sampler:
@@ -159,6 +202,28 @@ class TextStream:
         return piece
 
 
+def _logprobs(seqs: list, logits: np.ndarray, tokens: list[int]) -> list[tuple[float, list[int], list[float]]]:
+    """Per row: the log-probability of its token and its `top_logprobs` most likely tokens (ids, values, best
+    first), from log-softmax(processed logits / temperature), the temperature taken as 1 for greedy rows."""
+    temps = np.array([1.0 if s.sampler.greedy else s.params.temperature for s in seqs])[:, None]
+    x = logits.astype(np.float64) / temps
+    top = x.max(axis=1, keepdims=True)
+    lp = x - (top + np.log(np.exp(x - top).sum(axis=1, keepdims=True)))
+    chosen = lp[np.arange(len(seqs)), tokens]
+    k = max(s.params.top_logprobs for s in seqs)
+    if k:
+        k = min(k, lp.shape[1])
+        best = np.argpartition(-lp, k - 1, axis=1)[:, :k]
+        values = np.take_along_axis(lp, best, axis=1)
+        order = np.argsort(-values, axis=1, kind="stable")
+        best, values = np.take_along_axis(best, order, axis=1), np.take_along_axis(values, order, axis=1)
+    out = []
+    for j, s in enumerate(seqs):
+        kk = s.params.top_logprobs
+        out.append((float(chosen[j]), best[j, :kk].tolist() if kk else [], values[j, :kk].tolist() if kk else []))
+    return out
+
+
 WAITING, RUNNING, FINISHED = "waiting", "running", "finished"
 
 
@@ -182,10 +247,28 @@ class Sequence:
     # not yet handed out by `Scheduler.step`
     pending_tokens: list[int] = field(default_factory=list)
     pending_text: str = ""
+    # with params.logprobs: per pending token its log-probability, and its top_logprobs (ids, values)
+    pending_logprobs: list[float] = field(default_factory=list)
+    pending_top: list[tuple[list[int], list[float]]] = field(default_factory=list)
     sampler: Sampler | None = None
+    index: int = 0  # which of the request's n choices (0 for the one that is prefilled)
+    # the other choices of an n > 1 request, on the first one only: they wait, are admitted and prefilled with it
+    siblings: list[Sequence] = field(default_factory=list)
+    counts: np.ndarray | None = None  # output tokens by id (penalties), made at the first processing
+    prompt_seen: np.ndarray | None = None  # prompt tokens by id (the repetition penalty)
+    cumulative_logprob: float = 0.0
+    # structured output (guided.py's Guide): the tokens its grammar allows, once active (after a think block)
+    guide: object = None
 
     def __post_init__(self) -> None:
-        self.sampler = Sampler(self.params.temperature, self.params.top_p, self.params.seed)
+        seed = self.params.seed
+        if seed is not None:
+            seed = (seed + self.index) % 2**64  # choice i of a seeded request: seed + i (vLLM's rule)
+        self.sampler = Sampler(self.params.temperature, self.params.top_p, seed)
+
+    @property
+    def group(self) -> list[Sequence]:
+        return [self, *self.siblings]
 
     @property
     def reserved_tokens(self) -> int:
@@ -241,9 +324,15 @@ class Scheduler:
 
     # -- any thread ------------------------------------------------------------------------------------------
     def submit(self, seq: Sequence) -> None:
-        if seq.reserved_tokens > self.limits.kv_budget_tokens:
+        """`seq` and its `siblings` (the other choices of an n > 1 request) join the queue as one."""
+        n = len(seq.group)
+        if n > self.limits.max_rows:
+            raise RequestError(f"num_return_sequences ({n}) exceeds the rows this deployment decodes at once "
+                               f"({self.limits.max_rows})")
+        if seq.reserved_tokens * n > self.limits.kv_budget_tokens:
+            times = f" × {n} sequences" if n > 1 else ""
             raise RequestError(
-                f"prompt ({len(seq.prompt_ids)} tokens) + max_tokens ({seq.params.max_tokens}) exceeds this "
+                f"prompt ({len(seq.prompt_ids)} tokens) + max_tokens ({seq.params.max_tokens}){times} exceeds this "
                 f"deployment's KV-cache budget of {self.limits.kv_budget_tokens} tokens"
             )
         if len(seq.prompt_ids) + 1 > self.limits.max_sequence_len:
@@ -255,8 +344,9 @@ class Scheduler:
                 raise ServerBusy(
                     f"server busy: {len(self.waiting)} requests are waiting (queue limit {self.limits.max_queue}); retry later"
                 )
-            seq.arrival = self.clock()
-            seq.status = WAITING
+            for s in seq.group:
+                s.arrival = self.clock()
+                s.status = WAITING
             self.waiting.append(seq)
             self.wakeup.notify()
 
@@ -297,8 +387,9 @@ class Scheduler:
             self.free_rows.extend(self.releasing)
             self.releasing = []
 
-    def _accept(self, seq: Sequence, token: int, done: list[Sequence], stats: StepStats) -> None:
-        """Sampled `token` for a running sequence: emit it or end the sequence."""
+    def _accept(self, seq: Sequence, token: int, done: list[Sequence], stats: StepStats, info=None) -> None:
+        """Sampled `token` for a running sequence: emit it or end the sequence. `info`: its (logprob, top ids,
+        top logprobs) when the request asked for them."""
         if token in self.eos and not seq.params.ignore_eos:
             self._finish(seq, "eos", done)
             return
@@ -309,13 +400,23 @@ class Scheduler:
         stats.tokens += 1
         seq.tokens.append(token)
         seq.pending_tokens.append(token)
+        if seq.counts is not None:
+            seq.counts[token] += 1
+        if seq.guide is not None:
+            seq.guide.accept(token)
+        if info is not None:
+            seq.cumulative_logprob += info[0]
+            seq.pending_logprobs.append(info[0])
+            seq.pending_top.append((info[1], info[2]))
         seq.pending_text += seq.text.push(token)
         if seq.text.stopped:
             self._finish(seq, "stop", done)
         elif len(seq.tokens) >= seq.params.max_tokens or self.engine.cached(seq.row) + 1 >= self.limits.max_sequence_len:
             self._finish(seq, "length", done)
 
-    def _sample(self, seqs: list[Sequence], logits: np.ndarray) -> list[int]:
+    def _sample(self, seqs: list[Sequence], logits: np.ndarray) -> list[tuple[int, tuple | None]]:
+        """One token per row, and its log-probabilities where asked for (see the module's docstring)."""
+        logits = self._process(seqs, logits)
         greedy = [i for i, s in enumerate(seqs) if s.sampler.greedy]
         tokens = [0] * len(seqs)
         if greedy:
@@ -325,7 +426,59 @@ class Scheduler:
         for i, s in enumerate(seqs):
             if not s.sampler.greedy:
                 tokens[i] = s.sampler(logits[i])
-        return tokens
+        infos: list = [None] * len(seqs)
+        want = [i for i, s in enumerate(seqs) if s.params.logprobs]
+        if want:
+            for i, info in zip(want, _logprobs([seqs[i] for i in want], logits[want], [tokens[i] for i in want]),
+                               strict=True):
+                infos[i] = info
+        return list(zip(tokens, infos, strict=True))
+
+    def _process(self, seqs: list[Sequence], logits: np.ndarray) -> np.ndarray:
+        """The logits each row samples from: penalties, logit_bias and the min_tokens mask, applied to the rows
+        that ask for them in a few array operations over the batch. Returns `logits` itself when no row asks."""
+        pen = [i for i, s in enumerate(seqs) if s.params.penalized]
+        bias = [i for i, s in enumerate(seqs) if s.params.logit_bias]
+        early = [i for i, s in enumerate(seqs) if len(s.tokens) < s.params.min_tokens and not s.params.ignore_eos]
+        guided = [i for i, s in enumerate(seqs) if s.guide is not None and s.guide.active]
+        if not (pen or bias or early or guided):
+            return logits
+        logits = np.array(logits, dtype=np.float32)
+        vocab = logits.shape[1]
+        if pen:
+            for i in pen:
+                s = seqs[i]
+                if s.counts is None:
+                    s.counts = np.bincount(np.asarray(s.tokens, np.int64), minlength=vocab).astype(np.int32)[:vocab]
+                    s.prompt_seen = np.zeros(vocab, bool)
+                    s.prompt_seen[[t for t in s.prompt_ids if t < vocab]] = True
+            counts = np.stack([seqs[i].counts for i in pen])
+            x = logits[pen]
+            rep = np.array([seqs[i].params.repetition_penalty for i in pen], np.float32)[:, None]
+            if (rep != 1).any():
+                # vLLM's rule: a token seen in the prompt or the output has a positive logit divided by the
+                # penalty and a negative one multiplied by it
+                seen = np.stack([seqs[i].prompt_seen for i in pen]) | (counts > 0)
+                x = np.where(seen, np.where(x > 0, x / rep, x * rep), x)
+            freq = np.array([seqs[i].params.frequency_penalty for i in pen], np.float32)[:, None]
+            pres = np.array([seqs[i].params.presence_penalty for i in pen], np.float32)[:, None]
+            x = x - freq * counts - pres * (counts > 0)
+            logits[pen] = x
+        if bias:
+            rows = np.concatenate([np.full(len(seqs[i].params.logit_bias), i) for i in bias])
+            ids = np.concatenate([np.fromiter(seqs[i].params.logit_bias, np.int64) for i in bias])
+            values = np.concatenate([np.fromiter(seqs[i].params.logit_bias.values(), np.float32) for i in bias])
+            inside = ids < vocab
+            logits[rows[inside], ids[inside]] += values[inside]
+        if early and self.eos:
+            eos = np.asarray(sorted(t for t in self.eos if t < vocab), np.int64)
+            logits[np.ix_(early, eos)] = -np.inf
+        if guided:
+            # last: no bias brings back a token the grammar forbids
+            guides = [seqs[i].guide for i in guided]
+            allowed = guides[0].masks(guides, vocab)
+            logits[guided] = np.where(allowed, logits[guided], -np.inf)
+        return logits
 
     def step(self, shutting_down: bool = False) -> tuple[list[Sequence], list[Sequence], StepStats]:
         """One step: drop cancelled requests, admit and prefill newcomers, decode every running row once.
@@ -336,12 +489,14 @@ class Scheduler:
         with self.lock:
             if shutting_down:
                 while self.waiting:
-                    self._finish(self.waiting.popleft(), "shutdown", done)
+                    for s in self.waiting.popleft().group:
+                        self._finish(s, "shutdown", done)
             else:
-                kept = deque(s for s in self.waiting if not s.cancelled)
+                kept = deque(s for s in self.waiting if not any(c.cancelled for c in s.group))
                 for s in self.waiting:
-                    if s.cancelled:
-                        self._finish(s, "cancelled", done)
+                    if any(c.cancelled for c in s.group):
+                        for c in s.group:
+                            self._finish(c, "cancelled", done)
                 self.waiting = kept
         for seq in [s for s in self.running.values() if s.cancelled or shutting_down]:
             self._finish(seq, "shutdown" if shutting_down else "cancelled", done)
@@ -353,8 +508,18 @@ class Scheduler:
         if admitted:
             logits = self.engine.prefill([s.row for s in admitted], [s.prompt_ids for s in admitted])
             stats.prefilled = len(admitted)
-            for seq, token in zip(admitted, self._sample(admitted, logits), strict=True):
-                self._accept(seq, token, done, stats)
+            forked = [s for s in admitted if s.siblings]
+            if forked:
+                # the other choices start from the first one's prompt: its KV row copied, its logits shared
+                at = {id(s): i for i, s in enumerate(admitted)}
+                extra = []
+                for s in forked:
+                    self.engine.fork(s.row, [c.row for c in s.siblings])
+                    extra += [at[id(s)]] * len(s.siblings)
+                    admitted += s.siblings
+                logits = np.concatenate([logits, logits[extra]], axis=0)
+            for seq, (token, info) in zip(admitted, self._sample(admitted, logits), strict=True):
+                self._accept(seq, token, done, stats, info)
         self._release()
         # rows that got their first token in this step's prefill decode it in the same step: one call for all
         batch = [s for s in self.running.values() if s.status == RUNNING]
@@ -362,8 +527,8 @@ class Scheduler:
             last = [s.tokens[-1] for s in batch]
             logits = self.engine.decode([s.row for s in batch], last)
             stats.decoded = len(batch)
-            for seq, token in zip(batch, self._sample(batch, logits), strict=True):
-                self._accept(seq, token, done, stats)
+            for seq, (token, info) in zip(batch, self._sample(batch, logits), strict=True):
+                self._accept(seq, token, done, stats, info)
         self._release()
         stats.finished = len(done)
         ready = [s for s in self.running.values() if s.pending_tokens or s.pending_text]
@@ -376,20 +541,24 @@ class Scheduler:
         # contiguous span of rows)
         self.free_rows.sort(reverse=True)
         with self.lock:
-            while self.waiting and self.free_rows:
+            while self.waiting:
                 seq = self.waiting[0]
-                if self.reserved + seq.reserved_tokens > self.limits.kv_budget_tokens:
+                group = seq.group
+                if len(self.free_rows) < len(group):
+                    break
+                if self.reserved + seq.reserved_tokens * len(group) > self.limits.kv_budget_tokens:
                     break  # FIFO: nobody overtakes the head of the queue
                 if admitted and prefill_tokens + len(seq.prompt_ids) > self.limits.max_prefill_tokens:
                     break
                 self.waiting.popleft()
-                seq.row = self.free_rows.pop()
-                seq.status = RUNNING
-                seq.admitted_at = self.clock()
-                self.reserved += seq.reserved_tokens
-                self.running[seq.row] = seq
+                for s in group:
+                    s.row = self.free_rows.pop()
+                    s.status = RUNNING
+                    s.admitted_at = self.clock()
+                    self.reserved += s.reserved_tokens
+                    self.running[s.row] = s
                 prefill_tokens += len(seq.prompt_ids)
-                admitted.append(seq)
+                admitted.append(seq)  # its siblings are forked from it after the prefill
         return admitted
 
     def abort_running(self) -> list[Sequence]:
