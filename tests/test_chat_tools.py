@@ -381,3 +381,26 @@ def test_forced_call_and_response_format_are_exclusive(client):
         client.chat.completions.create(model="generate", messages=[{"role": "user", "content": QUESTION}],
                                        tools=[WEATHER], tool_choice="required", response_format={"type": "json_object"})
     assert err.value.body["param"] == "response_format"
+
+
+@pytest.mark.triton
+def test_langchain_chat_openai_with_tools(gateway):
+    """A framework client: LangChain's ChatOpenAI (langchain-openai), its tool binding and streamed tool-call chunks,
+    against the same gateway."""
+    lc = pytest.importorskip("langchain_openai")
+    from langchain_core.messages import HumanMessage, SystemMessage
+
+    llm = lc.ChatOpenAI(base_url=gateway + "/v1", api_key=KEY, model="scripted", max_retries=0, timeout=120)
+    bound = llm.bind_tools([WEATHER, TIME])
+    messages = [SystemMessage("Use the tools."), HumanMessage("[script:tool] Weather and time in Paris?")]
+    msg = bound.invoke(messages)
+    assert [(c["name"], c["args"]) for c in msg.tool_calls] == [("get_weather", {"city": "Paris"}), ("get_time", {})]
+    assert msg.response_metadata["finish_reason"] == "tool_calls"
+    whole = None
+    for chunk in bound.stream(messages):
+        whole = chunk if whole is None else whole + chunk
+    assert [(c["name"], c["args"]) for c in whole.tool_calls] == [("get_weather", {"city": "Paris"}), ("get_time", {})]
+    plain = lc.ChatOpenAI(base_url=gateway + "/v1", api_key=KEY, model="generate", max_retries=0, timeout=120,
+                          max_tokens=4, temperature=0)
+    answer = plain.invoke([SystemMessage("Be brief."), HumanMessage("hi")])
+    assert answer.usage_metadata["output_tokens"] >= 1

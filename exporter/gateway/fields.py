@@ -304,7 +304,9 @@ def markdown_table() -> str:
             what, types = f.what.replace("|", "\\|"), " \\| ".join(f.types)
             lines.append(f"| `{f.name}` | {types} | {f.status} | {f.origin} | {what} |")
         lines.append("")
-    return "\n".join(lines).rstrip("\n") + "\n"
+    from .messages import markdown_table as message_table  # messages.py builds on this module: imported here
+
+    return "\n".join(lines) + "\n" + message_table()
 
 
 def render_into(doc: str) -> str:
