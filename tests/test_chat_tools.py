@@ -29,6 +29,11 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "description"
                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
                                                            "required": ["city"]}}}
 TIME = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}
+# parameters without free text: the constrained answer of the tiny model (which rambles inside any free string or
+# unbounded array) completes
+UNIT = {"type": "function", "function": {"name": "set_unit", "parameters": {
+    "type": "object", "properties": {"unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["unit"],
+    "additionalProperties": False}}}
 CALLS = [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
          {"id": "call_2", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]
 HISTORY = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Weather and time in Paris?"},
@@ -159,6 +164,8 @@ def repos(exported, session_workdir, tmp_path_factory):
     config = text_format.Parse(path.read_text(), mc.ModelConfig())
     config.parameters["max_input_len"].string_value = "1024"
     config.parameters["max_sequence_len"].string_value = "1088"
+    for name in ("guided_decoding_guide_type", "guided_decoding_guide"):  # the contract's inputs (ignored by the script)
+        config.input.add(name=name, data_type=mc.TYPE_STRING, dims=[1], optional=True)
     path.write_text(text_format.MessageToString(config))
     return {"real": real.out, "scripted": scripted, "root": root}
 
@@ -254,13 +261,13 @@ def test_tool_requests_refused_with_the_field_named(client):
 
     chat = client.chat.completions.create
     for kwargs, param in [
-        ({"tools": [WEATHER], "tool_choice": "required"}, "tool_choice"),
-        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}, "tool_choice"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "other"}}}, "tool_choice"),
         ({"tool_choice": "auto"}, "tool_choice"),
         ({"tools": [{"type": "code_interpreter"}]}, "tools[0].type"),
         ({"tools": [{"type": "function", "function": {"name": "bad name"}}]}, "tools[0].function.name"),
         ({"tools": [WEATHER, WEATHER]}, "tools[1].function.name"),
         ({"tools": [{"type": "function", "function": {**WEATHER["function"], "strict": True}}]}, "tools[0].function.strict"),
+        ({"tools": [WEATHER], "tool_choice": "required", "parallel_tool_calls": "no"}, "parallel_tool_calls"),
         ({"tools": [WEATHER], "parallel_tool_calls": False}, "parallel_tool_calls"),
     ]:
         with pytest.raises(openai.BadRequestError) as err:
@@ -282,3 +289,118 @@ def test_tool_history_reaches_the_real_model_as_transformers_renders_it(client, 
     want = hf_tok.apply_chat_template(messages, tools=[WEATHER, TIME], add_generation_prompt=True, tokenize=True)
     want = want["input_ids"] if hasattr(want, "keys") else want
     assert r.usage.prompt_tokens == len(want) and r.usage.completion_tokens >= 1
+
+
+QUESTION = "What is a KV cache?"  # a corpus question: the trained model closes its thought and answers
+
+
+def _spec(choice, parallel=True, tools=(WEATHER, TIME)):
+    from exporter.gateway.tools import parse_tools
+
+    return parse_tools({"tools": list(tools), "tool_choice": choice, "parallel_tool_calls": parallel})
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "set_unit"}}],
+                         ids=["required", "named"])
+def test_the_forced_call_schema_constrains_the_real_model(client, choice):
+    """The schema a forced call sends (ToolSpec.guide, vLLM's shapes) compiled by the generate model's xgrammar and
+    enforced on the trained model after its thought: the answer parses into calls whose arguments validate against
+    the function's schema. (With the tool definitions in its prompt the tiny model ends inside its thought — a
+    model that does makes no call — so the question is asked bare, the schema sent as response_format.)"""
+    import jsonschema
+
+    spec = _spec(choice, parallel=False, tools=(UNIT, TIME))
+    r = client.chat.completions.create(
+        model="generate", messages=[{"role": "user", "content": QUESTION}], max_tokens=400, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "calls", "schema": json.loads(spec.guide())}})
+    calls = spec.forced_calls(r.choices[0].message.content.strip())
+    assert calls, r.choices[0].message.content
+    params = {"set_unit": UNIT, "get_time": TIME}
+    assert len(calls) == 1  # parallel_tool_calls false: maxItems 1
+    for call in calls:
+        jsonschema.validate(json.loads(call["function"]["arguments"]), params[call["function"]["name"]]["function"]["parameters"])
+    assert spec.forced is None or [c["function"]["name"] for c in calls] == [spec.forced]
+
+
+def test_forced_calls_send_their_schema_to_generate(tmp_path, repos):
+    """parse_request turns tool_choice into the guided-decoding inputs of the generate contract; a generate model
+    without them refuses the forced call naming tool_choice."""
+    from exporter.gateway.errors import ApiError
+    from exporter.gateway.models import read_model
+    from exporter.gateway.protocol import parse_request
+    from exporter.gateway.triton import build_request
+
+    guided = read_model(repos["scripted"] / "scripted")
+    plain = read_model(_write_scripted(tmp_path / "plain", repos["real"] / "generate" / "1" / "tokenizer",
+                                       tmp_path / "m") / "scripted")
+    plain.limits.max_input_len = guided.limits.max_input_len  # room for the tool definitions
+    body = {"model": "scripted", "messages": TOOL_ASK, "tools": [WEATHER, TIME], "tool_choice": "required",
+            "parallel_tool_calls": False}
+    p = parse_request(body, {"scripted": guided}, True, {})
+    assert (p.generation.guide_type, p.generation.guide) == ("json_schema", _spec("required", False).guide())
+    assert json.loads(p.generation.guide)["maxItems"] == 1
+    sent = {i.name: raw for i, raw in zip(build_request(guided, p.generation).inputs,
+                                          build_request(guided, p.generation).raw_input_contents, strict=True)}
+    assert p.generation.guide.encode() in sent["guided_decoding_guide"]
+    with pytest.raises(ApiError) as err:
+        parse_request(body, {"scripted": plain}, True, {})
+    assert err.value.param == "tool_choice" and "guided_decoding_guide_type" in err.value.message
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "streamed"])
+def test_forced_calls_come_back_as_tool_calls(client, stream):
+    def ask(script, choice):
+        kw = dict(model="scripted", messages=[{"role": "user", "content": f"[script:{script}] go"}], tools=[WEATHER, TIME],
+                  tool_choice=choice)
+        if not stream:
+            return client.chat.completions.create(**kw)
+        with client.chat.completions.stream(**kw) as s:
+            return s.get_final_completion()
+
+    r = ask("forced", "required")
+    m = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls" and not m.content  # None whole, "" accumulated from a stream
+    assert m.model_extra["reasoning_content"] == "Time first."
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in m.tool_calls] == [
+        ("get_time", {}), ("get_weather", {"city": "Oslo"})]
+    r = ask("forced-named", {"type": "function", "function": {"name": "get_weather"}})
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in r.choices[0].message.tool_calls] == [
+        ("get_weather", {"city": "Oslo"})]
+    # an answer that is not the forced JSON (cut short, say) stays content
+    r = ask("noopen", "required")
+    assert not r.choices[0].message.tool_calls and r.choices[0].message.content == "\n\nThe answer is 4."
+
+
+@pytest.mark.triton
+def test_forced_call_and_response_format_are_exclusive(client):
+    import openai
+
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="generate", messages=[{"role": "user", "content": QUESTION}],
+                                       tools=[WEATHER], tool_choice="required", response_format={"type": "json_object"})
+    assert err.value.body["param"] == "response_format"
+
+
+@pytest.mark.triton
+def test_langchain_chat_openai_with_tools(gateway):
+    """A framework client: LangChain's ChatOpenAI (langchain-openai), its tool binding and streamed tool-call chunks,
+    against the same gateway."""
+    lc = pytest.importorskip("langchain_openai")
+    from langchain_core.messages import HumanMessage, SystemMessage
+
+    llm = lc.ChatOpenAI(base_url=gateway + "/v1", api_key=KEY, model="scripted", max_retries=0, timeout=120)
+    bound = llm.bind_tools([WEATHER, TIME])
+    messages = [SystemMessage("Use the tools."), HumanMessage("[script:tool] Weather and time in Paris?")]
+    msg = bound.invoke(messages)
+    assert [(c["name"], c["args"]) for c in msg.tool_calls] == [("get_weather", {"city": "Paris"}), ("get_time", {})]
+    assert msg.response_metadata["finish_reason"] == "tool_calls"
+    whole = None
+    for chunk in bound.stream(messages):
+        whole = chunk if whole is None else whole + chunk
+    assert [(c["name"], c["args"]) for c in whole.tool_calls] == [("get_weather", {"city": "Paris"}), ("get_time", {})]
+    plain = lc.ChatOpenAI(base_url=gateway + "/v1", api_key=KEY, model="generate", max_retries=0, timeout=120,
+                          max_tokens=4, temperature=0)
+    answer = plain.invoke([SystemMessage("Be brief."), HumanMessage("hi")])
+    assert answer.usage_metadata["output_tokens"] >= 1

@@ -217,3 +217,16 @@ def test_every_field_of_the_embeddings_and_tokenize_tables(gateway):
             assert status == 400 and err["error"]["param"] == f.name, (path, f.name, err)
         status, err = _post(gateway, path, {**base, "frobnicate": 1})
         assert status == 400 and err["error"]["param"] == "frobnicate"
+
+
+@pytest.mark.triton
+def test_langchain_openai_embeddings(gateway, reference):
+    """LangChain's OpenAIEmbeddings (its own token counting off: it would fetch tiktoken's files)."""
+    lc = pytest.importorskip("langchain_openai")
+    _, run = reference
+    emb = lc.OpenAIEmbeddings(base_url=gateway + "/v1", api_key=KEY, model="embed", check_embedding_ctx_length=False,
+                              max_retries=0)
+    vectors = emb.embed_documents(TEXTS[:3])
+    for v, text in zip(vectors, TEXTS[:3], strict=True):
+        _close(v, run(text))
+    _close(emb.embed_query(TEXTS[3]), run(TEXTS[3]))

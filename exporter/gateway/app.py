@@ -45,8 +45,7 @@ from .protocol import (
 from .reasoning import ReasoningSplitter
 from .special import SpecialTokenFilter
 from .tokens import detokenize, tokenize
-from .tools import ToolStreamParser, tool_call_delta
-from .tools import split_whole as split_tool_calls
+from .tools import answer_parser, split_answer, tool_call_delta
 from .triton import Chunk, TritonClient, TritonError, aclose_quietly, build_request
 
 log = logging.getLogger("r1deploy.gateway")
@@ -87,7 +86,7 @@ class Gateway:
         self._keys = [k.encode() for k in cfg.api_keys]
         self.metrics = Metrics()
         self.client: Optional[TritonClient] = None
-        # one verdict per Triton model (several OpenAI ids may reach one)
+        # one verdict per Triton LLM model (several OpenAI ids may reach one)
         self.engines: dict[str, ServedModel] = {m.name: m for m in self.models.values()}
         self.verdicts = {name: Verdict(cfg.health_patience) for name in self.engines}
         self._monitor: Optional[asyncio.Task] = None
@@ -314,7 +313,7 @@ class Gateway:
                     message["content"] = content if content or not reasoning else None
                     message.update(reasoning_fields(reasoning or None))
                 if p.tools is not None:
-                    content, calls = split_tool_calls(content, p.tools.names)
+                    content, calls = split_answer(content, p.tools)
                     if calls:
                         message["content"] = content if content.strip() else None
                         message["tool_calls"] = calls
@@ -396,8 +395,8 @@ class Gateway:
             out.update({"delta": {}} if chat else {"text": ""})
             await send(out)
 
-        specials_of = {i: state.special_filter() for i in range(p.n)}
-        parsers = {i: ToolStreamParser(p.tools.names) for i in range(p.n)} if chat and p.tools is not None else {}
+        specials = {i: state.special_filter() for i in range(p.n)}
+        parsers = {i: answer_parser(p.tools) for i in range(p.n)} if chat and p.tools is not None else {}
         if chat:
             for i in range(p.n):
                 await send({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
@@ -410,25 +409,25 @@ class Gateway:
                 splitter = splitters.get(i)
                 last = chunk.final or bool(chunk.finish_reason)
                 text = chunk.text
-                specials = specials_of.get(i)
-                if specials is not None:
-                    text = specials.feed(text) + (specials.finish() if last else "")
+                special = specials.get(i)
+                if special is not None:
+                    text = special.feed(text) + (special.finish() if last else "")
                 r, c = splitter.feed(text, chunk.token_ids) if splitter else ("", text)
                 if last and splitter:
                     r2, c2 = splitter.finish()
                     r, c = r + r2, c + c2
                 calls: list[dict] = []
-                calls_parser = parsers.get(i)
-                if calls_parser is not None:
-                    c, calls = calls_parser.feed(c)
+                parser = parsers.get(i)
+                if parser is not None:
+                    c, calls = parser.feed(c)
                     if last:
-                        c2, calls2 = calls_parser.finish()
+                        c2, calls2 = parser.finish()
                         c, calls = c + c2, calls + calls2
                 out = piece(i, r, c, chunk)
                 if out is not None:
                     await send(out)
                 for call in calls:
-                    await send(tool_call_delta(call, calls_parser.calls.index(call), i))
+                    await send(tool_call_delta(call, parser.calls.index(call), i))
                 if chunk.finish_reason and i not in finished:
                     finished[i] = chunk.finish_reason
                     await end(i, chunk.finish_reason)

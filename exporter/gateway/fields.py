@@ -108,7 +108,8 @@ _SAMPLING = [
     _f("stream_options", "object", SUPPORTED, "`include_usage` (a last chunk with the usage); "
        "`include_obfuscation: false` (no obfuscation padding is ever sent: `true` is refused)",
        example={"include_usage": True}, refused_example={"include_obfuscation": True}),
-    _f("n", "integer", SUPPORTED, "choices per request (`n` > 1 forks the prefilled prompt)", example=1),
+    _f("n", "integer", SUPPORTED, "1..16 choices (the prompt prefilled once, rows forked in the scheduler)",
+       example=1),
     _f("presence_penalty", "number", SUPPORTED, "[-2, 2], applied to the logits in the scheduler", example=0.0),
     _f("frequency_penalty", "number", SUPPORTED, "[-2, 2], applied to the logits in the scheduler", example=0.0),
     _f("logit_bias", "object", SUPPORTED, "token id → bias in [-100, 100], added to the logits", example={}),
@@ -177,16 +178,14 @@ CHAT: dict[str, Field] = {f.name: f for f in [
        "`</think>` is constrained token by token (xgrammar)", example={"type": "text"}),
     _f("tools", "array", SUPPORTED, "function tools, rendered in the chat template's tool format (R1's "
        "`<｜tool▁calls▁begin｜>` tags); the model's calls come back as `tool_calls` (streamed: one delta per call) with "
-       "`finish_reason: tool_calls`; `strict: true` is refused (arguments are not constrained yet); a template that "
-       "does not render tools: 400",
+       "`finish_reason: tool_calls`; a function's `strict: true` only with a forced call (constrained arguments); "
+       "a template that does not render tools: 400",
        example=[{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]),
-    _f("tool_choice", "string|object", SUPPORTED, "`auto` (the default with tools) or `none` (the tools are not "
-       "shown to the model); `required` and a named function are refused until guided decoding forces the call",
-       accepts=lambda v: v in ("auto", "none"), refusal="forcing a call needs guided decoding, not in this server "
-       "yet (use auto)", example="none", refused_example="required"),
-    _f("parallel_tool_calls", "boolean", SUPPORTED, "true: every call the model makes is returned; false is "
-       "refused (nothing limits the model to one call)", accepts=lambda v: v is True,
-       refusal="the model is not limited to one call", example=True, refused_example=False),
+    _f("tool_choice", "string|object", SUPPORTED, "`auto` (the default with tools), `none` (the tools are not "
+       "shown to the model), `required` and a named function (the answer constrained by guided decoding to a JSON "
+       "schema of the functions' parameters; not with response_format)", example="none"),
+    _f("parallel_tool_calls", "boolean", SUPPORTED, "true (the default): every call is returned; false limits a "
+       "forced call (`required`) to one and is refused with `auto` (nothing limits the model there)", example=True),
     _f("separate_reasoning", "boolean", SUPPORTED, "default true: R1's thought in `reasoning_content` / `reasoning`; "
        "false: the raw text", origin="SGLang", example=True),
     _f("store", "boolean", NOT_APPLICABLE, "false (the default) only: this server stores no completions",
@@ -229,14 +228,14 @@ COMPLETIONS: dict[str, Field] = {f.name: f for f in [
     _f("prompt", "string|array", SUPPORTED, "a string, or a list of one string (one prompt per request; token-id "
        "prompts are refused)", example="Hello"),
     *_SAMPLING,
-    _f("logprobs", "integer", SUPPORTED, "0..20 alternatives per token, after the sampler's processing", example=0),
-    _f("echo", "boolean", SUPPORTED, "the prompt before the completion (with logprobs: refused, the prompt's "
-       "logprobs are not computed)", example=False),
-    _f("suffix", "string", SUPPORTED, "only empty: a non-empty suffix is refused with a 400 (the served models have no "
-       "fill-in-the-middle tokens)", example=""),
-    _f("best_of", "integer", SUPPORTED, "candidates generated, the `n` most likely returned (≥ n)", example=1),
-    _f("response_format", "object", SUPPORTED, "vLLM's extension: `text`, `json_object`, `json_schema` enforced token "
-       "by token (xgrammar)", origin="vLLM", example={"type": "text"}),
+    _f("logprobs", "integer", SUPPORTED, "0..20 alternatives per token, after the sampler's processing (not with "
+       "echo)", example=0),
+    _f("echo", "boolean", SUPPORTED, "the prompt before the completion", example=False),
+    _refused("suffix", "string", "the models served have no fill-in-the-middle tokens", example="x"),
+    _f("best_of", "integer", SUPPORTED, "n..16 candidates generated, the n with the highest cumulative logprob "
+       "returned (not streamed)", example=1),
+    _f("response_format", "object", SUPPORTED, "as in chat (vLLM allows it on completions)", origin="vLLM",
+       example={"type": "text"}),
     *_EXTENSIONS_REFUSED,
 ]}
 
@@ -305,7 +304,9 @@ def markdown_table() -> str:
             what, types = f.what.replace("|", "\\|"), " \\| ".join(f.types)
             lines.append(f"| `{f.name}` | {types} | {f.status} | {f.origin} | {what} |")
         lines.append("")
-    return "\n".join(lines).rstrip("\n") + "\n"
+    from .messages import markdown_table as message_table  # messages.py builds on this module: imported here
+
+    return "\n".join(lines) + "\n" + message_table()
 
 
 def render_into(doc: str) -> str:

@@ -53,8 +53,8 @@ class _JsonErrorHandler(RequestHandler):
         if request.writer.output_size > 0:  # as aiohttp: a response is under way, the connection is broken
             raise ConnectionError("Response is sent already, cannot send another response with the error message")
         err = parser_error(status, exc)
-        if err.status >= 500:
-            log.error("request from %s failed: %s", request.remote, type(exc).__name__ if exc else status)
+        if err.status >= 500:  # a fault of the gateway's own: the traceback is what an operator needs
+            log.error("request from %s failed", request.remote, exc_info=exc)
         else:
             log.info("refused a request from %s: %s", request.remote, err.message)
         resp = web.json_response(err.body(), status=err.status, headers=error_headers(err))

@@ -134,3 +134,16 @@ def parse_messages(body: dict) -> list[dict]:
             entry["tool_call_id"] = m["tool_call_id"]
         out.append(entry)
     return out
+
+
+def markdown_table() -> str:
+    """The per-role message fields, for docs/serving.md (after the request fields)."""
+    lines = ["`messages[]`, by role", "", "| role | field | type | | what r1deploy does |", "|---|---|---|---|---|"]
+    for role, fields in MESSAGE_FIELDS.items():
+        for f in fields.values():
+            what, types = f.what.replace("|", "\\|"), " \\| ".join(f.types)
+            lines.append(f"| {role} | `{f.name}` | {types} | {f.status} | {what} |")
+    for role, why in REFUSED_ROLES.items():
+        lines.append(f"| {role} | | | refused | {why} |")
+    lines.append("| any other | | | refused | not a role |")
+    return "\n".join(lines) + "\n"

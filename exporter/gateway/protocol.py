@@ -15,7 +15,7 @@ from .chat import TemplateRejected
 from .errors import ApiError
 from .messages import parse_messages
 from .models import ServedModel
-from .tools import ToolSpec, parse_tools, render_prompt
+from .tools import ToolSpec, forced_guide, parse_tools, render_prompt
 from .triton import Generation
 
 MAX_STOP_STRINGS = 16
@@ -121,13 +121,13 @@ class Parsed:
     stream: bool
     include_usage: bool
     separate_reasoning: bool
+    # generate keeps special tokens for the gateway's reasoning split: the others are taken out of the text here
+    strip_special: bool = False
+    tools: Optional[ToolSpec] = None  # chat with tools (tool_choice not none): the answer's calls are parsed
     n: int = 1  # choices returned (generation.n may be more: best_of)
     logprobs: bool = False  # the client asked for logprobs (generation.logprobs may be set for best_of alone)
     top_logprobs: int = 0
     echo: bool = False  # completions: the prompt before each choice's text
-    # generate keeps special tokens for the gateway's reasoning split: the others are taken out of the text here
-    strip_special: bool = False
-    tools: Optional[ToolSpec] = None  # chat with tools (tool_choice not none): the answer's calls are parsed
 
 
 MAX_N = 16  # choices (and best_of) of one request: the generate model's limit
@@ -352,11 +352,11 @@ def parse_request(body: dict, models: dict[str, ServedModel], chat: bool, profil
         raise ApiError(400, "stream_options must be an object", "stream_options")
     include_usage = bool(options and _flag(options, "include_usage", False))
     separate = _flag(body, "separate_reasoning", True) and chat and model.think_end_id is not None
-    sampling = _sampling_fields(body, chat, model, stream, max_tokens)
-    guide_type, guide = _response_format(body, model)
     # the reasoning split needs `</think>` in the text, the tool parser the tool-call tags (special in R1's vocabulary)
     keep_specials = chat and (model.think_end_id is not None or tools is not None)
     client_skip = _flag(body, "skip_special_tokens", True)
+    sampling = _sampling_fields(body, chat, model, stream, max_tokens)
+    guide_type, guide = forced_guide(tools, model, *_response_format(body, model))
     generation = Generation(
         prompt=prompt, max_tokens=max_tokens,
         temperature=temperature if temperature is not None else defaults.get("temperature"),

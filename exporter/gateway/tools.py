@@ -14,10 +14,12 @@ answer's `content`; from a call that does not parse (arguments that are not JSON
 max_tokens) on, the rest is left in `content` as the model wrote it — never dropped. Whole answers and streams are
 parsed by the same code (`ToolStreamParser`), so both give the same calls and content.
 
-`tool_choice`: `auto` (the default with tools) and `none` (the tools are not shown to the model and nothing is
-parsed); `required` and a named function need the answer constrained to a call (guided decoding with a JSON
-schema built from the function's parameters, `guided_decoding_guide_type=json_schema`): refused with a 400 until
-the generate model takes those inputs.
+`tool_choice`: `auto` (the default with tools: the model may call, parsed as above), `none` (the tools are not
+shown to the model and nothing is parsed), `required` and a named function: the answer after `</think>` is
+constrained by the generate model's guided decoding (`guided_decoding_guide_type=json_schema`) to a JSON schema
+built from the functions' parameters, as vLLM builds it — for a named function its arguments, for `required` an
+array of `{"name", "parameters"}` objects (one item at most with `parallel_tool_calls: false`) — and that JSON is
+returned as `tool_calls`.
 """
 
 from __future__ import annotations
@@ -41,7 +43,40 @@ _NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for function names
 class ToolSpec:
     tools: list[dict]  # as the request gave them (validated): what the template renders
     names: set[str]
-    choice: str = "auto"  # auto | none
+    choice: str = "auto"  # auto | required | named
+    forced: Optional[str] = None  # named: the function every answer calls
+    parallel: bool = True
+
+    def guide(self) -> Optional[str]:
+        """The JSON schema the answer is constrained to when a call is forced (vLLM's shapes): the named function's
+        arguments, or for `required` an array of {name, parameters} objects, one of the tools each."""
+        params = {t["function"]["name"]: t["function"].get("parameters") or {"type": "object"} for t in self.tools}
+        if self.forced is not None:
+            return json.dumps(params[self.forced], ensure_ascii=False)
+        if self.choice != "required":
+            return None
+        items = {"anyOf": [{"type": "object", "properties": {"name": {"const": name}, "parameters": schema},
+                            "required": ["name", "parameters"], "additionalProperties": False}
+                           for name, schema in params.items()]}
+        array: dict = {"type": "array", "minItems": 1, "items": items}
+        if not self.parallel:
+            array["maxItems"] = 1
+        return json.dumps(array, ensure_ascii=False)
+
+    def forced_calls(self, content: str) -> Optional[list[dict]]:
+        """The calls of an answer constrained by `guide()`, or None when it is not complete JSON (cut by max_tokens)."""
+        try:
+            value = json.loads(content)
+        except ValueError:
+            return None
+        if self.forced is not None:
+            pairs = [(self.forced, value)]
+        elif isinstance(value, list) and all(isinstance(v, dict) and v.get("name") in self.names for v in value):
+            pairs = [(v["name"], v.get("parameters", {})) for v in value]
+        else:
+            return None
+        return [{"id": _call_id(), "type": "function",
+                 "function": {"name": name, "arguments": json.dumps(args, ensure_ascii=False)}} for name, args in pairs]
 
 
 def _bad(message: str, param: str, code: str = "invalid_value") -> ApiError:
@@ -84,22 +119,44 @@ def parse_tools(body: dict) -> Optional[ToolSpec]:
         for key, kind in (("description", str), ("parameters", dict), ("strict", bool)):
             if fn.get(key) is not None and not isinstance(fn[key], kind):
                 raise _bad(f"{at}.function.{key} has the wrong type", f"{at}.function.{key}", "invalid_type")
-        if fn.get("strict"):
-            raise _bad(f"{at}.function.strict: arguments are not constrained to the schema (that needs guided "
-                       "decoding, not in this server yet)", f"{at}.function.strict", "unsupported_value")
+    parallel = body.get("parallel_tool_calls")
+    parallel = True if parallel is None else parallel  # the JSON type is checked by the registry
     if choice is None or choice == "auto":
+        if not parallel:
+            raise _bad("parallel_tool_calls=false with tool_choice auto: nothing limits the model to one call (use "
+                       "tool_choice required or a named function, which constrain the answer)", "parallel_tool_calls",
+                       "unsupported_value")
+        strict = next((i for i, t in enumerate(tools) if t["function"].get("strict")), None)
+        if strict is not None:
+            raise _bad(f"tools[{strict}].function.strict with tool_choice auto: the arguments are constrained only "
+                       "when the call is forced (tool_choice required or a named function)",
+                       f"tools[{strict}].function.strict", "unsupported_value")
         return ToolSpec(tools, names)
     if choice == "none":
         return None
-    if choice == "required" or isinstance(choice, dict):
-        if isinstance(choice, dict):
-            fn = choice.get("function")
-            if choice.get("type") != "function" or not isinstance(fn, dict) or fn.get("name") not in names:
-                raise _bad("tool_choice must name one of the tools: {\"type\": \"function\", \"function\": "
-                           "{\"name\": …}}", "tool_choice")
-        raise _bad(f"tool_choice={json.dumps(choice)} is not supported by this server yet: forcing a call needs "
-                   "guided decoding (use auto)", "tool_choice", "unsupported_value")
+    if choice == "required":
+        return ToolSpec(tools, names, "required", parallel=parallel)
+    if isinstance(choice, dict):
+        fn = choice.get("function")
+        if choice.get("type") != "function" or not isinstance(fn, dict) or fn.get("name") not in names:
+            raise _bad("tool_choice must name one of the tools: {\"type\": \"function\", \"function\": "
+                       "{\"name\": …}}", "tool_choice")
+        return ToolSpec(tools, names, "named", forced=fn["name"])
     raise _bad("tool_choice must be none, auto, required or a named function", "tool_choice")
+
+
+def forced_guide(spec: Optional[ToolSpec], model, guide_type: str, guide: str) -> tuple[str, str]:
+    """The generate model's guide for a forced call (required / named), else the request's own (response_format)."""
+    schema = spec.guide() if spec is not None else None
+    if schema is None:
+        return guide_type, guide
+    if guide_type:
+        raise _bad("response_format cannot be combined with tool_choice required or a named function (both constrain "
+                   "the answer)", "response_format", "unsupported_value")
+    if "guided_decoding_guide_type" not in model.inputs:
+        raise _bad(f"tool_choice {spec.choice} is not supported by model {model.name} (forcing a call needs its generate "
+                   "model's guided_decoding_guide_type input)", "tool_choice", "unsupported_value")
+    return "json_schema", schema
 
 
 def render_prompt(template, messages: list[dict], spec: Optional[ToolSpec], add_generation_prompt: bool = True) -> str:
@@ -219,3 +276,36 @@ def tool_call_delta(call: dict, index: int, choice: int = 0) -> dict:
     `arguments` pieces by index; one piece is the case of a call that arrives complete)."""
     return {"index": choice, "delta": {"tool_calls": [{"index": index, **call}]}, "logprobs": None,
             "finish_reason": None}
+
+
+class ForcedCallParser:
+    """The stream parser's interface for a forced call: the constrained answer is JSON, not text for the client, so
+    it is held until the end and returned as the calls (as the model wrote it, as content, when it is not complete
+    JSON: cut by max_tokens)."""
+
+    def __init__(self, spec: ToolSpec):
+        self.spec, self.buf, self.calls = spec, "", []
+
+    def feed(self, text: str) -> tuple[str, list[dict]]:
+        self.buf += text
+        return "", []
+
+    def finish(self) -> tuple[str, list[dict]]:
+        buf, self.buf = self.buf, ""
+        calls = self.spec.forced_calls(buf.strip()) if buf.strip() else None
+        if calls is None:
+            return buf, []
+        self.calls = calls
+        return "", calls
+
+
+def answer_parser(spec: ToolSpec):
+    return ForcedCallParser(spec) if spec.choice in ("required", "named") else ToolStreamParser(spec.names)
+
+
+def split_answer(content: str, spec: ToolSpec) -> tuple[str, list[dict]]:
+    """(content, calls) of a whole answer, by the parser a stream of it would use."""
+    parser = answer_parser(spec)
+    out, calls = parser.feed(content)
+    rest, more = parser.finish()
+    return out + rest, calls + more

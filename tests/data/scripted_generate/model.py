@@ -34,6 +34,10 @@ SCRIPTS = {
     # a call whose arguments are not JSON: left in the content as written
     "tool-bad": ["Hm.</think>", "<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n",
                  "{city: Paris}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>"],
+    # what guided decoding lets through for a forced call: JSON after the thought (required; a named function)
+    "forced": ["Time first.</think>", "[{\"name\": \"get_time\", ", "\"parameters\": {}}, {\"name\": \"get_weather\", "
+               "\"parameters\": {\"city\": \"Oslo\"}}]"],
+    "forced-named": ["Oslo.</think>", "{\"city\": ", "\"Oslo\"}"],
 }
 TAGS = ("<think>", "</think>")
 
