@@ -116,6 +116,9 @@ def test_best_of_returns_the_choice_with_the_highest_cumulative_logprob(client):
     assert e.status_code == 400 and e.body["param"] == "best_of"
     e = _status_error(lambda: client.completions.create(best_of=3, stream=True, **kw))
     assert e.body["param"] == "best_of"
+    e = _status_error(lambda: client.chat.completions.create(
+        model="generate", messages=[{"role": "user", "content": "hi"}], extra_body={"best_of": 2}))
+    assert e.body["param"] == "best_of" and "/v1/completions" in e.message
 
 
 def test_echo_stop_and_suffix(client, ref):  # noqa: F811
