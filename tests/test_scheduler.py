@@ -532,3 +532,31 @@ def test_prefix_cache_matches_whole_blocks_of_the_same_prefix_only():
     cache.store([99] + a[1:], 0, 8, engine)
     assert len(cache.blocks) == 3 and cache.match(a) == [(7, 0, 4)]
     assert cache.hit_tokens == 16 and cache.query_tokens == 48 and cache.hit_rate == 16 / 48
+
+
+def test_batched_masks_equal_each_guides_own(tiny_tok):
+    """guided.masks fills every row in one xgrammar batch call: bit for bit what each matcher allows alone, for
+    guides in different states, and nothing past the tokenizer's vocabulary."""
+    import json
+
+    import guided
+    import xgrammar as xgr
+
+    tok, path = tiny_tok
+    factory = guided.GuideFactory(str(path), [1], None, None)
+    schema = json.dumps({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}},
+                         "required": ["a", "b"]})
+    guides = [factory.guide("json_schema", schema, [5]) for _ in range(3)]
+    for g, text in zip(guides[1:], ['{"a": 1', '{"a": 12, "b": "x'], strict=True):
+        for t in tok.encode(text, add_special_tokens=False).ids:
+            g.accept(t)
+    vocab = guides[0].vocab + 6
+    got = guided.masks(guides, vocab)
+    counts = []
+    for row, g in zip(got, guides, strict=True):
+        alone = xgr.allocate_token_bitmask(1, g.vocab)
+        g.matcher.fill_next_token_bitmask(alone, 0)
+        want = np.unpackbits(alone.numpy().view(np.uint8), axis=1, bitorder="little")[0, : g.vocab].astype(bool)
+        assert np.array_equal(row[: g.vocab], want) and not row[g.vocab :].any()
+        counts.append(int(want.sum()))
+    assert counts[0] < counts[1] < counts[2]  # '{' only; a digit or ',' or '}'; almost any token inside a string
