@@ -100,5 +100,5 @@ def test_failures_go_to_the_errors_file_and_fail_the_run(gateway, tmp_path):
     assert rows["chat-1"]["response"]["body"]["choices"][0]["message"]["reasoning_content"] == "Let me think."
     errors = {row["custom_id"]: row for row in map(json.loads, (tmp_path / "results.errors.jsonl").read_text().splitlines())}
     assert set(errors) == {"bad-n", "busy", "unknown-model"}
-    assert errors["bad-n"]["error"]["code"] == "400" and "n must be 1" in errors["bad-n"]["error"]["message"]
+    assert errors["bad-n"]["error"]["code"] == "400" and "n is not supported by model scripted" in errors["bad-n"]["error"]["message"]
     assert errors["busy"]["response"]["status_code"] == 429 and errors["unknown-model"]["error"]["code"] == "404"
