@@ -270,14 +270,14 @@ def ensure_vllm(venv: Path) -> Path | None:
 
 
 class VLLMServer:
-    def __init__(self, exe: Path, checkpoint: Path, port: int, scratch: Path):
+    def __init__(self, exe: Path, checkpoint: Path, port: int, scratch: Path, extra: tuple[str, ...] = ()):
         env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_HOST_IP": "127.0.0.1", "VLLM_LOOPBACK_IP": "127.0.0.1",
                "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1", "TMPDIR": str(scratch),
                "VLLM_CACHE_ROOT": str(scratch / "vllm"), "XDG_CACHE_HOME": str(scratch / "xdg")}
         self.log = open(scratch / "vllm.log", "wb")
         self.proc = subprocess.Popen(
             [str(exe), "serve", str(checkpoint), "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "1024",
-             "--dtype", "float32", "--served-model-name", "model"],
+             "--dtype", "float32", "--served-model-name", "model", *extra],
             stdout=self.log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 300
@@ -312,13 +312,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def random_qwen2(path: Path, layers: int, hidden: int) -> None:
+def random_qwen2(path: Path, layers: int, hidden: int, vocab: int = 32000) -> None:
     code = f"""
 import pathlib, shutil, torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from exporter.tiny_models import write_tiny_checkpoint
 tok = write_tiny_checkpoint("r1-distill-tiny", pathlib.Path({str(path.parent / "tok")!r}))
-cfg = Qwen2Config(vocab_size=32000, hidden_size={hidden}, intermediate_size={hidden * 8 // 3 // 64 * 64},
+cfg = Qwen2Config(vocab_size={vocab}, hidden_size={hidden}, intermediate_size={hidden * 8 // 3 // 64 * 64},
     num_hidden_layers={layers}, num_attention_heads={hidden // 64}, num_key_value_heads=2,
     max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
 torch.manual_seed(0)

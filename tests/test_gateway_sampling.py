@@ -8,6 +8,7 @@ reaches the scheduler and comes back in OpenAI's shape. No part is mocked."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -115,6 +116,9 @@ def test_best_of_returns_the_choice_with_the_highest_cumulative_logprob(client):
     assert e.status_code == 400 and e.body["param"] == "best_of"
     e = _status_error(lambda: client.completions.create(best_of=3, stream=True, **kw))
     assert e.body["param"] == "best_of"
+    e = _status_error(lambda: client.chat.completions.create(
+        model="generate", messages=[{"role": "user", "content": "hi"}], extra_body={"best_of": 2}))
+    assert e.body["param"] == "best_of" and "/v1/completions" in e.message
 
 
 def test_echo_stop_and_suffix(client, ref):  # noqa: F811
@@ -269,3 +273,52 @@ def test_bad_response_formats_are_refused(client):  # noqa: F811
     e = _status_error(lambda: client.chat.completions.create(model="scripted", messages=msg,
                                                              response_format={"type": "json_object"}))
     assert e.body["param"] == "response_format" and "not supported by model scripted" in e.message
+
+
+# ---- prefix reuse, served ----------------------------------------------------------------------------------------
+def test_served_prefix_reuse_answers_as_without_and_counts_its_hits(repos, triton, session_workdir, tmp_path):  # noqa: F811
+    """A repository written with --prefix-cache-tokens, on its own CPU Triton: greedy and seeded requests that
+    share a long prefix get exactly the tokens of the default repository (no reuse, the `triton` fixture), and
+    the hit counters appear on the metrics port."""
+    import json
+    import urllib.request
+
+    from exporter.repository import RepositoryConfig, write_repository
+    from exporter.serve import ServerConfig, TritonServer
+
+    repo = write_repository(RepositoryConfig(model="r1-distill-tiny", profile="edge", variant="python_ort",
+                                             workdir=session_workdir, out=tmp_path / "prefix", onnx_variant="fp32",
+                                             prefix_cache_tokens=4096))
+    assert json.loads(next(ln for ln in (repo.out / "generate/config.pbtxt").read_text().splitlines()
+                           if "prefix_cache_tokens" in ln).split("string_value:", 1)[1].strip()[1:-1]
+                      .replace('\\"', '"'))["prefix_cache_tokens"] == 4096
+
+    def ask(http: str, text: str, **kw) -> list[int]:
+        body = json.dumps({"text_input": text, "max_tokens": 12, **kw}).encode()
+        req = urllib.request.Request(f"http://{http}/v2/models/generate/generate", data=body)
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return json.loads(r.read())["token_ids"]
+
+    shared = "You are a careful assistant. " * 12
+    asks = [(shared + q, kw) for q in ("What is a KV cache?", "What is prefill?", "What is decode?")
+            for kw in ({}, {"temperature": 0.9, "seed": 4})]
+    want = [ask(triton.endpoints.http, text, **kw) for text, kw in asks]
+    with TritonServer(ServerConfig(model_repository=repo.out)) as srv:
+        got = [ask(srv.endpoints.http, text, **kw) for text, kw in asks]
+
+        def value(name: str) -> float:
+            with urllib.request.urlopen(f"http://{srv.endpoints.metrics}/metrics", timeout=10) as r:
+                text = r.read().decode()
+            return sum(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith(name + "{"))
+
+        # the model updates its metrics every 0.25 s from its loop: wait for the update after the last request
+        deadline = time.monotonic() + 30
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_file(str(repo.out / "generate/1/tokenizer/tokenizer.json"))
+        while value("r1deploy_generate_prefix_cache_query_tokens") < sum(len(tok.encode(t).ids) for t, _ in asks):
+            assert time.monotonic() < deadline, "the prefix-cache metrics never appeared"
+            time.sleep(0.2)
+        hits, rate = value("r1deploy_generate_prefix_cache_hit_tokens"), value("r1deploy_generate_prefix_cache_hit_rate")
+    assert got == want
+    assert hits >= 5 * 64 and 0 < rate < 1

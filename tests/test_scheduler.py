@@ -466,3 +466,97 @@ def test_a_json_schema_guide_constrains_its_row_only_and_leaves_the_thought_free
         factory.guide("json_schema", "{not json", plain_prompt)
     with pytest.raises(guided.GuideError, match="must be one of"):
         factory.guide("yaml", "", plain_prompt)
+
+
+# ---- prefix reuse ----------------------------------------------------------------------------------------------
+def _fused_engine(exported_fused, rows):
+    import kv_shared
+
+    return kv_shared.SharedKVEngine.from_path(exported_fused("r1-distill-tiny").onnx_path, rows, 512, 1)
+
+
+@pytest.mark.parametrize("graph", ["generic", "fused"])
+def test_prefix_reuse_gives_exactly_the_outputs_without_it(session, exported_fused, graph):
+    """Conversations sharing a 70-token system prefix, each over three turns (each turn's prompt extends the
+    last), greedy and seeded-sampled, arriving in waves over 4 rows: token for token what the same requests get
+    with no prefix cache; the cache hit what it should (the shared prefix and the earlier turns, block by block),
+    and never holds more than its budget."""
+    system = prompt(70, 40)
+
+    def requests():
+        out = {}
+        for conv in range(4):
+            history = system + prompt(9 + conv, conv)
+            for turn in range(3):
+                kw = {"temperature": 0.8, "seed": 10 * conv + turn} if conv % 2 else {}
+                out.setdefault(3 * turn + conv % 2, []).append(seq(history, 6, **kw))
+                history = history + prompt(20, 7 * conv + turn)
+        return out
+
+    def run(cache_tokens):
+        rows = 4
+        engine = make_engine(session, rows) if graph == "generic" else _fused_engine(exported_fused, rows)
+        limits = ls.Limits(max_rows=rows, kv_budget_tokens=100_000, max_queue=64, max_sequence_len=512,
+                           prefix_cache_tokens=cache_tokens)
+        sched = ls.Scheduler(engine, limits, set())
+        arrivals = requests()
+        run_all(sched, arrivals)
+        return [s.tokens for k in sorted(arrivals) for s in arrivals[k]], sched
+
+    without, _ = run(0)
+    with_cache, sched = run(4096)
+    assert with_cache == without
+    cache = sched.prefix
+    # the first prompt misses; every later one finds at least the 64 tokens of the shared system prefix
+    assert cache.hit_tokens >= 64 * 11 and 0 < cache.hit_rate < 1
+    _, small = run(64)  # 4 blocks of 16 tokens: eviction keeps it bounded, outputs still equal
+    assert len(small.prefix.blocks) <= 4
+    assert run(64)[0] == without
+
+
+def test_prefix_cache_matches_whole_blocks_of_the_same_prefix_only():
+    """The cache on its own with a stand-in engine (its blocks are opaque): only whole blocks, only after the very
+    same earlier blocks, the last prompt token always left to compute, least recently used evicted first."""
+    class Blocks:
+        def kv_blocks(self, row, start, end):
+            return (row, start, end)
+
+    cache, engine = ls.PrefixCache(max_blocks=3, block=4), Blocks()
+    a = list(range(10))
+    assert cache.match(a) == []
+    cache.store(a, 0, 7, engine)  # blocks [0:4], [4:8]
+    assert cache.match(a) == [(7, 0, 4), (7, 4, 8)]
+    assert cache.match(a[:8]) == [(7, 0, 4)]  # 8 tokens: the second block would leave nothing to compute
+    assert cache.match([99] + a[1:]) == []  # another first block: nothing after it is reused
+    # 2 more blocks: the least recently used ([4:8] of a: the last match touched only [0:4]) is evicted
+    cache.store([99] + a[1:], 0, 8, engine)
+    assert len(cache.blocks) == 3 and cache.match(a) == [(7, 0, 4)]
+    assert cache.hit_tokens == 16 and cache.query_tokens == 48 and cache.hit_rate == 16 / 48
+
+
+def test_batched_masks_equal_each_guides_own(tiny_tok):
+    """guided.masks fills every row in one xgrammar batch call: bit for bit what each matcher allows alone, for
+    guides in different states, and nothing past the tokenizer's vocabulary."""
+    import json
+
+    import guided
+    import xgrammar as xgr
+
+    tok, path = tiny_tok
+    factory = guided.GuideFactory(str(path), [1], None, None)
+    schema = json.dumps({"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "string"}},
+                         "required": ["a", "b"]})
+    guides = [factory.guide("json_schema", schema, [5]) for _ in range(3)]
+    for g, text in zip(guides[1:], ['{"a": 1', '{"a": 12, "b": "x'], strict=True):
+        for t in tok.encode(text, add_special_tokens=False).ids:
+            g.accept(t)
+    vocab = guides[0].vocab + 6
+    got = guided.masks(guides, vocab)
+    counts = []
+    for row, g in zip(got, guides, strict=True):
+        alone = xgr.allocate_token_bitmask(1, g.vocab)
+        g.matcher.fill_next_token_bitmask(alone, 0)
+        want = np.unpackbits(alone.numpy().view(np.uint8), axis=1, bitorder="little")[0, : g.vocab].astype(bool)
+        assert np.array_equal(row[: g.vocab], want) and not row[g.vocab :].any()
+        counts.append(int(want.sum()))
+    assert counts[0] < counts[1] < counts[2]  # '{' only; a digit or ',' or '}'; almost any token inside a string

@@ -41,14 +41,17 @@ def _human(r: RepositoryResult) -> None:
 @click.option("--intra-op-threads", type=click.IntRange(min=0),
               help="ONNX Runtime intra-op threads of an in-process engine (python_ort; 0: every core) "
                    "[default: every core for a model of 64 MiB or more, else 1].")
+@click.option("--prefix-cache-tokens", type=click.IntRange(min=0), default=0, show_default=True,
+              help="KV positions of prompt prefixes the generate scheduler keeps for reuse (16-token blocks, LRU; "
+                   "0: no prefix reuse).")
 @pass_app
 def command(app: App, model, profile_name, out, variant, device, engine_call, onnx_variant, graph, max_rows, max_queue,
-            intra_op_threads):
+            intra_op_threads, prefix_cache_tokens):
     """Write a Triton model repository (config.pbtxt + model files) for a model under a deployment profile."""
     cfg = RepositoryConfig(
         model=model, profile=app.profile(profile_name), workdir=app.workdir, out=out,
         variant=ServingVariant(variant) if variant else None, device=device, engine_call=engine_call,
         onnx_variant=onnx_variant, graph=graph, max_rows=max_rows, max_queue=max_queue,
-        intra_op_threads=intra_op_threads,
+        intra_op_threads=intra_op_threads, prefix_cache_tokens=prefix_cache_tokens,
     )
     emit(app, write_repository(cfg), _human)

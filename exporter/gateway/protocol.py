@@ -228,6 +228,8 @@ def _sampling_fields(body: dict, chat: bool, model: ServedModel, stream: bool, m
             raise ApiError(400, "echo with logprobs needs the prompt's logprobs, which this server does not compute",
                            "echo")
     else:
+        if body.get("best_of") is not None:
+            raise ApiError(400, "best_of is a field of /v1/completions; chat completions return n choices", "best_of")
         out.logprobs = _flag(body, "logprobs", False)
         top = _integer(body, "top_logprobs")
         if top is not None:

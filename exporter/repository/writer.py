@@ -44,6 +44,8 @@ class RepositoryConfig:
     # ONNX Runtime intra-op threads of an engine the generate model runs in-process (CPU); 0: every core; None:
     # from the model's size (`intra_op_threads_for`)
     intra_op_threads: Optional[int] = None
+    # KV positions of prompt prefixes the scheduler keeps for reuse (llm_scheduler.PrefixCache); 0: no reuse
+    prefix_cache_tokens: int = 0
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir)
@@ -144,7 +146,7 @@ def scheduler_params(cfg: RepositoryConfig, engine_max_batch: int, capacity=None
                                          planned.get("kv_budget_tokens", rows * profile.max_sequence_len))
     if budget < profile.max_sequence_len:
         raise BadInput(f"kv_budget_tokens {budget} holds less than one sequence of {profile.max_sequence_len} tokens")
-    return {
+    params = {
         "max_rows": rows,
         "kv_budget_tokens": budget,
         "max_queue": cfg.max_queue if cfg.max_queue is not None else 8 * rows,
@@ -152,6 +154,9 @@ def scheduler_params(cfg: RepositoryConfig, engine_max_batch: int, capacity=None
         "stream_interval_steps": cfg.stream_interval_steps,
         "engine_max_batch": engine_max_batch,
     }
+    if cfg.prefix_cache_tokens:
+        params["prefix_cache_tokens"] = cfg.prefix_cache_tokens
+    return params
 
 
 @dataclass

@@ -62,10 +62,24 @@ class PaddedKVEngine:
         out = self.run(feeds, self.outputs)
         return out[0], out[1:]
 
-    def prefill(self, rows: list[int], prompts: list[list[int]]) -> np.ndarray:
+    def prefill(self, rows: list[int], prompts: list[list[int]], cached: list | None = None) -> np.ndarray:
+        """`cached[i]`, when given, is KV of the first positions of prompt i (`kv_blocks` of an earlier row, a list
+        of blocks): that prompt is run alone with it as its past, and only the rest of it is computed."""
         for row in rows:
             if row in self.lengths:
                 raise ValueError(f"row {row} is already running")
+        reused = [i for i, blocks in enumerate(cached or []) if blocks]
+        if reused:
+            fresh = [i for i in range(len(rows)) if i not in set(reused)]
+            parts = []
+            if fresh:
+                parts.append((fresh, self.prefill([rows[i] for i in fresh], [prompts[i] for i in fresh])))
+            for i in reused:
+                parts.append(([i], self._prefill_after(rows[i], prompts[i], cached[i])))
+            out = np.empty((len(rows), parts[0][1].shape[1]), np.float32)
+            for where, logits in parts:
+                out[where] = logits
+            return out
         logits_rows, caches, lengths = [], [], []
         for start in range(0, len(rows), self.max_batch):
             chunk = prompts[start : start + self.max_batch]
@@ -91,6 +105,29 @@ class PaddedKVEngine:
         for row, n in zip(rows, lengths, strict=True):
             self.lengths[row] = n
         return np.concatenate(logits_rows, axis=0)
+
+    def _prefill_after(self, row: int, prompt: list[int], blocks: list[dict]) -> np.ndarray:
+        """One prompt whose first positions are cached: the rest computed with them as the past."""
+        past = [np.concatenate([b[s.past] for b in blocks], axis=1)[None] for s in self.slots]
+        m = past[0].shape[2]
+        if m >= len(prompt):
+            raise ValueError("prefill: the cached prefix must leave at least one prompt token to compute")
+        ids = np.asarray([prompt[m:]], dtype=np.int64)
+        mask = np.ones((1, len(prompt)), dtype=np.int64)
+        positions = np.arange(m, len(prompt), dtype=np.int64)[None]
+        logits, present = self._forward(ids, mask, positions, [p.astype(self.dtype) for p in past])
+        self._merge(present)
+        self.order.append(row)
+        self.lengths[row] = len(prompt)
+        return np.asarray(logits[:, -1], dtype=np.float32)
+
+    def kv_blocks(self, row: int, start: int, end: int) -> dict:
+        """A copy of positions [start, end) of a row's cache: {past input name: [heads, end - start, dim]}."""
+        n = self.lengths.get(row, 0)
+        if not 0 <= start < end <= n:
+            raise ValueError(f"kv_blocks: positions {start}..{end} are not cached in row {row}")
+        at, pad = self.order.index(row), self.width - n
+        return {s.past: c[at, :, pad + start : pad + end].copy() for s, c in zip(self.slots, self.cache, strict=True)}
 
     def _merge(self, present: list[np.ndarray]) -> None:
         width = max(self.width, present[0].shape[2])

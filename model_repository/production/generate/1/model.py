@@ -175,11 +175,18 @@ class _Metrics:
         self.first_tokens = metric("first_tokens", "Requests that produced a first token", counter)
         self.tokens = metric("generated_tokens", "Generated tokens", counter)
         self.rejected = metric("requests_rejected", "Requests refused because the queue was full", counter)
+        self.prefix_query_tokens = metric("prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache",
+                                          counter)
+        self.prefix_hit_tokens = metric("prefix_cache_hit_tokens",
+                                        "Prompt tokens whose KV came from the prefix cache (not computed)", counter)
+        self.prefix_hit_rate = metric("prefix_cache_hit_rate", "Prefix cache hit tokens / query tokens since start",
+                                      gauge)
         self.finished = {
             reason: metric("requests_finished", "Requests that left the batch, by reason", counter, {"reason": reason})
             for reason in ("length", "stop", "eos", "cancelled", "shutdown", "error")
         }
-        self.acc = {"queue_us": 0.0, "admitted": 0, "ttft_us": 0.0, "first_tokens": 0, "tokens": 0, "rejected": 0}
+        self.acc = {"queue_us": 0.0, "admitted": 0, "ttft_us": 0.0, "first_tokens": 0, "tokens": 0, "rejected": 0,
+                    "prefix_query_tokens": 0, "prefix_hit_tokens": 0}
         self.acc_finished = dict.fromkeys(self.finished, 0)
         self.lock = threading.Lock()
 
@@ -195,6 +202,8 @@ class _Metrics:
             acc["first_tokens"] += stats.first_tokens
             acc["ttft_us"] += stats.ttft_s * 1e6
             acc["tokens"] += stats.tokens
+            acc["prefix_query_tokens"] += stats.prefix_query_tokens
+            acc["prefix_hit_tokens"] += stats.prefix_hit_tokens
 
     def finish(self, reason: str) -> None:
         with self.lock:
@@ -215,6 +224,8 @@ class _Metrics:
         self.running.set(running)
         self.kv_used.set(scheduler.reserved / scheduler.limits.kv_budget_tokens)
         self.kv_tokens.set(scheduler.kv_used_tokens)
+        if scheduler.prefix is not None:
+            self.prefix_hit_rate.set(scheduler.prefix.hit_rate)
         with self.lock:
             acc, self.acc = self.acc, dict.fromkeys(self.acc, 0)
             fin, self.acc_finished = self.acc_finished, dict.fromkeys(self.acc_finished, 0)
@@ -245,6 +256,7 @@ class TritonPythonModel:
             max_rows=int(sched["max_rows"]), kv_budget_tokens=int(sched["kv_budget_tokens"]),
             max_queue=int(sched["max_queue"]), max_sequence_len=int(_param(config, "max_sequence_len")),
             max_prefill_tokens=int(sched.get("max_prefill_tokens", 8192)),
+            prefix_cache_tokens=int(sched.get("prefix_cache_tokens", 0)),
         )
         self.stream_interval = max(1, int(sched.get("stream_interval_steps", 1)))
         # a loop that has not iterated for this long is reported unhealthy (a step is bounded by

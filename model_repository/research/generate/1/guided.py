@@ -117,13 +117,23 @@ class GuideFactory:
         return Guide(self._xgr.GrammarMatcher(grammar), not open_think, self.think_end, self._vocab)
 
 
-def masks(guides: list[Guide], vocab: int) -> np.ndarray:
-    """[len(guides), vocab] bool: the tokens each (active) guide allows next."""
-    import xgrammar as xgr
+_BATCH = []  # one xgrammar BatchGrammarMatcher, made on first use
 
-    width = max(vocab, *(g.vocab for g in guides))
-    bitmask = xgr.allocate_token_bitmask(len(guides), width)  # every bit set: all allowed
-    for i, g in enumerate(guides):
-        if not g.matcher.is_terminated():  # a finished grammar (only with ignore_eos) constrains nothing more
-            g.matcher.fill_next_token_bitmask(bitmask, i)
-    return np.unpackbits(bitmask.numpy().view(np.uint8), axis=1, bitorder="little")[:, :vocab].astype(bool)
+
+def masks(guides: list[Guide], vocab: int) -> np.ndarray:
+    """[len(guides), vocab] bool: the tokens each (active) guide allows next. The bitmasks of every row are filled
+    in one call (xgrammar's batch matcher, on its own threads), not one Python call per row."""
+    if not _BATCH:
+        import xgrammar as xgr
+
+        _BATCH.append(xgr.BatchGrammarMatcher(max_threads="auto"))
+    known = guides[0].vocab  # the tokenizer's: every guide comes from the one factory of this model
+    bitmask = np.full((len(guides), (known + 31) // 32), -1, np.int32)  # every bit set: all allowed
+    # a finished grammar (only with ignore_eos) constrains nothing more
+    live = [i for i, g in enumerate(guides) if not g.matcher.is_terminated()]
+    if live:
+        _BATCH[0].batch_fill_next_token_bitmask([guides[i].matcher for i in live], bitmask, indices=live)
+    allowed = np.unpackbits(bitmask.view(np.uint8), axis=1, bitorder="little")[:, :vocab].astype(bool)
+    if allowed.shape[1] < vocab:  # logits past the tokenizer's vocabulary (padding rows of the embedding): never
+        allowed = np.pad(allowed, ((0, 0), (0, vocab - allowed.shape[1])))
+    return allowed

@@ -1,8 +1,8 @@
 """A KV-cache engine over r1deploy's fused decoder graph (`r1deploy export --graph fused`): one fixed buffer per
 cache slot, [max_rows, kv_heads, capacity, head_dim], that ONNX Runtime updates in place.
 
-Implements the KVEngine protocol of the `generate` model (prefill / decode / fork / release / cached). Row r of every
-buffer belongs to scheduler row id r. A call covers a contiguous span of rows: the graph's `past_key_values.*`
+Implements the KVEngine protocol of the `generate` model (prefill / decode / fork / kv_blocks / release /
+cached). Row r of every buffer belongs to scheduler row id r. A call covers a contiguous span of rows: the graph's `past_key_values.*`
 and `present.*` are bound (IOBinding) to the same memory, that span's rows of the buffers, so
 GroupQueryAttention writes each row's new keys and values at that row's own length and nothing is copied —
 the cost of a step does not grow with what the other rows hold. Per row the graph reads its length from
@@ -59,9 +59,11 @@ class SharedKVEngine:
 
     # -- the KVEngine protocol ---------------------------------------------------------------------------------
 
-    def prefill(self, rows: list[int], prompts: list[list[int]]) -> np.ndarray:
+    def prefill(self, rows: list[int], prompts: list[list[int]], cached: list | None = None) -> np.ndarray:
         """Prompts of free rows; one call per run of consecutive row ids (rows padded to the run's longest
-        prompt). Returns each prompt's last-position logits, [len(rows), vocab], in the order given."""
+        prompt). `cached[i]`, when given, is KV of the first positions of prompt i (`kv_blocks` of an earlier row,
+        a list of blocks): written into the row, and only the rest of the prompt is computed. Returns each prompt's
+        last-position logits, [len(rows), vocab], in the order given."""
         if len(rows) != len(prompts):
             raise ValueError("prefill: one prompt per row")
         for r, p in zip(rows, prompts, strict=True):
@@ -74,12 +76,25 @@ class SharedKVEngine:
             raise ValueError("prefill: a row is listed twice")
         out = np.empty((len(rows), self.vocab), np.float32)
         where = {r: i for i, r in enumerate(rows)}
+        start = dict.fromkeys(rows, 0)  # positions already cached, per row
+        for i, blocks in enumerate(cached or []):
+            if blocks:
+                r, at = rows[i], 0
+                for block in blocks:
+                    n = next(iter(block.values())).shape[1]
+                    for name, buf in self.buffers.items():
+                        buf[r, :, at : at + n] = block[name]
+                    at += n
+                if at >= len(prompts[i]):
+                    raise ValueError("prefill: the cached prefix must leave at least one prompt token to compute")
+                start[r] = at
+                self._lengths[r] = at
         for lo, hi in _runs(sorted(rows)):
-            width = max(len(prompts[where[r]]) for r in range(lo, hi))
+            width = max(len(prompts[where[r]]) - start[r] for r in range(lo, hi))
             ids = np.zeros((hi - lo, width), np.int64)
             new = np.zeros(hi - lo, np.int32)
             for r in range(lo, hi):
-                p = prompts[where[r]]
+                p = prompts[where[r]][start[r] :]
                 ids[r - lo, : len(p)] = p
                 new[r - lo] = len(p)
             logits = self._run(lo, hi, ids, new)
@@ -141,6 +156,12 @@ class SharedKVEngine:
         step.rows, step.at, step.epoch, step.longest = list(rows), at, self._epoch, int(mine.max())
         step.whole = bool(len(rows) == hi - lo and np.array_equal(at, np.arange(hi - lo)))
         return step
+
+    def kv_blocks(self, row: int, start: int, end: int) -> dict:
+        """A copy of positions [start, end) of a row's cache: {past input name: [heads, end - start, dim]}."""
+        if not 0 <= start < end <= self._lengths[row]:
+            raise ValueError(f"kv_blocks: positions {start}..{end} are not cached in row {row}")
+        return {name: buf[row, :, start:end].copy() for name, buf in self.buffers.items()}
 
     def fork(self, source: int, rows: list[int]) -> None:
         """Free `rows` start as copies of running row `source` (the other choices of an n > 1 request): its

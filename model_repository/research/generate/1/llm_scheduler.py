@@ -38,6 +38,7 @@ import numpy as np
 MAX_N = 16  # choices of one request (rows it may hold at once)
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 MAX_LOGIT_BIAS = 1024  # tokens biased by one request
+PREFIX_BLOCK = 16  # tokens per block of the prefix cache
 
 
 class RequestError(Exception):
@@ -276,6 +277,60 @@ class Sequence:
         return len(self.prompt_ids) + self.params.max_tokens
 
 
+class PrefixCache:
+    """KV of prompt prefixes kept after their prefill, reused by later prompts that start the same way (a system
+    prompt, the earlier turns of a chat), block by block: a block is `block` consecutive prompt tokens, named by
+    the chain of its content and everything before it (its parent's key), so a block is reused only after the very
+    same prefix. At most `max_blocks` are kept; the least recently used goes first. Blocks are opaque to this
+    class: the engine makes them (`kv_blocks`) and takes them back (`prefill(..., cached)`). A prompt always
+    leaves its last token to compute (its logits are the first token's)."""
+
+    def __init__(self, max_blocks: int, block: int = 16):
+        from collections import OrderedDict
+
+        if max_blocks < 1 or block < 1:
+            raise ValueError("a prefix cache holds at least one block of at least one token")
+        self.max_blocks, self.block = max_blocks, block
+        self.blocks: OrderedDict = OrderedDict()  # key → (parent key, tokens, kv)
+        self.query_tokens = 0  # prompt tokens looked up
+        self.hit_tokens = 0  # of those, found cached
+
+    def _key(self, parent, tokens: tuple):
+        return hash((parent, tokens))
+
+    def match(self, prompt: list[int]) -> list:
+        """The cached blocks that begin `prompt`, in order (leaving at least its last token out)."""
+        b, found, parent = self.block, [], None
+        self.query_tokens += len(prompt)
+        for i in range((len(prompt) - 1) // b):
+            tokens = tuple(prompt[i * b : (i + 1) * b])
+            key = self._key(parent, tokens)
+            entry = self.blocks.get(key)
+            if entry is None or entry[0] != parent or entry[1] != tokens:  # the tokens checked: no hash collision
+                break
+            self.blocks.move_to_end(key)
+            found.append(entry[2])
+            parent = key
+        self.hit_tokens += len(found) * b
+        return found
+
+    def store(self, prompt: list[int], have: int, row: int, engine) -> None:
+        """Keep the full blocks of `prompt` (just prefilled in `row`) past the `have` it was given."""
+        b, parent = self.block, None
+        for i in range(len(prompt) // b):
+            tokens = tuple(prompt[i * b : (i + 1) * b])
+            key = self._key(parent, tokens)
+            if i >= have and key not in self.blocks:
+                self.blocks[key] = (parent, tokens, engine.kv_blocks(row, i * b, (i + 1) * b))
+                while len(self.blocks) > self.max_blocks:
+                    self.blocks.popitem(last=False)
+            parent = key
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hit_tokens / self.query_tokens if self.query_tokens else 0.0
+
+
 @dataclass(frozen=True)
 class Limits:
     max_rows: int  # sequences decoded together (the engine's batch)
@@ -283,6 +338,7 @@ class Limits:
     max_queue: int  # waiting requests; one more is refused with ServerBusy
     max_sequence_len: int  # prompt + generated tokens of one sequence
     max_prefill_tokens: int = 8192  # prompt tokens prefilled in one step (bounds a step's latency)
+    prefix_cache_tokens: int = 0  # KV positions of prompt prefixes kept for reuse (PrefixCache); 0: none
 
     def __post_init__(self) -> None:
         for name in ("max_rows", "kv_budget_tokens", "max_sequence_len", "max_prefill_tokens"):
@@ -290,6 +346,8 @@ class Limits:
                 raise ValueError(f"{name} must be ≥ 1, got {getattr(self, name)}")
         if self.max_queue < 0:
             raise ValueError(f"max_queue must be ≥ 0, got {self.max_queue}")
+        if self.prefix_cache_tokens < 0:
+            raise ValueError(f"prefix_cache_tokens must be ≥ 0, got {self.prefix_cache_tokens}")
 
 
 @dataclass
@@ -304,6 +362,8 @@ class StepStats:
     queue_s: float = 0.0  # summed wait of the admitted sequences
     first_tokens: int = 0
     ttft_s: float = 0.0  # summed arrival → first token of those
+    prefix_query_tokens: int = 0  # prompt tokens of the admitted sequences
+    prefix_hit_tokens: int = 0  # of those, taken from the prefix cache instead of computed
 
 
 class Scheduler:
@@ -321,6 +381,8 @@ class Scheduler:
         self.lock = threading.Lock()
         self.wakeup = threading.Condition(self.lock)
         self.closed = False
+        self.prefix = PrefixCache(limits.prefix_cache_tokens // PREFIX_BLOCK) if (
+            limits.prefix_cache_tokens >= PREFIX_BLOCK) else None
 
     # -- any thread ------------------------------------------------------------------------------------------
     def submit(self, seq: Sequence) -> None:
@@ -506,7 +568,16 @@ class Scheduler:
         stats.admitted = len(admitted)
         stats.queue_s = sum(s.admitted_at - s.arrival for s in admitted)
         if admitted:
-            logits = self.engine.prefill([s.row for s in admitted], [s.prompt_ids for s in admitted])
+            rows, prompts = [s.row for s in admitted], [s.prompt_ids for s in admitted]
+            if self.prefix is not None:
+                cached = [self.prefix.match(p) for p in prompts]
+                logits = self.engine.prefill(rows, prompts, cached) if any(cached) else self.engine.prefill(rows, prompts)
+                for s, blocks in zip(admitted, cached, strict=True):
+                    self.prefix.store(s.prompt_ids, len(blocks), s.row, self.engine)
+                stats.prefix_query_tokens = sum(len(p) for p in prompts)
+                stats.prefix_hit_tokens = sum(len(b) for b in cached) * self.prefix.block
+            else:
+                logits = self.engine.prefill(rows, prompts)
             stats.prefilled = len(admitted)
             forked = [s for s in admitted if s.siblings]
             if forked:
