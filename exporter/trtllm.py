@@ -341,20 +341,38 @@ class TrtllmRepositoryResult:
     status: str = "unverified"  # nothing of this path has run on a GPU
 
 
+_HEADER = "# Written by r1deploy: tensorrtllm_backend's "
+
+
+def _owned(entry: Path) -> bool:
+    """A model directory r1deploy wrote: one of the backend's models with this module's header, or r1deploy's own
+    repository's (switching a profile's runtime replaces it); anything else is the user's, never deleted."""
+    from .repository.writer import _written_by_r1deploy
+
+    if entry.name in MODELS and entry.is_dir() and not entry.is_symlink():
+        try:
+            with open(entry / "config.pbtxt", encoding="utf-8") as fh:
+                return fh.read(len(_HEADER)) == _HEADER
+        except (OSError, UnicodeDecodeError):
+            return False
+    return _written_by_r1deploy(entry)
+
+
 def write_trtllm_repository(shape, profile: DeploymentProfile, out: Path, model_dir: str,
                             tokenizer_dir: Optional[Path] = None, eos_token_ids: Optional[list[int]] = None,
                             precision: Optional[Precision] = None) -> TrtllmRepositoryResult:
-    from .core.artifacts import atomic_dir
+    from .core.artifacts import atomic_dir, check_replaceable
     from .repository.configs import render
 
     p = plan_trtllm(shape, profile, precision)
     paths = NodePaths(model_dir, profile.name)
     missing: list[str] = []
+    check_replaceable(Path(out), _owned)
     with atomic_dir(Path(out)) as tmp:
         for name in MODELS:
             limits = gateway_limits(p, eos_token_ids or []) if name == ENTRY else None
             (tmp / name / "1").mkdir(parents=True)
-            comments = [f"Written by r1deploy: tensorrtllm_backend's {name} model for {p.model} on profile "
+            comments = [f"{_HEADER[2:]}{name} model for {p.model} on profile "
                         f"{p.profile} (TensorRT-LLM tp={p.tp_size}, {p.precision}).", UNVERIFIED + "."]
             (tmp / name / "config.pbtxt").write_text(render(model_config(name, p, paths, limits), comments))
         version = tmp / "tensorrt_llm" / "1"
