@@ -69,8 +69,13 @@ def command(app: App, model, profile_name, out, runtime, variant, device, engine
         from ..repository.writer import _eos_ids, default_out
         from ..trtllm import uses_trtllm, write_trtllm_repository
 
-        shape = load_shape(model, app.workdir)
-        if uses_trtllm(runtime, profile, plan_capacity(PlanConfig(shape, profile)).gpus_per_replica):
+        try:
+            shape = load_shape(model, app.workdir)
+        except BadInput:
+            if runtime == "tensorrt-llm":
+                raise
+            shape = None  # auto: no shape, no plan to say it needs more GPUs; r1deploy's repository says what is wrong
+        if shape is not None and uses_trtllm(runtime, profile, plan_capacity(PlanConfig(shape, profile)).gpus_per_replica):
             given = {"--variant": variant, "--device": device, "--engine-call": engine_call, "--onnx-variant": onnx_variant,
                      "--graph": None if graph == "generic" else graph, "--max-rows": max_rows, "--max-queue": max_queue,
                      "--intra-op-threads": intra_op_threads}
