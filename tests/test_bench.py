@@ -155,8 +155,10 @@ def test_llm_without_streaming(server):
 # ---- SLO -------------------------------------------------------------------------------------------------
 
 def _profiles(tmp_path, p99_s: float):
+    """The edge profile with generous TTFT/ITL targets (this shared machine's timing is not under test) and the
+    deprecated whole-request p99 set, as a user profile still may."""
     path = tmp_path / "profiles.yaml"
-    path.write_text(f"edge:\n  slo: {{p99_latency_s: {p99_s}, tokens_per_s: 10}}\n")
+    path.write_text(f"edge:\n  slo: {{p99_latency_s: {p99_s}, tokens_per_s: 10, ttft_p99_ms: 30000, itl_p99_ms: 30000}}\n")
     return path
 
 
@@ -168,7 +170,51 @@ def test_slo_pass_via_cli(server, tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     slo = json.loads((tmp_path / "o" / "bench.json").read_text())["slo"]
-    assert {c["figure"] for c in slo} == {"p99 latency", "tokens/s"} and all(c["passed"] for c in slo)
+    assert [c["figure"] for c in slo] == ["TTFT p99", "ITL p99", "p99 latency", "tokens/s"]
+    assert all(c["passed"] for c in slo)
+    # the stream model sleeps 15 ms before its first token and 3 ms between tokens: the checks hold the measured
+    # percentiles, not the targets
+    ttft, itl = slo[0], slo[1]
+    assert ttft["unit"] == itl["unit"] == "ms" and ttft["measured"] >= 15 and itl["measured"] >= 3
+
+
+def test_slo_option_checks_itl_without_a_profile(server, tmp_path):
+    """`--slo` alone: TTFT within a generous bound passes, the ITL target below the model's 3 ms gap misses."""
+    proc = bench("--url", server.endpoints.grpc, "--model", "stream", "--output-tokens", "4",
+                 "--slo", "ttft_p99_ms=30000,itl_p99_ms=0.5", "--out", str(tmp_path / "o"), *FAST)
+    assert proc.returncode == 1, proc.stderr
+    line = one_line_error(proc)
+    assert line.startswith("error: SLO miss: ITL p99 ") and "ms > 0.5 ms (concurrency 1)" in line
+    slo = json.loads((tmp_path / "o" / "bench.json").read_text())["slo"]
+    assert [(c["figure"], c["passed"]) for c in slo] == [("TTFT p99", True), ("ITL p99", False)]
+
+
+def test_slo_option_over_a_profile_replaces_only_the_keys_given(server, tmp_path):
+    """A TTFT target below the model's 15 ms first token misses; the profile's other targets stay checked."""
+    proc = subprocess.run(
+        [str(R1DEPLOY), "--profiles", str(_profiles(tmp_path, 10.0)), "bench", "--url", server.endpoints.grpc,
+         "--model", "stream", "--output-tokens", "4", "--profile", "edge", "--slo", "ttft_p99_ms=1",
+         "--out", str(tmp_path / "o"), *FAST],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 1
+    assert one_line_error(proc).startswith("error: SLO miss: TTFT p99 ")
+    slo = json.loads((tmp_path / "o" / "bench.json").read_text())["slo"]
+    assert [(c["figure"], c["target"], c["passed"]) for c in slo] == [
+        ("TTFT p99", 1.0, False), ("ITL p99", 30000.0, True), ("p99 latency", 10.0, True), ("tokens/s", 10.0, True)]
+
+
+@pytest.mark.parametrize("value, message", [
+    ("ttft=5", "--slo takes KEY=VALUE pairs with KEY one of ttft_p99_ms, itl_p99_ms"),
+    ("ttft_p99_ms", "--slo takes KEY=VALUE pairs"),
+    ("itl_p99_ms=-1", "--slo itl_p99_ms must be a number > 0, got '-1'"),
+    ("itl_p99_ms=nan", "--slo itl_p99_ms must be a number > 0, got 'nan'"),
+    (",", "--slo is empty"),
+])
+def test_bad_slo_option_is_one_line_exit_2(value, message):
+    proc = bench("--url", "localhost:1", "--model", "m", "--slo", value)
+    assert proc.returncode == 2
+    assert message in one_line_error(proc)
 
 
 def test_slo_miss_exits_1_naming_the_figure(server, tmp_path):
@@ -180,7 +226,10 @@ def test_slo_miss_exits_1_naming_the_figure(server, tmp_path):
     assert proc.returncode == 1
     line = one_line_error(proc)
     assert line.startswith("error: SLO miss: p99 latency ") and "> 0.0001 s (profile edge, concurrency 2)" in line
-    assert json.loads((tmp_path / "o" / "bench.json").read_text())["complete"] is True
+    result = json.loads((tmp_path / "o" / "bench.json").read_text())
+    assert result["complete"] is True
+    # a plain model has no TTFT/ITL/tokens: those targets are not applied to it
+    assert {c["figure"] for c in result["slo"]} == {"p99 latency"}
 
 
 # ---- faults ----------------------------------------------------------------------------------------------
@@ -272,6 +321,42 @@ def test_check_slo_rules():
         ("p99 latency", True), ("p99 latency", False), ("tokens/s", True), ("qps", True)]
     assert checks[1].describe() == "p99 latency 2.31 s > 1.5 s (profile production, concurrency 8)"
     assert check_slo(levels, SloTargets(tokens_per_s=10), "x", llm=False) == []  # not an LLM: no tokens
+
+
+def _llm_level(c: int, ttft_p99: float, itl_p99: float, itl_count: int = 10) -> LevelResult:
+    return LevelResult(concurrency=c, stable=True, requests=10, throughput_rps=5.0,
+                       llm=LlmStats(ttft_ms=Percentiles(count=10, p99=ttft_p99),
+                                    itl_ms=Percentiles(count=itl_count, p99=itl_p99), output_tokens_per_s=500))
+
+
+def test_check_slo_ttft_and_itl_at_every_level():
+    levels = [_llm_level(1, 200, 20), _llm_level(64, 1800, 120)]
+    checks = check_slo(levels, SloTargets(ttft_p99_ms=1500, itl_p99_ms=100), "production", llm=True)
+    assert [(c.figure, c.level, c.passed) for c in checks] == [
+        ("TTFT p99", "profile production, concurrency 1", True), ("TTFT p99", "profile production, concurrency 64", False),
+        ("ITL p99", "profile production, concurrency 1", True), ("ITL p99", "profile production, concurrency 64", False)]
+    assert checks[0].describe() == "TTFT p99 200 ms ≤ 1500 ms (profile production, concurrency 1)"
+    assert checks[3].describe() == "ITL p99 120 ms > 100 ms (profile production, concurrency 64)"
+    # a plain model: TTFT and ITL do not apply
+    assert check_slo(levels, SloTargets(ttft_p99_ms=1500, itl_p99_ms=100), "x", llm=False) == []
+
+
+def test_check_slo_itl_not_measured_is_a_miss_that_says_so():
+    """--no-stream: one response carries every token, so no ITL exists — the target is not silently passed."""
+    (check,) = check_slo([_llm_level(4, 300, 0.0, itl_count=0)], SloTargets(itl_p99_ms=100), "edge", llm=True)
+    assert not check.passed and check.measured is None
+    assert check.describe() == ("ITL p99 not measured: no response streamed two or more tokens "
+                                "(target 100 ms; profile edge, concurrency 4)")
+
+
+def test_builtin_profiles_state_ttft_and_itl_targets_not_whole_request_latency():
+    from exporter.core.profiles import load_profiles
+
+    for name, p in load_profiles().items():
+        assert p.slo.ttft_p99_ms and p.slo.itl_p99_ms and p.slo.tokens_per_s, name
+        assert p.slo.p99_latency_s is None, f"{name}: the deprecated whole-request p99 is back in the built-ins"
+    with pytest.raises(BadInput, match=r"slo.itl_p99_ms must be a number > 0"):
+        load_profiles(overrides={"edge": {"slo": {"itl_p99_ms": 0}}})
 
 
 def test_inputs_synthesis_and_validation(tmp_path):

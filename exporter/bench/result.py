@@ -78,18 +78,25 @@ class LevelResult:
         return f"request rate {self.request_rate:g}/s" if self.request_rate else f"concurrency {self.concurrency}"
 
 
+# Figures that are upper bounds (measured ≤ target passes); the others are lower bounds.
+UPPER_BOUND_FIGURES = ("TTFT p99", "ITL p99", "p99 latency")
+
+
 @dataclass
 class SloCheck:
-    figure: str  # "p99 latency" | "tokens/s" | "qps"
+    figure: str  # "TTFT p99" | "ITL p99" | "tokens/s" | "qps" | "p99 latency" (deprecated whole-request)
     target: float
-    measured: float
+    measured: Optional[float]  # None when not measured (then `note` says why; JSON has no nan)
     unit: str
     level: str
     passed: bool
+    note: str = ""
 
     def describe(self) -> str:
-        op = "≤" if self.figure == "p99 latency" else "≥"
-        bad = ">" if self.figure == "p99 latency" else "<"
+        if self.note:
+            return f"{self.figure} {self.note} (target {self.target:g} {self.unit}; {self.level})"
+        upper = self.figure in UPPER_BOUND_FIGURES
+        op, bad = ("≤", ">") if upper else ("≥", "<")
         rel = op if self.passed else bad
         return f"{self.figure} {self.measured:.3g} {self.unit} {rel} {self.target:g} {self.unit} ({self.level})"
 

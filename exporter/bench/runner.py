@@ -26,12 +26,25 @@ class BenchFailed(StageFailed):
 
 
 def check_slo(levels: list[LevelResult], slo: SloTargets, profile: str, llm: bool) -> list[SloCheck]:
-    """Every level must meet the p99 latency; the best level must reach tokens/s (LLMs) and qps."""
+    """Every level must meet the latency targets (TTFT p99, ITL p99, and the deprecated whole-request p99 when a
+    profile still sets it); the best level must reach tokens/s and qps. TTFT, ITL and tokens/s are LLM figures:
+    a plain model gets none of them. An LLM target that no level measured (ITL of a non-streamed run) is a miss
+    that says so, never a silent pass."""
     checks: list[SloCheck] = []
     where = f"profile {profile}, " if profile else ""
     measured = [lv for lv in levels if lv.requests]
     if not measured:
         return checks
+    for figure, target, key in (("TTFT p99", slo.ttft_p99_ms, "ttft_ms"), ("ITL p99", slo.itl_p99_ms, "itl_ms")):
+        if target is None or not llm:
+            continue
+        for lv in measured:
+            stats = getattr(lv.llm, key) if lv.llm else None
+            if stats is None or stats.count == 0:
+                why = "not measured: no response streamed two or more tokens" if key == "itl_ms" else "not measured"
+                checks.append(SloCheck(figure, target, None, "ms", where + lv.label, False, why))
+            else:
+                checks.append(SloCheck(figure, target, stats.p99, "ms", where + lv.label, stats.p99 <= target))
     if slo.p99_latency_s is not None:
         for lv in measured:
             p99_s = lv.latency_ms.p99 / 1000

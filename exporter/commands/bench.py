@@ -1,11 +1,15 @@
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
+from typing import Optional
 
 import click
 
 from ..bench import BenchConfig, BenchFailed, BenchResult, run_bench
 from ..core.errors import BadInput
+from ..core.profiles import SloTargets
 from ..core.ui import out as console
 from .common import App, emit, pass_app, profile_option
 
@@ -18,6 +22,25 @@ def _numbers(text: str, cast, what: str) -> list:
     if not values:
         raise BadInput(f"{what} is empty")
     return values
+
+
+def _slo_targets(text: str, base: Optional[SloTargets]) -> SloTargets:
+    """`--slo ttft_p99_ms=800,itl_p99_ms=40` over the profile's targets (or none)."""
+    values: dict[str, float] = {}
+    for item in (t for t in text.replace(" ", "").split(",") if t):
+        key, sep, value = item.partition("=")
+        if not sep or key not in SloTargets.FIELDS:
+            raise BadInput(f"--slo takes KEY=VALUE pairs with KEY one of {', '.join(SloTargets.FIELDS)}; got {item!r}")
+        try:
+            number = float(value)
+        except ValueError:
+            number = math.nan
+        if not (math.isfinite(number) and number > 0):
+            raise BadInput(f"--slo {key} must be a number > 0, got {value!r}")
+        values[key] = number
+    if not values:
+        raise BadInput("--slo is empty")
+    return dataclasses.replace(base or SloTargets(), **values)
 
 
 def _human(r: BenchResult) -> None:
@@ -53,15 +76,20 @@ def _human(r: BenchResult) -> None:
 @click.option("--input-tokens", type=int, default=128, show_default=True, help="Synthetic prompt length (words).")
 @click.option("--output-tokens", type=int, default=64, show_default=True, help="max_tokens asked per request.")
 @click.option("--no-stream", is_flag=True, help="LLM: ask for one response per request (stream=false).")
-@profile_option(help_text="Check the results against this deployment profile's SLO (p99 latency, tokens/s, qps).")
+@profile_option(help_text="Check the results against this deployment profile's SLO (TTFT p99, ITL p99, tokens/s).")
+@click.option("--slo", "slo_text", default=None, metavar="KEY=VALUE,...",
+              help="SLO targets to check, over the profile's: ttft_p99_ms, itl_p99_ms, tokens_per_s, qps, "
+                   "p99_latency_s (deprecated whole-request p99), e.g. ttft_p99_ms=1500,itl_p99_ms=100.")
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), help="Results directory [default: WORKDIR/bench/MODEL].")
 @pass_app
 def command(app: App, url, model, model_version, protocol, concurrency, request_rate, duration, requests, warmup,
             stability_percentage, stability_latency, max_trials, timeout, batch_size, input_data, llm, prompts,
-            input_tokens, output_tokens, no_stream, profile_name, out_dir):
+            input_tokens, output_tokens, no_stream, profile_name, slo_text, out_dir):
     """Benchmark a model served by Triton (or through the OpenAI gateway): throughput, latency percentiles and
     server-side time (TTFT, inter-token latency and tokens/s for streaming LLMs), written as JSON, CSV and a plot."""
     slo = app.profile(profile_name).slo if profile_name else None
+    if slo_text is not None:
+        slo = _slo_targets(slo_text, slo)
     cfg = BenchConfig(
         url=url, model=model, model_version=model_version, protocol=protocol,
         concurrency=[] if request_rate else _numbers(concurrency, int, "--concurrency"),

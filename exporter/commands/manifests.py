@@ -53,11 +53,15 @@ def _human(r: ManifestsResult) -> None:
               help="Extra model research loads side by side (explicit model control); repeatable.")
 @click.option("--profile", "profile_names", multiple=True,
               help="Render only these deployment profiles' overlays; repeatable [default: every profile].")
+@click.option("--runtime", type=click.Choice(["auto", "r1deploy", "tensorrt-llm"]), default="auto", show_default=True,
+              help="What serves a decoder: TensorRT-LLM (Triton's tensorrtllm_backend, tensor parallel over the pod's "
+                   "GPUs; unverified, never run on a GPU), r1deploy's generate model, or auto: TensorRT-LLM where the "
+                   "plan needs more than one GPU of a TensorRT profile (production, research).")
 @click.option("--check", is_flag=True, help="Build every overlay with kustomize and run all checks; exit 1 on a violation.")
 @pass_app
 def command(app: App, model, out, tensorrt_version, image_repository, image_tag, triton_digest, engine_build_digest,
             image, r1deploy_image, storage, storage_uri, storage_secret,
-            storage_size, model_kind, load_models, profile_names, check):
+            storage_size, model_kind, load_models, profile_names, runtime, check):
     """Render Kubernetes manifests: kustomize base + one overlay per deployment profile.
 
     A decoder is planned on each profile's GPU first (`r1deploy plan`): memory requests follow its weights, and a
@@ -68,7 +72,7 @@ def command(app: App, model, out, tensorrt_version, image_repository, image_tag,
         r1deploy_image=r1deploy_image, image_repository=image_repository, image_tag=image_tag,
         triton_digest=triton_digest, engine_build_digest=engine_build_digest, storage=Storage(storage), storage_uri=storage_uri,
         storage_secret=storage_secret, storage_size=storage_size,
-        model_kind=None if model_kind == "auto" else model_kind, load_models=tuple(load_models),
+        model_kind=None if model_kind == "auto" else model_kind, load_models=tuple(load_models), runtime=runtime,
     )
     result = render_manifests(cfg)
     if check:

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import click
 
+from ..core.errors import BadInput
 from ..core.profiles import ServingVariant
 from ..core.ui import out as console
 from ..repository import RepositoryConfig, RepositoryResult, write_repository
@@ -25,11 +26,27 @@ def _human(r: RepositoryResult) -> None:
         console.print(f"  [yellow]missing before serving:[/yellow] {path}")
 
 
+def _trtllm_human(r) -> None:
+    p = r.plan
+    console.print(
+        f"[yellow]unverified[/yellow] [bold]{p.model}[/bold] → TensorRT-LLM (tensorrtllm_backend) repository for profile "
+        f"{p.profile!r}: tp={p.tp_size}, {p.precision}, max batch {p.max_batch_size}, max input/seq "
+        f"{p.max_input_len}/{p.max_seq_len}, max tokens {p.max_num_tokens}: {r.out}"
+    )
+    console.print(f"  entry model: {r.entry_model}; engine build on the node: {r.build_script}")
+    for path in r.missing:
+        console.print(f"  [yellow]missing before serving:[/yellow] {path}")
+
+
 @click.command("repository")
 @click.option("--model", default="r1-distill-tiny", show_default=True, help="An exported model (preset name or checkpoint directory).")
 @profile_option(default="edge")
 @click.option("--out", type=click.Path(path_type=Path), help="Repository directory [default: <workdir>/<model>/model_repository/<profile>].")
 @click.option("--variant", type=click.Choice([v.value for v in ServingVariant]), help="Engine model variant [default: the profile's serving_variant].")
+@click.option("--runtime", type=click.Choice(["auto", "r1deploy", "tensorrt-llm"]), default="auto", show_default=True,
+              help="tensorrt-llm: Triton's tensorrtllm_backend repository (tensor parallel over the profile's GPUs, "
+                   "the engine built on the node; unverified, never run on a GPU); auto: that where the plan needs "
+                   "more than one GPU of a TensorRT profile, else r1deploy's generate model.")
 @click.option("--device", type=click.Choice(["gpu", "cpu"]), help="Instance kind [default: gpu, cpu for python_ort].")
 @click.option("--engine-call", type=click.Choice(["bls", "inprocess"]),
               help="How `generate` reaches the engine [default: inprocess for python_ort, else bls].")
@@ -45,11 +62,41 @@ def _human(r: RepositoryResult) -> None:
               help="KV positions of prompt prefixes the generate scheduler keeps for reuse (16-token blocks, LRU; "
                    "0: no prefix reuse).")
 @pass_app
-def command(app: App, model, profile_name, out, variant, device, engine_call, onnx_variant, graph, max_rows, max_queue,
-            intra_op_threads, prefix_cache_tokens):
+def command(app: App, model, profile_name, out, runtime, variant, device, engine_call, onnx_variant, graph, max_rows,
+            max_queue, intra_op_threads, prefix_cache_tokens):
     """Write a Triton model repository (config.pbtxt + model files) for a model under a deployment profile."""
+    profile = app.profile(profile_name)
+    if runtime != "r1deploy" and (runtime == "tensorrt-llm" or profile.runtime.value == "tensorrt"):
+        from ..core.artifacts import ModelLayout
+        from ..plan import PlanConfig, load_shape, plan_capacity
+        from ..repository.writer import _eos_ids, default_out
+        from ..trtllm import uses_trtllm, write_trtllm_repository
+
+        try:
+            shape = load_shape(model, app.workdir)
+        except BadInput:
+            if runtime == "tensorrt-llm":
+                raise
+            shape = None  # auto: no shape, no plan to say it needs more GPUs; r1deploy's repository says what is wrong
+        if shape is not None and uses_trtllm(runtime, profile, plan_capacity(PlanConfig(shape, profile)).gpus_per_replica):
+            given = {"--variant": variant, "--device": device, "--engine-call": engine_call, "--onnx-variant": onnx_variant,
+                     "--graph": None if graph == "generic" else graph, "--max-rows": max_rows, "--max-queue": max_queue,
+                     "--intra-op-threads": intra_op_threads, "--prefix-cache-tokens": prefix_cache_tokens or None}
+            ignored = [k for k, v in given.items() if v is not None]
+            if ignored:  # options of r1deploy's own repository: refused, never silently dropped
+                raise BadInput(f"{', '.join(ignored)} apply to r1deploy's generate repository, not to TensorRT-LLM's "
+                               f"(--runtime {runtime} on profile {profile.name!r}); drop them or pass --runtime r1deploy")
+            layout = ModelLayout.for_model(app.workdir, model)
+            exported = layout.tokenizer_dir.is_dir()
+            result = write_trtllm_repository(
+                shape, profile, out or default_out(app.workdir, model, profile.name), layout.model,
+                tokenizer_dir=layout.tokenizer_dir if exported else None,
+                eos_token_ids=_eos_ids(layout) if exported else [],
+            )
+            emit(app, result, _trtllm_human)
+            return
     cfg = RepositoryConfig(
-        model=model, profile=app.profile(profile_name), workdir=app.workdir, out=out,
+        model=model, profile=profile, workdir=app.workdir, out=out,
         variant=ServingVariant(variant) if variant else None, device=device, engine_call=engine_call,
         onnx_variant=onnx_variant, graph=graph, max_rows=max_rows, max_queue=max_queue,
         intra_op_threads=intra_op_threads, prefix_cache_tokens=prefix_cache_tokens,

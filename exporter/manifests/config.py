@@ -96,6 +96,9 @@ class ManifestsConfig:
     storage_size: str = "200Gi"
     model_kind: Optional[str] = None  # decoder | encoder; None → from the preset name
     load_models: tuple[str, ...] = ()  # extra models research loads side by side (explicit model control)
+    # What serves a decoder (exporter.trtllm.ServingRuntime): auto = TensorRT-LLM where the plan needs more than
+    # one GPU of a TensorRT profile, r1deploy's own generate model elsewhere
+    runtime: str = "auto"
 
     def __post_init__(self) -> None:
         storage = Storage(self.storage)
@@ -118,6 +121,8 @@ class ManifestsConfig:
         for name in self.profiles:
             if not _DNS_LABEL.fullmatch(name) or len(name) > 40:
                 raise BadInput(f"profile {name!r} cannot name a Kubernetes overlay (lowercase letters, digits, '-')")
+        if self.runtime not in ("auto", "r1deploy", "tensorrt-llm"):
+            raise BadInput(f"--runtime {self.runtime!r} is not one of auto, r1deploy, tensorrt-llm")
         release_for(self.tensorrt_version)  # BadInput early for an unknown version
         for what, digest in (("--triton-digest", self.triton_digest), ("--engine-build-digest", self.engine_build_digest)):
             if digest is not None and not _DIGEST.fullmatch(digest):

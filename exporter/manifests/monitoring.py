@@ -123,7 +123,10 @@ def adapter_config() -> dict:
 
 
 def queue_time_target_us(profile: DeploymentProfile) -> int:
-    """Mean queue time per request that triggers a scale-up: a tenth of the p99 SLO, else 50 ms."""
+    """Mean queue time per request that triggers a scale-up: a tenth of the TTFT p99 target (queueing is the part
+    of TTFT that more replicas remove), else of the deprecated whole-request p99, else 50 ms."""
+    if profile.slo.ttft_p99_ms:
+        return int(profile.slo.ttft_p99_ms * 1e3 / 10)
     if profile.slo.p99_latency_s:
         return int(profile.slo.p99_latency_s * 1e6 / 10)
     return 50_000

@@ -4,6 +4,7 @@ as deterministic YAML and written atomically."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import yaml
@@ -70,15 +71,21 @@ def base_files(cfg: ManifestsConfig) -> dict[str, dict]:
 
 
 def _plan(cfg: ManifestsConfig, profile: DeploymentProfile):
-    """The GPU memory plan of a decoder on this profile (None for encoders); BadInput (exit 2, with the numbers)
-    when the model cannot run one sequence on the profile's GPU, so no overlay is written that could never start."""
+    """The GPU memory plan of a decoder on this profile (None for encoders) and, when TensorRT-LLM serves it
+    (`--runtime tensorrt-llm`, or `auto` and the model needs more than one GPU of a TensorRT profile), its
+    TensorRT-LLM plan. BadInput (exit 2, with the numbers) when neither can run it, so no overlay is written that
+    could never start."""
     if cfg.kind != "decoder":
-        return None
+        return None, None
     from ..plan import PlanConfig, ensure_deployable, load_shape, plan_capacity
+    from ..trtllm import plan_trtllm, uses_trtllm
 
-    plan = plan_capacity(PlanConfig(load_shape(cfg.model), profile))
+    shape = load_shape(cfg.model)
+    plan = plan_capacity(PlanConfig(shape, profile))
+    if uses_trtllm(cfg.runtime, profile, plan.gpus_per_replica):
+        return plan, plan_trtllm(shape, profile)
     ensure_deployable(plan)
-    return plan
+    return plan, None
 
 
 def _capacity_summary(plan) -> dict:
@@ -97,12 +104,15 @@ def _capacity_summary(plan) -> dict:
 def overlay_files(cfg: ManifestsConfig, profile: DeploymentProfile) -> dict[str, dict]:
     from ..plan import memory_requests
 
-    plan = _plan(cfg, profile)
+    plan, trt = _plan(cfg, profile)
     ns = namespace_for(profile)
     n = objects.names(cfg)
+    capacity = _capacity_summary(plan) if plan else None
+    if trt is not None:
+        capacity = {**capacity, "tensorrt_llm": dataclasses.asdict(trt)}
     resources = {
         "namespace.yaml": objects.namespace(ns),
-        "profile-configmap.yaml": objects.profile_configmap(cfg, profile, _capacity_summary(plan) if plan else None),
+        "profile-configmap.yaml": objects.profile_configmap(cfg, profile, capacity),
         "prometheusrule.yaml": monitoring.prometheus_rule(n["prometheusrule"], profile, ns, cfg.kind),
     }
     if profile.max_replicas > profile.replicas:
@@ -113,7 +123,12 @@ def overlay_files(cfg: ManifestsConfig, profile: DeploymentProfile) -> dict[str,
     if local:
         resources["storageclass.yaml"] = objects.local_storage_class()
     memory = memory_requests(plan, profile) if plan else None
-    patches = {"deployment-patch.yaml": objects.deployment_patch(cfg, profile, memory)}
+    patch = objects.deployment_patch(cfg, profile, memory)
+    if trt is not None:
+        from .trtllm_pod import trtllm_deployment_patch
+
+        patch = trtllm_deployment_patch(cfg, profile, trt, patch, math.ceil(plan.weights.total / 2**30))
+    patches = {"deployment-patch.yaml": patch}
     if local:
         patches["pvc-patch.yaml"] = objects.pvc_patch(cfg, access_mode="ReadWriteOnce", storage_class="local-storage")
     elif profile.max_replicas > 1:  # every replica, on its own node, mounts the same repository
