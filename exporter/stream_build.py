@@ -197,8 +197,11 @@ def stream_build(checkpoint: Path, out_dir: Path, cfg: StreamConfig = StreamConf
                 if init.name in lazy:
                     narrow = _fp16 if init.data_type == TensorProto.FLOAT16 else (lambda a: a)
                     _write_weight(data, init, lazy, weights, narrow)
-    finally:
+    except BaseException:
         data.close()
+        data.path.unlink(missing_ok=True)  # no half-written model left behind (a re-run would refuse the directory)
+        raise
+    data.close()
     onnx.save(model, str(out))
     result.tensors_written = data.count
     result.data_bytes = data.offset
@@ -241,11 +244,11 @@ def _write_int4(model: onnx.ModelProto, lazy: dict, w, spec, checkpoint: Path, c
     by_node = {t.node: t for t in chosen}
     graph = model.graph
     target_weights = {t.weight for t in chosen}
+    calib = _Calibration(checkpoint, spec, lazy, w, cfg) if cfg.method == "awq" else None
     # FP32 weights that stay FP32 (norms, embedding, lm_head, rotary tables) go first, one at a time.
     for init in graph.initializer:
         if init.name in lazy and init.name not in target_weights:
             _write_weight(data, init, lazy, w, lambda a: a)
-    calib = _Calibration(checkpoint, spec, lazy, w, cfg) if cfg.method == "awq" else None
     head: list[onnx.NodeProto] = []
     body: list[onnx.NodeProto] = []
     new_inits: list[TensorProto] = []
@@ -305,7 +308,14 @@ class _Calibration:
         from quantize.sentences import CALIBRATION
 
         sentences = CALIBRATION[: cfg.calibration_sentences] if cfg.calibration_sentences else CALIBRATION
-        ids, mask = _encode(checkpoint, sentences)
+        try:
+            ids, mask = _encode(checkpoint, sentences)
+        except (OSError, ValueError) as exc:
+            raise BadInput(f"AWQ calibration tokenizes its sentences with the checkpoint's tokenizer, and {checkpoint} "
+                           f"has none that loads ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                           "use --method rtn") from None
+        if not mask.any():
+            raise BadInput(f"the tokenizer in {checkpoint} gives no tokens for the calibration sentences; use --method rtn")
         self.lengths = mask.sum(axis=1).astype(int)
         tokens = ids[mask.astype(bool)]  # real tokens, sentence after sentence: the order the stage captures
         self.spec, self.lazy = spec, lazy
@@ -347,6 +357,8 @@ class _Calibration:
         attn = np.empty((qkv.shape[0], h * d), np.float32)
         start = 0
         for n in self.lengths:
+            if n == 0:  # a sentence the tokenizer turned into nothing: no rows, nothing to attend
+                continue
             rows = slice(start, start + n)
             pos = np.arange(n)
             q = self._rotary(qkv[rows, : h * d].reshape(n, h, d), pos)
