@@ -114,12 +114,15 @@ class _DataFile:
             self.offset += len(buf)
         self._finish(tensor, start)
 
-    def externalise(self, tensor: TensorProto) -> None:
-        """A tensor built in memory (INT4 codes, scales): its bytes to the file, the proto keeps a reference."""
-        if tensor.raw_data:
-            self.write(tensor, tensor.raw_data)
-        else:  # helper.make_tensor(..., raw=False): float_data etc.
-            self.write(tensor, onnx.numpy_helper.to_array(tensor))
+    def externalise(self, tensor: TensorProto) -> TensorProto:
+        """A tensor built in memory (INT4 codes, scales): its bytes to the file; returns a new header that refers to
+        them. Not the same proto with its data cleared: protobuf keeps a cleared field's bytes in the message's
+        arena for as long as the message lives, and the headers live until the graph is saved — at 7B that kept
+        every quantized weight in memory (peak 4.8 GiB, growing with the output)."""
+        data = tensor.raw_data if tensor.raw_data else onnx.numpy_helper.to_array(tensor)
+        header = TensorProto(name=tensor.name, dims=list(tensor.dims), data_type=tensor.data_type)
+        self.write(header, data)
+        return header
 
     def close(self) -> None:
         self.fh.close()
@@ -194,8 +197,11 @@ def stream_build(checkpoint: Path, out_dir: Path, cfg: StreamConfig = StreamConf
                 if init.name in lazy:
                     narrow = _fp16 if init.data_type == TensorProto.FLOAT16 else (lambda a: a)
                     _write_weight(data, init, lazy, weights, narrow)
-    finally:
+    except BaseException:
         data.close()
+        data.path.unlink(missing_ok=True)  # no half-written model left behind (a re-run would refuse the directory)
+        raise
+    data.close()
     onnx.save(model, str(out))
     result.tensors_written = data.count
     result.data_bytes = data.offset
@@ -238,11 +244,11 @@ def _write_int4(model: onnx.ModelProto, lazy: dict, w, spec, checkpoint: Path, c
     by_node = {t.node: t for t in chosen}
     graph = model.graph
     target_weights = {t.weight for t in chosen}
+    calib = _Calibration(checkpoint, spec, lazy, w, cfg) if cfg.method == "awq" else None
     # FP32 weights that stay FP32 (norms, embedding, lm_head, rotary tables) go first, one at a time.
     for init in graph.initializer:
         if init.name in lazy and init.name not in target_weights:
             _write_weight(data, init, lazy, w, lambda a: a)
-    calib = _Calibration(checkpoint, spec, lazy, w, cfg) if cfg.method == "awq" else None
     head: list[onnx.NodeProto] = []
     body: list[onnx.NodeProto] = []
     new_inits: list[TensorProto] = []
@@ -272,11 +278,10 @@ def _write_int4(model: onnx.ModelProto, lazy: dict, w, spec, checkpoint: Path, c
             qw = core.quantize_rtn(wt, t.axis, cfg.block_size, cfg.symmetric)
         del wt
         h, b, inits = rewrite.int4_replacement(node, t, qw, cfg.format)
-        for tensor in inits:
-            data.externalise(tensor)
+        new_inits.extend(data.externalise(tensor) for tensor in inits)
+        del inits
         head.extend(h)
         body.extend(b)
-        new_inits.extend(inits)
         result.quantized.append(t.weight)
         if cfg.method == "awq":
             result.awq_alpha[t.weight] = qw.alpha
@@ -303,7 +308,14 @@ class _Calibration:
         from quantize.sentences import CALIBRATION
 
         sentences = CALIBRATION[: cfg.calibration_sentences] if cfg.calibration_sentences else CALIBRATION
-        ids, mask = _encode(checkpoint, sentences)
+        try:
+            ids, mask = _encode(checkpoint, sentences)
+        except (OSError, ValueError) as exc:
+            raise BadInput(f"AWQ calibration tokenizes its sentences with the checkpoint's tokenizer, and {checkpoint} "
+                           f"has none that loads ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                           "use --method rtn") from None
+        if not mask.any():
+            raise BadInput(f"the tokenizer in {checkpoint} gives no tokens for the calibration sentences; use --method rtn")
         self.lengths = mask.sum(axis=1).astype(int)
         tokens = ids[mask.astype(bool)]  # real tokens, sentence after sentence: the order the stage captures
         self.spec, self.lazy = spec, lazy
@@ -345,6 +357,8 @@ class _Calibration:
         attn = np.empty((qkv.shape[0], h * d), np.float32)
         start = 0
         for n in self.lengths:
+            if n == 0:  # a sentence the tokenizer turned into nothing: no rows, nothing to attend
+                continue
             rows = slice(start, start + n)
             pos = np.arange(n)
             q = self._rotary(qkv[rows, : h * d].reshape(n, h, d), pos)

@@ -169,6 +169,14 @@ def test_bad_input_is_refused(tmp_path, session_workdir, exported_fused, capsys)
     stream_build(ckpt, tmp_path / "once", StreamConfig())
     with pytest.raises(BadInput, match="already holds a model"):
         stream_build(ckpt, tmp_path / "once", StreamConfig())
+    # AWQ calibrates with the checkpoint's tokenizer: a checkpoint without one is refused, and nothing is left behind
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        (bare / f).write_bytes((ckpt / f).read_bytes())
+    with pytest.raises(BadInput, match="use --method rtn"):
+        stream_build(bare, tmp_path / "awq", StreamConfig(precision="int4", method="awq", block_size=32))
+    assert list((tmp_path / "awq").iterdir()) == []
     moe = resolve_source("r1-moe-tiny", session_workdir).path  # DeepseekV3: MLA keeps the generic graph
     assert main([str(moe), str(tmp_path / "moe")]) == 2
     err = capsys.readouterr().err
