@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -86,3 +87,34 @@ def copy_workdir(src: Path, dest: Path, model: str) -> Path:
             shutil.copytree(src / rel, dest / rel, symlinks=True,
                             ignore=lambda d, names: [n for n in names if n in ("engines", "model_repository", "bench", "k8s")])
     return dest
+
+
+@contextlib.contextmanager
+def gateway_beside_triton(repositories: list[Path], key_file: Path, key: str):
+    """A real CPU Triton serving `repositories` and the `r1deploy gateway` process in front of it, with the API key
+    `key` (written to `key_file`): yields the gateway's base URL once /health answers 200; on exit both stop, and the
+    gateway must have exited 0 without a traceback."""
+    import signal
+
+    from test_gateway import _wait_http
+
+    from exporter.serve import ServerConfig, TritonServer, free_port
+
+    srv = TritonServer(ServerConfig(model_repository=repositories[0], extra_repositories=list(repositories[1:])))
+    srv.start()
+    key_file.write_text(key + "\n")
+    port = free_port()
+    argv = [str(R1DEPLOY), "gateway", "--triton", srv.endpoints.grpc, "--port", str(port), "--api-key-file", str(key_file)]
+    for repo in repositories:
+        argv += ["--repository", str(repo)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_http(url + "/health", proc)
+        yield url
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+        srv.stop()
+        assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]

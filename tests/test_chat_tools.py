@@ -7,13 +7,10 @@ prompts from the real tokenizer and template; nothing is mocked."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 
 import pytest
-from conftest import R1DEPLOY, REPO
-from test_gateway import _wait_http, _write_scripted
+from conftest import gateway_beside_triton
+from test_gateway import _write_scripted
 
 from exporter import tiny_models
 
@@ -172,27 +169,8 @@ def repos(exported, session_workdir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gateway(repos):
-    from exporter.serve import ServerConfig, TritonServer, free_port
-
-    srv = TritonServer(ServerConfig(model_repository=repos["real"], extra_repositories=[repos["scripted"]]))
-    srv.start()
-    keys = repos["root"] / "api-keys"
-    keys.write_text(KEY + "\n")
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(R1DEPLOY), "gateway", "--triton", srv.endpoints.grpc, "--repository", str(repos["real"]),
-         "--repository", str(repos["scripted"]), "--port", str(port), "--api-key-file", str(keys)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_http(url + "/health", proc)
+    with gateway_beside_triton([repos["real"], repos["scripted"]], repos["root"] / "api-keys", KEY) as url:
         yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-        srv.stop()
-        assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
 
 
 @pytest.fixture

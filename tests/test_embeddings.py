@@ -6,16 +6,12 @@ inputs than one Triton request holds, usage, and the refusals. Nothing is mocked
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import urllib.error
 import urllib.request
 
 import numpy as np
 import pytest
-from conftest import R1DEPLOY, REPO
-from test_gateway import _wait_http
+from conftest import gateway_beside_triton
 
 KEY = "sk-embed-test-0123456789"
 TEXTS = ["Triton serves the embedding model.", "A second, longer sentence about key-value caches and GPUs.",
@@ -38,27 +34,8 @@ def repos(exported, session_workdir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def gateway(repos):
-    from exporter.serve import ServerConfig, TritonServer, free_port
-
-    srv = TritonServer(ServerConfig(model_repository=repos["r1-distill-tiny"], extra_repositories=[repos["minilm"]]))
-    srv.start()
-    keys = repos["root"] / "api-keys"
-    keys.write_text(KEY + "\n")
-    port = free_port()
-    proc = subprocess.Popen(
-        [str(R1DEPLOY), "gateway", "--triton", srv.endpoints.grpc, "--repository", str(repos["r1-distill-tiny"]),
-         "--repository", str(repos["minilm"]), "--port", str(port), "--api-key-file", str(keys)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_http(url + "/health", proc)
+    with gateway_beside_triton([repos["r1-distill-tiny"], repos["minilm"]], repos["root"] / "api-keys", KEY) as url:
         yield url
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=30)
-        srv.stop()
-        assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
 
 
 @pytest.fixture
