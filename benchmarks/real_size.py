@@ -134,7 +134,7 @@ def dir_bytes(path: Path) -> int:
 def stage_commands(stages: list[str], ckpt: Path, wd: Path, exporter: str, int4_method: str) -> dict[str, tuple[list[str], Path]]:
     """Each stage's command and the directory it writes."""
     base = [*R1DEPLOY, "--workdir", str(wd), "-q"]
-    stream = [sys.executable, "-m", "exporter.stream_build", str(ckpt)]
+    stream = [*R1DEPLOY, "-q", "stream-build", str(ckpt), "--out"]
     out = wd / "out"
     layout = wd / ckpt.name / "onnx"
     table = {

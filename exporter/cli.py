@@ -19,6 +19,7 @@ COMMANDS = {
     "profiles": "profiles",
     "export": "export",
     "quantize": "quantize",
+    "stream-build": "stream_build",
     "build-engine": "engine",
     "repository": "repository",
     "serve": "serve",

@@ -164,6 +164,10 @@ def stream_build(checkpoint: Path, out_dir: Path, cfg: StreamConfig = StreamConf
     file or a sharded index) at `cfg`'s precision. `out_dir` must not hold a model yet."""
     started = time.perf_counter()
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
+    if not (checkpoint / "config.json").is_file():
+        raise BadInput(f"{checkpoint} is not a checkpoint directory (no config.json)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BadInput(f"--out {out_dir} exists and is not a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
     out = out_dir / "model.onnx"
     if out.exists() or (out_dir / "model.onnx.data").exists():
@@ -386,36 +390,3 @@ class _Calibration:
         """lm_head's input (with --quantize-lm-head): the final norm at every real position."""
         norm = np.asarray(self.lazy["model.norm.weight"][1](), np.float32)
         self.acts = {"model.norm.selected": self._rms(self.residual + self.branch, norm)}
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    """`python -m exporter.stream_build CHECKPOINT OUT_DIR --precision int4 ...`: the builder on its own (the
-    real-size benchmark runs it in its own process). Bad input: one line, exit 2."""
-    import argparse
-    import json
-    import sys
-
-    ap = argparse.ArgumentParser(prog="python -m exporter.stream_build", description=__doc__.splitlines()[0])
-    ap.add_argument("checkpoint", type=Path)
-    ap.add_argument("out_dir", type=Path)
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int4"])
-    ap.add_argument("--method", default="awq", choices=["rtn", "awq"])
-    ap.add_argument("--block-size", type=int, default=128)
-    ap.add_argument("--format", default="qdq", choices=["qdq", "ort"])
-    ap.add_argument("--calibration-sentences", type=int, default=None)
-    args = ap.parse_args(argv)
-    try:
-        cfg = StreamConfig(precision=args.precision, method=args.method, block_size=args.block_size,
-                           format=args.format, calibration_sentences=args.calibration_sentences)
-        r = stream_build(args.checkpoint, args.out_dir, cfg)
-    except BadInput as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps({"onnx": str(r.onnx_path), "precision": r.precision, "tensors": r.tensors_written,
-                      "data_bytes": r.data_bytes, "graph_bytes": r.graph_bytes, "seconds": r.seconds,
-                      "quantized": len(r.quantized)}))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

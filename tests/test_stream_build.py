@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import assert_one_line
 from onnx import numpy_helper
 
 from exporter.core.errors import BadInput
 from exporter.export import ExportConfig, export_model
 from exporter.sources import resolve_source
-from exporter.stream_build import StreamConfig, main, stream_build
+from exporter.stream_build import StreamConfig, stream_build
 from quantize import QuantizeConfig, quantize_model
 from quantize.evaluate import fused_feeds, session
 
@@ -161,7 +162,7 @@ def test_sharded_bf16_checkpoint_streams_as_the_fused_export(tmp_path):
     assert min(cos) > 0.9
 
 
-def test_bad_input_is_refused(tmp_path, session_workdir, exported_fused, capsys):
+def test_bad_input_is_refused(tmp_path, session_workdir, exported_fused, r1):
     exported_fused(MODEL)
     ckpt = resolve_source(MODEL, session_workdir).path
     with pytest.raises(BadInput, match="precision"):
@@ -178,6 +179,20 @@ def test_bad_input_is_refused(tmp_path, session_workdir, exported_fused, capsys)
         stream_build(bare, tmp_path / "awq", StreamConfig(precision="int4", method="awq", block_size=32))
     assert list((tmp_path / "awq").iterdir()) == []
     moe = resolve_source("r1-moe-tiny", session_workdir).path  # DeepseekV3: MLA keeps the generic graph
-    assert main([str(moe), str(tmp_path / "moe")]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "deepseek_v3" in err and "generic graph" in err
+    err = assert_one_line(r1("stream-build", str(moe), "--out", str(tmp_path / "moe")), 2, "deepseek_v3")
+    assert "generic graph" in err
+    assert_one_line(r1("stream-build", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")), 2, "nowhere")
+
+
+def test_the_console_script_builds_int4(r1, tmp_path, session_workdir, exported_fused):
+    """`r1deploy --json stream-build`: the typed result, and a model ONNX Runtime loads."""
+    import onnxruntime as ort
+
+    exported_fused(MODEL)
+    ckpt = resolve_source(MODEL, session_workdir).path
+    proc = r1("--json", "stream-build", str(ckpt), "--out", str(tmp_path / "int4"), "--precision", "int4",
+              "--method", "rtn", "--block-size", "32")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert result["precision"] == "int4" and result["quantized"] and result["data_bytes"] > 0
+    ort.InferenceSession(result["onnx_path"], providers=["CPUExecutionProvider"])
