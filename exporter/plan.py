@@ -406,7 +406,9 @@ class CapacityPlan:
             f"activations {m.activations / GIB:.1f} GiB + logits {m.logits / GIB:.1f} GiB + runtime "
             f"{m.runtime / GIB:.1f} GiB + KV {self.kv_bytes_per_token * self.max_sequence_len / GIB:.2f} GiB per "
             f"{self.max_sequence_len}-token sequence leaves room for {self.max_concurrent_sequences} sequences{build}; "
-            f"it needs {self.gpus_per_replica} GPUs and plain TensorRT engines cannot split a model across GPUs{alt}"
+            f"it needs {self.gpus_per_replica} GPUs and plain TensorRT engines cannot split a model across GPUs "
+            f"(TensorRT-LLM can, unverified: `--runtime tensorrt-llm` on a profile of {self.gpus_per_replica} or more "
+            f"GPUs per pod){alt}"
         )
 
 

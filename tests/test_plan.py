@@ -286,7 +286,10 @@ def test_repository_caps_the_batch_at_what_fits_and_refuses_what_cannot(tmp_path
 
 def test_manifests_refuse_a_model_that_fits_no_gpu_and_size_memory_from_the_weights(tmp_path, r1):
     out = tmp_path / "k8s"
-    res = r1("manifests", "--model", "r1-distill-llama-70b", "--profile", "production", "--out", str(out))
+    # r1deploy's own engines (one GPU each) cannot hold 70B FP16: refused with what would fit; the default runtime
+    # (auto) deploys it through TensorRT-LLM instead (tests/test_trtllm.py)
+    res = r1("manifests", "--model", "r1-distill-llama-70b", "--profile", "production", "--runtime", "r1deploy",
+             "--out", str(out))
     assert res.returncode == 2 and "does not fit profile 'production'" in res.stderr and "production/int4" in res.stderr
     assert not out.exists()
 

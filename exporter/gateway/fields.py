@@ -174,6 +174,7 @@ CHAT: dict[str, Field] = {f.name: f for f in [
     _f("logprobs", "boolean", SUPPORTED, "log-probabilities of the sampled tokens, after the sampler's processing",
        example=False),
     _f("top_logprobs", "integer", SUPPORTED, "0..20 alternatives per token (with logprobs)", example=0),
+    _refused("best_of", "integer", "a completions parameter: use /v1/completions (chat has n)", "vLLM", example=2),
     _f("response_format", "object", SUPPORTED, "`text`, `json_object`, `json_schema` (strict): the answer after "
        "`</think>` is constrained token by token (xgrammar)", example={"type": "text"}),
     _f("tools", "array", SUPPORTED, "function tools, rendered in the chat template's tool format (R1's "
