@@ -86,9 +86,15 @@ def probe(channel, model: str, timeout_s: float = PROBE_TIMEOUT_S, batched: bool
     stub = GRPCInferenceServiceStub(channel)
     started = time.monotonic()
     try:
+        answer = None
+        # read the stream to its end: a stream left open (the client closing it after the answer) kept Triton from
+        # unloading the model at shutdown (seen: the server's whole exit timeout, the stub orphaned)
         for resp in stub.ModelStreamInfer(iter([health_request(model, batched)]), timeout=timeout_s):
-            return read_health_response(resp, started)
-        return Health(False, "Triton closed the stream without an answer", time.monotonic() - started)
+            if answer is None:
+                answer = read_health_response(resp, started)
+        if answer is None:
+            return Health(False, "Triton closed the stream without an answer", time.monotonic() - started)
+        return answer
     except grpc.RpcError as exc:
         code = exc.code() if hasattr(exc, "code") else None
         if code is grpc.StatusCode.DEADLINE_EXCEEDED:

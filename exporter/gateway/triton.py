@@ -206,7 +206,11 @@ class TritonClient:
             resp = await call.read()
             if resp is grpc.aio.EOF:
                 return Health(False, "Triton closed the stream without an answer", time.monotonic() - started)
-            return read_health_response(resp, started)
+            answer = read_health_response(resp, started)
+            # read the stream to its end (exporter/health.py.probe: a stream left open kept Triton from unloading)
+            while await call.read() is not grpc.aio.EOF:
+                pass
+            return answer
         except grpc.aio.AioRpcError as exc:
             if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
                 return Health(False, f"model {model.name} did not answer a health check within {timeout_s:g} s",
