@@ -164,6 +164,22 @@ def test_penalties_and_logit_bias_change_the_output(client, ref):  # noqa: F811
     assert e.body["param"] == "presence_penalty"
 
 
+def test_top_k_cuts_the_draw_and_is_refused_when_invalid(client):  # noqa: F811
+    """top_k 1 at a high temperature is greedy; a bad top_k is a 400 naming it; the scripted model (no top_k input)
+    refuses it rather than ignoring it."""
+    kw = {"model": "generate", "prompt": OPEN, "max_tokens": 12, "extra_body": {"ignore_eos": True}}
+    greedy = client.completions.create(**kw, temperature=0).choices[0].text
+    cut = client.completions.create(**{**kw, "extra_body": {"ignore_eos": True, "top_k": 1}}, temperature=2.0, seed=5)
+    assert cut.choices[0].text == greedy
+    wide = {client.completions.create(**kw, temperature=2.0, seed=s).choices[0].text for s in (1, 2, 3)}
+    assert wide != {greedy}  # without the cut the same temperature leaves the greedy path
+    e = _status_error(lambda: client.completions.create(**{**kw, "extra_body": {"top_k": -2}}))
+    assert e.status_code == 400 and e.body["param"] == "top_k"
+    msg = [{"role": "user", "content": "hi"}]
+    e = _status_error(lambda: client.chat.completions.create(model="scripted", messages=msg, extra_body={"top_k": 3}))
+    assert e.status_code == 400 and e.body["param"] == "top_k" and "not supported by model scripted" in e.message
+
+
 def test_min_tokens_holds_off_the_end(client):  # noqa: F811
     # off-corpus text: the trained model ends it (almost) at once
     kw = {"model": "generate", "prompt": "zq xv", "max_tokens": 30, "temperature": 0}

@@ -81,7 +81,7 @@ def test_profiles_generate_parse_and_match_onnx(workdir, tmp_path, model, profil
         gen = configs["generate"]
         assert gen.backend == "python" and gen.model_transaction_policy.decoupled and gen.max_batch_size == 1
         assert [i.name for i in gen.input] == [
-            "text_input", "max_tokens", "temperature", "top_p", "seed", "stop_words", "stop", "stream", "health_check", "ignore_eos",
+            "text_input", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop_words", "stop", "stream", "health_check", "ignore_eos",
             "exclude_input_in_output", "skip_special_tokens", "return_num_input_tokens", "return_num_output_tokens",
             "presence_penalty", "frequency_penalty", "repetition_penalty", "min_tokens", "logit_bias",
             "num_return_sequences", "return_log_probs", "top_logprobs", "guided_decoding_guide_type",

@@ -407,9 +407,58 @@ def test_sampling_params_are_validated():
     for kw, needle in [({"presence_penalty": 3.0}, "presence_penalty"), ({"repetition_penalty": 0.0}, "repetition"),
                        ({"min_tokens": 11}, "min_tokens"), ({"logit_bias": {5: 101.0}}, "logit_bias"),
                        ({"logit_bias": {900: 1.0}}, "outside the vocabulary"), ({"n": 0}, "num_return_sequences"),
-                       ({"top_logprobs": 21}, "top_logprobs")]:
+                       ({"top_logprobs": 21}, "top_logprobs"), ({"top_k": -2}, "top_k")]:
         with pytest.raises(ls.RequestError, match=needle):
             ls.SamplingParams(max_tokens=10, **kw).validate(64, vocab=800)
+
+
+def _reference_draw(logits: np.ndarray, temperature: float, top_p: float, top_k: int, rng) -> int:
+    """The textbook sampler over the whole vocabulary — float64 softmax, a full stable sort, top-k then top-p,
+    numpy's Generator.choice — which `sample_rows` must reproduce draw for draw without sorting the vocabulary."""
+    if temperature <= 0:
+        return int(np.argmax(logits))
+    x = logits.astype(np.float64) / temperature
+    p = np.exp(x - x.max())
+    order = np.argsort(-p, kind="stable")
+    if 0 < top_k < p.size:
+        order = order[:top_k]
+    kept = p[order] / p[order].sum()
+    if top_p < 1.0:
+        order = order[: int(np.searchsorted(np.cumsum(kept), top_p)) + 1]
+    q = np.zeros_like(p)
+    q[order] = p[order]
+    return int(rng.choice(p.size, p=q / q.sum()))
+
+
+def test_batched_sampling_draws_what_the_whole_vocabulary_sampler_draws():
+    """Mixed batches (greedy, plain, top-p, top-k, both) over peaked and flat logits, several steps: every row's
+    token equals the reference sampler's with the same seed, so cutting candidates and the two-level inverse CDF
+    change nothing, and a row's draw does not depend on its company."""
+    rng = np.random.default_rng(3)
+    settings = [(0.0, 1.0, 0), (1.0, 1.0, 0), (0.7, 0.9, 0), (1.3, 1.0, 5), (0.8, 0.5, 40), (2.0, 0.99, 0),
+                (1.0, 1.0, 1), (0.5, 0.01, 0)]
+    draws = 0
+    for vocab in (9, 3000, 20000):
+        ranks = np.arange(1, vocab + 1)
+        for trial in range(6):
+            peaked = trial % 2 == 0
+            logits = np.stack([
+                -1.2 * np.log(ranks)[rng.permutation(vocab)] * 3 if peaked else rng.standard_normal(vocab) * 2
+                for _ in settings]).astype(np.float32)
+            seeds = rng.integers(1 << 40, size=len(settings))
+            batch = [ls.Sampler(t, p, int(s), k) for (t, p, k), s in zip(settings, seeds, strict=True)]
+            refs = [np.random.default_rng(int(s)) for s in seeds]
+            scratch: dict = {}
+            for _ in range(3):
+                got = ls.sample_rows(batch, logits, scratch)
+                want = [_reference_draw(logits[i], *settings[i], refs[i]) for i in range(len(settings))]
+                assert got.tolist() == want, (vocab, trial)
+                draws += len(settings)
+                logits = np.roll(logits, 1, axis=1)
+    assert draws == 3 * 6 * 3 * len(settings)
+    one = ls.Sampler(1.3, 1.0, 5, 2)
+    picks = {one(np.array([0.0, 3.0, 1.0, 2.9], np.float32)) for _ in range(50)}
+    assert picks == {1, 3}  # top_k 2: only the two most likely tokens, both drawn
 
 
 # ---- structured output -----------------------------------------------------------------------------------------

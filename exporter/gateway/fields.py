@@ -119,6 +119,8 @@ _SAMPLING = [
     _f("ignore_eos", "boolean", SUPPORTED, "generate exactly `max_tokens` (benchmarks); special tokens it "
        "generates are not put in the text", origin="vLLM", example=False),
     _f("min_tokens", "integer", SUPPORTED, "no end of sequence before this many tokens", origin="vLLM", example=0),
+    _f("top_k", "integer", SUPPORTED, "sample among the k most likely tokens (top_p then applies within them); "
+       "0 or -1: no cut", origin="vLLM", example=5),
     _f("repetition_penalty", "number", SUPPORTED, "(0, 2], as vLLM / transformers apply it", origin="vLLM",
        example=1.0),
     _f("skip_special_tokens", "boolean", SUPPORTED, "default true: special tokens (end of sentence under "
@@ -128,7 +130,6 @@ _SAMPLING = [
 
 # well-known extensions r1deploy does not implement: refused by name with a pointer, not as unknown
 _EXTENSIONS_REFUSED = [
-    _refused("top_k", "integer", "top-k sampling is not implemented (use top_p)", "vLLM", example=5),
     _refused("min_p", "number", "min-p sampling is not implemented (use top_p)", "vLLM", example=0.1),
     _refused("use_beam_search", "boolean", "no beam search", "vLLM"),
     _refused("length_penalty", "number", "no beam search", "vLLM", example=1.0),

@@ -147,6 +147,7 @@ class Sampling:
     frequency_penalty: Optional[float] = None
     repetition_penalty: Optional[float] = None
     min_tokens: Optional[int] = None
+    top_k: Optional[int] = None
     logit_bias: dict = None  # type: ignore[assignment]
 
 
@@ -155,7 +156,7 @@ _NEEDS_INPUT = {
     "n": "num_return_sequences", "best_of": "num_return_sequences", "logprobs": "return_log_probs",
     "top_logprobs": "top_logprobs", "presence_penalty": "presence_penalty",
     "frequency_penalty": "frequency_penalty", "repetition_penalty": "repetition_penalty",
-    "min_tokens": "min_tokens", "logit_bias": "logit_bias",
+    "min_tokens": "min_tokens", "logit_bias": "logit_bias", "top_k": "top_k",
 }
 
 
@@ -254,6 +255,13 @@ def _sampling_fields(body: dict, chat: bool, model: ServedModel, stream: bool, m
             raise ApiError(400, f"min_tokens must lie in 0..max_tokens ({max_tokens}), got {min_tokens}", "min_tokens")
         _needs(model, "min_tokens")
         out.min_tokens = min_tokens
+    top_k = _integer(body, "top_k")  # vLLM's extension: 0 and -1 both mean no cut
+    if top_k is not None:
+        if top_k < -1:
+            raise ApiError(400, f"top_k must be -1, 0 (no cut) or a positive number of tokens, got {top_k}", "top_k")
+        if top_k > 0:
+            _needs(model, "top_k")
+            out.top_k = top_k
     bias = body.get("logit_bias")
     if bias is not None:
         if not isinstance(bias, dict):
@@ -367,7 +375,7 @@ def parse_request(body: dict, models: dict[str, ServedModel], chat: bool, profil
         # keep `</think>` in the text where the model can (the reasoning split, and the raw text, need it)
         skip_special_tokens=client_skip and not keep_specials,
         presence_penalty=sampling.presence_penalty, frequency_penalty=sampling.frequency_penalty,
-        repetition_penalty=sampling.repetition_penalty, min_tokens=sampling.min_tokens,
+        repetition_penalty=sampling.repetition_penalty, min_tokens=sampling.min_tokens, top_k=sampling.top_k,
         logit_bias=sampling.logit_bias, n=sampling.best_of,
         # best_of > n ranks the choices by their cumulative logprob
         logprobs=sampling.logprobs or sampling.best_of > sampling.n, top_logprobs=sampling.top_logprobs,

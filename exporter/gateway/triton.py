@@ -42,6 +42,7 @@ class Generation:
     frequency_penalty: Optional[float] = None
     repetition_penalty: Optional[float] = None
     min_tokens: Optional[int] = None
+    top_k: Optional[int] = None
     logit_bias: dict[int, float] = field(default_factory=dict)
     n: int = 1  # sequences generated (num_return_sequences): best_of when the gateway picks the best n
     logprobs: bool = False  # return_log_probs
@@ -127,7 +128,8 @@ def build_request(model: ServedModel, g: Generation, request_id: str = "") -> pb
     add("skip_special_tokens", [g.skip_special_tokens])
     # sampling fields are sent only when set: parse_request refused them already where the model lacks the input
     for name, value in (("presence_penalty", g.presence_penalty), ("frequency_penalty", g.frequency_penalty),
-                        ("repetition_penalty", g.repetition_penalty), ("min_tokens", g.min_tokens)):
+                        ("repetition_penalty", g.repetition_penalty), ("min_tokens", g.min_tokens),
+                        ("top_k", g.top_k)):
         if value is not None:
             add(name, [value])
     if g.logit_bias:

@@ -150,6 +150,7 @@ GENERATE_INPUTS = [
     ("max_tokens", "TYPE_INT32", [1], True),
     ("temperature", "TYPE_FP32", [1], True),
     ("top_p", "TYPE_FP32", [1], True),
+    ("top_k", "TYPE_INT32", [1], True),
     ("seed", "TYPE_UINT64", [1], True),
     ("stop_words", STRING, [-1], True),
     ("stop", STRING, [-1], True),

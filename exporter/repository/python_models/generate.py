@@ -7,7 +7,7 @@ send. Threads, and only these: `execute()` parses each request and hands it to t
 it with an error); one loop thread runs the scheduler; one sender thread sends every response, so a decode step
 never waits for a send and no two threads send at the same time; a watcher thread polls cancellation.
 
-Inputs: text_input; optional max_tokens, temperature (0 = greedy, the default), top_p, seed, stop_words (Triton's
+Inputs: text_input; optional max_tokens, temperature (0 = greedy, the default), top_p, top_k, seed, stop_words (Triton's
 name) or stop, stream, ignore_eos, exclude_input_in_output (default true), skip_special_tokens (default true),
 return_num_input_tokens, return_num_output_tokens (accepted: the counts are always sent), presence_penalty,
 frequency_penalty, repetition_penalty, min_tokens, logit_bias (JSON: token id → bias), num_return_sequences (n),
@@ -336,6 +336,7 @@ class TritonPythonModel:
             max_tokens=_scalar(request, "max_tokens", int, self.default_max_tokens),
             temperature=_scalar(request, "temperature", float, 0.0),
             top_p=_scalar(request, "top_p", float, 1.0),
+            top_k=_scalar(request, "top_k", int, 0),
             seed=_scalar(request, "seed", int, None),
             stop=stop,
             ignore_eos=bool(_scalar(request, "ignore_eos", bool, False)),

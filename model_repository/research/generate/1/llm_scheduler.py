@@ -54,6 +54,7 @@ class SamplingParams:
     max_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0  # 0 (or -1): no cut
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
     ignore_eos: bool = False
@@ -79,6 +80,8 @@ class SamplingParams:
             raise RequestError(f"temperature must be a finite number ≥ 0, got {self.temperature}")
         if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
             raise RequestError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            raise RequestError(f"top_k must be -1, 0 (no cut) or a positive number of tokens, got {self.top_k}")
         if self.seed is not None and not 0 <= self.seed < 2**64:
             raise RequestError(f"seed must lie in 0..2**64-1, got {self.seed}")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -103,11 +106,12 @@ class SamplingParams:
 
 
 class Sampler:
-    """Greedy at temperature 0; otherwise softmax(logits / temperature), cut to the top-p nucleus, drawn from
-    this request's own generator."""
+    """One request's draw: greedy at temperature 0; otherwise softmax(logits / temperature), cut to the top_k most
+    likely tokens (0: no cut) and then to the top-p nucleus of those, drawn from this request's own generator.
+    `__call__` draws for one row; the scheduler draws for a whole batch at once with `sample_rows`."""
 
-    def __init__(self, temperature: float, top_p: float, seed: int | None):
-        self.temperature, self.top_p = temperature, top_p
+    def __init__(self, temperature: float, top_p: float, seed: int | None, top_k: int = 0):
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self.rng = np.random.default_rng(seed)
 
     @property
@@ -115,18 +119,119 @@ class Sampler:
         return self.temperature <= 0
 
     def __call__(self, logits: np.ndarray) -> int:
-        if self.greedy:
-            return int(np.argmax(logits))
-        x = logits.astype(np.float64) / self.temperature
-        p = np.exp(x - x.max())
-        p /= p.sum()
-        if self.top_p < 1.0:
-            order = np.argsort(-p, kind="stable")
-            keep = order[: int(np.searchsorted(np.cumsum(p[order]), self.top_p)) + 1]
-            nucleus = np.zeros_like(p)
-            nucleus[keep] = p[keep]
-            p = nucleus / nucleus.sum()
-        return int(self.rng.choice(p.shape[0], p=p))
+        return int(sample_rows([self], np.asarray(logits, np.float32)[None, :])[0])
+
+
+# Candidate thresholds of `sample_rows`, relative to a row's most likely token: the cut is searched among the
+# tokens at least this likely, from the first threshold whose tokens hold it (almost always the first).
+_CANDIDATE_FLOORS = (1e-3, 1e-6, 1e-12, 0.0)
+_BLOCK = 2048  # tokens per block of the two-level inverse CDF
+_PARALLEL_FROM = 1 << 20  # logits elements from which the numerators are computed by several threads
+
+
+def sample_rows(samplers: list[Sampler], logits: np.ndarray, scratch: dict | None = None) -> np.ndarray:
+    """One token per row of `logits` [rows, vocab], row i drawn by `samplers[i]` — batched: the greedy rows in one
+    argmax; the sampled rows' softmax numerators and their block sums in four in-place array operations over all
+    of them (split across threads for a large batch: numpy releases the GIL); then one vectorized two-level
+    inverse CDF for the uncut rows, and per cut row a sort of its candidates only (never of the vocabulary).
+
+    The draw is the inverse CDF of the kept tokens in vocabulary order at one uniform from the row's generator —
+    numpy's `Generator.choice(p=...)` — so a seeded request draws the same tokens alone or in any batch. The
+    nucleus is the shortest run of most likely tokens (ties: lower id first) whose probability reaches top_p,
+    the token that crosses it included; with top_k it is taken over the top_k tokens' renormalised probabilities
+    (vLLM's order: top-k, then top-p). Probabilities are float32; cumulative sums float64. `scratch`, a dict the
+    caller keeps, holds the buffers and threads from call to call (a fresh [64, 151 936] array costs more in
+    page faults than the exponentials)."""
+    rows, vocab = logits.shape
+    greedy = np.array([s.greedy for s in samplers], bool)
+    if greedy.all():
+        return np.argmax(logits, axis=1)
+    tokens = np.zeros(rows, np.int64)
+    drawn = np.flatnonzero(~greedy)
+    if greedy.any():
+        tokens[greedy] = np.argmax(logits[greedy], axis=1)
+    e, blocks = _numerators(logits, drawn, np.array([1.0 / samplers[i].temperature for i in drawn], np.float32),
+                            {} if scratch is None else scratch)
+    u = np.array([samplers[i].rng.random() for i in drawn])  # one uniform per row, the generator's next
+    top_k = np.array([samplers[i].top_k if 0 < samplers[i].top_k < vocab else 0 for i in drawn])
+    top_p = np.array([samplers[i].top_p for i in drawn])
+    whole = (top_k == 0) & (top_p >= 1.0)
+    if whole.any():
+        tokens[drawn[whole]] = _inverse_cdf(e, blocks, u, np.flatnonzero(whole), vocab)
+    need = blocks.sum(axis=1, dtype=np.float64) * top_p  # the mass a top-p nucleus must reach
+    for j in np.flatnonzero(~whole):
+        row, k = e[j, :vocab], int(top_k[j])
+        for floor in _CANDIDATE_FLOORS:
+            ids = np.flatnonzero(row >= floor) if floor else np.arange(vocab)
+            # every token of the cut is at least as likely as the least likely candidate once the candidates
+            # hold top_k tokens, or (no top_k) top_p of the whole probability
+            if (k and ids.size >= k) or (not k and row[ids].sum(dtype=np.float64) >= need[j]):
+                break
+        p = row[ids]
+        order = np.argsort(-p, kind="stable")  # ids ascend: ties keep the lower id first
+        if k:
+            order = order[:k]
+        if top_p[j] < 1.0:
+            c = np.cumsum(p[order], dtype=np.float64)
+            # top_p of the whole distribution, or of the top_k tokens' when cut to them
+            order = order[: int(np.searchsorted(c, c[-1] * top_p[j] if k else need[j])) + 1]
+        keep = np.sort(order)  # back to vocabulary order for the draw
+        c = np.cumsum(p[keep], dtype=np.float64)
+        tokens[drawn[j]] = ids[keep[min(int(np.searchsorted(c, u[j] * c[-1], side="right")), keep.size - 1)]]
+    return tokens
+
+
+def _numerators(logits: np.ndarray, drawn: np.ndarray, inv_t: np.ndarray, scratch: dict):
+    """exp((x - max) / T) of the drawn rows into a kept buffer [rows, vocab padded to whole blocks] (the padding
+    stays 0), and each row's block sums [rows, blocks]."""
+    rows, vocab = logits.shape
+    n, nb = drawn.size, -(-vocab // _BLOCK)
+    buf = scratch.get("e")
+    if buf is None or buf.shape[1] != nb * _BLOCK or buf.shape[0] < n:
+        buf = scratch["e"] = np.zeros((max(n, rows), nb * _BLOCK), np.float32)
+    blocks = np.empty((n, nb), np.float32)
+    every = n == rows
+
+    def part(lo: int, hi: int) -> None:
+        x = logits[lo:hi] if every else logits[drawn[lo:hi]]
+        e = buf[lo:hi, :vocab]
+        np.subtract(x, x.max(axis=1, keepdims=True), out=e)
+        e *= inv_t[lo:hi, None]
+        np.exp(e, out=e)  # the most likely token is 1
+        buf[lo:hi].reshape(hi - lo, nb, _BLOCK).sum(axis=2, out=blocks[lo:hi])
+
+    workers = _workers(scratch) if n * vocab >= _PARALLEL_FROM and n > 1 else None
+    if workers is None:
+        part(0, n)
+    else:
+        bounds = np.linspace(0, n, min(workers._max_workers, n) + 1).astype(int)
+        for f in [workers.submit(part, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]:
+            f.result()
+    return buf[:n], blocks
+
+
+def _workers(scratch: dict):
+    pool = scratch.get("pool")
+    if pool is None:
+        import concurrent.futures
+        import os
+
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        pool = scratch["pool"] = concurrent.futures.ThreadPoolExecutor(max(1, min(cores, 8)), "sampling")
+    return pool if pool._max_workers > 1 else None
+
+
+def _inverse_cdf(e: np.ndarray, blocks: np.ndarray, u: np.ndarray, rows: np.ndarray, vocab: int) -> np.ndarray:
+    """For each of `rows` of the numerators `e` [n, blocks × _BLOCK], the token at cumulative probability u in
+    vocabulary order, in two levels for all rows at once: the block from the block sums, then the token from
+    that block's cumulative sum — never a cumulative sum over the vocabulary."""
+    cb = np.cumsum(blocks[rows], axis=1, dtype=np.float64)
+    target = u[rows] * cb[:, -1]
+    b = np.minimum((cb <= target[:, None]).sum(axis=1), cb.shape[1] - 1)
+    before = np.where(b > 0, cb[np.arange(rows.size), b - 1], 0.0)
+    inner = np.cumsum(e.reshape(e.shape[0], cb.shape[1], _BLOCK)[rows, b], axis=1, dtype=np.float64)
+    t = (inner <= (target - before)[:, None]).sum(axis=1)
+    return np.minimum(b * _BLOCK + np.minimum(t, _BLOCK - 1), vocab - 1)
 
 
 class TextStream:
@@ -265,7 +370,7 @@ class Sequence:
         seed = self.params.seed
         if seed is not None:
             seed = (seed + self.index) % 2**64  # choice i of a seeded request: seed + i (vLLM's rule)
-        self.sampler = Sampler(self.params.temperature, self.params.top_p, seed)
+        self.sampler = Sampler(self.params.temperature, self.params.top_p, seed, max(self.params.top_k, 0))
 
     @property
     def group(self) -> list[Sequence]:
@@ -381,6 +486,7 @@ class Scheduler:
         self.lock = threading.Lock()
         self.wakeup = threading.Condition(self.lock)
         self.closed = False
+        self._sampling_scratch: dict = {}  # sample_rows' buffer, kept from step to step
         self.prefix = PrefixCache(limits.prefix_cache_tokens // PREFIX_BLOCK) if (
             limits.prefix_cache_tokens >= PREFIX_BLOCK) else None
 
@@ -479,15 +585,7 @@ class Scheduler:
     def _sample(self, seqs: list[Sequence], logits: np.ndarray) -> list[tuple[int, tuple | None]]:
         """One token per row, and its log-probabilities where asked for (see the module's docstring)."""
         logits = self._process(seqs, logits)
-        greedy = [i for i, s in enumerate(seqs) if s.sampler.greedy]
-        tokens = [0] * len(seqs)
-        if greedy:
-            picks = np.argmax(logits[greedy], axis=-1)
-            for i, t in zip(greedy, picks, strict=True):
-                tokens[i] = int(t)
-        for i, s in enumerate(seqs):
-            if not s.sampler.greedy:
-                tokens[i] = s.sampler(logits[i])
+        tokens = sample_rows([s.sampler for s in seqs], logits, self._sampling_scratch).tolist()
         infos: list = [None] * len(seqs)
         want = [i for i, s in enumerate(seqs) if s.params.logprobs]
         if want:
