@@ -7,12 +7,14 @@ of [rows, kv_heads, capacity + 1, head_dim]) and runs one prefill of --prefill t
 5 ms: after the imports (the baseline), after the session is created (the weights), after the KV buffers are
 allocated and touched, and the peak during the prefill (activations + logits). The plan's figures come from
 `exporter.plan`: weight_bytes, kv_bytes_per_token × rows × capacity, prefill_activation_bytes + logits_bytes for
-the fused graph. The runtime allowance (CUDA context + Triton, 1 GiB) has no CPU counterpart and is left out of
-both sides; the process baseline (Python + numpy + ONNX Runtime, ~0.1 GiB) is subtracted from the measured side.
+`exporter.plan.cpu_session_memory`: resident weights (the mapped embedding table left out), KV of rows × capacity,
+one prefill's activations + last-position logits as ONNX Runtime's arena reserves them, and the session's fixed
+overhead; the process baseline (Python + numpy + ONNX Runtime imports, ~0.1 GiB) is subtracted from the measured
+side. The GPU plan's 1 GiB allowance (CUDA context + Triton) has no CPU counterpart.
 
     python benchmarks/plan_vs_session.py --workdir /tmp/plan-vs-session [--checkpoint DIR ...]
 
-The default checkpoints: r1-distill-tiny and a 122 M-parameter Qwen2 (written here, random); the 1.5B shape is
+The default checkpoints: r1-distill-tiny and 40 M and 122 M-parameter Qwen2s (written here, random); the 1.5B shape is
 passed as a checkpoint directory (benchmarks/real_size.py writes one). Not part of `make test`.
 """
 
@@ -58,14 +60,22 @@ print(json.dumps(dict(base=base, session=after_session - base, kv=after_kv - aft
 """
 
 
-def write_122m(dest: Path) -> Path:
-    """The 122 M-parameter Qwen2 of docs/benchmarks.md (hidden 768, 12 layers, 12 / 2 heads, vocab 32 000)."""
+# random Qwen2 checkpoints written here: the 122 M of docs/benchmarks.md, and a 40 M that no constant of the plan
+# was fitted on (an out-of-sample check)
+SIZES = {
+    "qwen2-122m": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
+                       num_attention_heads=12, num_key_value_heads=2),
+    "qwen2-40m": dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                      num_attention_heads=8, num_key_value_heads=2),
+}
+
+
+def write_qwen2(dest: Path, size: str) -> Path:
     code = f"""
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 torch.manual_seed(0)
-cfg = Qwen2Config(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                  num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=4096)
+cfg = Qwen2Config(max_position_embeddings=4096, **{SIZES[size]!r})
 Qwen2ForCausalLM(cfg).to(torch.bfloat16).save_pretrained({str(dest)!r})
 """
     subprocess.run([sys.executable, "-c", code], check=True)
@@ -75,13 +85,7 @@ Qwen2ForCausalLM(cfg).to(torch.bfloat16).save_pretrained({str(dest)!r})
 def measure(ckpt: Path, out: Path, precision: str, rows: int, prefill: int, capacity: int) -> dict:
     sys.path.insert(0, str(REPO))
     from exporter.core.profiles import QuantSpec
-    from exporter.plan import (
-        compute_dtype_bytes,
-        load_shape,
-        logits_bytes,
-        prefill_activation_bytes,
-        weight_bytes,
-    )
+    from exporter.plan import cpu_session_memory, load_shape
     from exporter.stream_build import StreamConfig, stream_build
 
     shutil.rmtree(out, ignore_errors=True)
@@ -91,15 +95,9 @@ def measure(ckpt: Path, out: Path, precision: str, rows: int, prefill: int, capa
                         rows=rows, capacity=capacity, vocab=min(shape.vocab_size, 256), prefill=prefill)
     got = json.loads(subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
                                     env={**os.environ, "OMP_NUM_THREADS": "2"}).stdout.strip().splitlines()[-1])
-    kv_dtype_bytes = 2 if precision == "fp16" else 4
-    kv_tok = shape.kv_elements_per_token() * kv_dtype_bytes
-    plan = {
-        "weights": weight_bytes(shape, precision, QuantSpec(method="rtn", block_size=128)).total,
-        "kv": kv_tok * rows * (capacity + 1),
-        "prefill": prefill_activation_bytes(shape, prefill, compute_dtype_bytes(precision))
-        + logits_bytes(shape, prefill, "fused"),
-    }
-    plan["total"] = sum(plan.values())
+    m = cpu_session_memory(shape, precision, rows, capacity + 1, prefill, QuantSpec(method="rtn", block_size=128))
+    # the session's overhead shows in the measured step "session created", beside the weights
+    plan = {"weights": m.weights + m.runtime, "kv": m.kv_cache, "prefill": m.prefill, "total": m.total}
     measured = {"weights": got["session"], "kv": got["kv"], "prefill": got["prefill"], "total": got["total"]}
     shutil.rmtree(out, ignore_errors=True)
     return {"checkpoint": str(ckpt), "parameters": shape.parameters, "precision": precision, "rows": rows,
@@ -123,8 +121,9 @@ def main() -> int:
     wd = args.workdir
     wd.mkdir(parents=True, exist_ok=True)
     ckpts = [write_tiny_checkpoint("r1-distill-tiny", wd / "models" / "r1-distill-tiny")]
-    m122 = wd / "models" / "qwen2-122m"
-    ckpts.append(m122 if (m122 / "config.json").is_file() else write_122m(m122))
+    for size in ("qwen2-40m", "qwen2-122m"):
+        d = wd / "models" / size
+        ckpts.append(d if (d / "config.json").is_file() else write_qwen2(d, size))
     ckpts += args.checkpoint
     results = []
     for ckpt in ckpts:

@@ -456,6 +456,44 @@ def logits_bytes(shape: ModelShape, tokens: int, graph: str = "generic") -> int:
     return 4 * (tokens if graph == "generic" else 1) * shape.vocab_size
 
 
+# ONNX Runtime on CPU — how `generate` serves the CPU profiles and the tests — measured by
+# benchmarks/plan_vs_session.py (docs/benchmarks.md): a session's own allocations before any tensor of the model
+# (kernels, the optimized graph, the arena's first region), and its BFC arena's growth over what a prefill's
+# tensors request (blocks rounded up to bins, the region extended by doubling). The two constants were fitted on
+# the tiny model (the overhead) and on 122 M / 1.5B (the growth, 1.25-1.35 measured); the benchmark checks them.
+ORT_CPU_SESSION_BYTES = 9 << 20
+ORT_ARENA_GROWTH = 1.3
+
+
+@dataclass(frozen=True)
+class SessionMemory:
+    """What one ONNX Runtime CPU session serving the fused graph holds (see `cpu_session_memory`)."""
+
+    weights: int  # resident weights: the embedding table is mapped, not read (a tied LM head is its own copy)
+    kv_cache: int
+    prefill: int  # one prefill's activations and its last-position logits, as the arena reserves them
+    runtime: int  # the session's fixed overhead
+    total: int
+
+
+def cpu_session_memory(shape: ModelShape, precision: Precision | str, rows: int, capacity: int, prefill_tokens: int,
+                       quant: QuantSpec = QuantSpec(), kv_dtype_bytes: Optional[int] = None) -> SessionMemory:
+    """Memory of the CPU engine `generate` runs (kv_shared.SharedKVEngine over the fused graph): weights + KV of
+    `rows` × `capacity` positions + one prefill of `prefill_tokens` + the session's overhead. On CPU the external
+    weights are memory-mapped: the embedding table's pages are touched only for the prompt's rows, so it is not
+    resident (on a GPU the engine copies it; the GPU plan keeps it); nor are the rotary cos / sin tables the fused
+    graph gathers by position (not counted by `weight_bytes` either). A tied LM head is resident all the same: the
+    fused graph stores it as its own transposed copy, the bytes `weight_bytes` counts once for both."""
+    precision = Precision(precision)
+    w = weight_bytes(shape, precision, quant)
+    resident = w.total - (0 if shape.tie_word_embeddings else w.by_role.get("embedding", 0))
+    kv_b = kv_dtype_bytes if kv_dtype_bytes is not None else compute_dtype_bytes(precision)
+    kv = shape.kv_elements_per_token() * kv_b * rows * capacity
+    prefill = int(ORT_ARENA_GROWTH * (prefill_activation_bytes(shape, prefill_tokens, compute_dtype_bytes(precision))
+                                      + logits_bytes(shape, prefill_tokens, "fused")))
+    return SessionMemory(resident, kv, prefill, ORT_CPU_SESSION_BYTES, resident + kv + prefill + ORT_CPU_SESSION_BYTES)
+
+
 def _fixed(shape: ModelShape, profile: DeploymentProfile, w: WeightBytes, precision: Precision,
            graph: str) -> MemoryPerGpu:
     logits = logits_bytes(shape, profile.max_input_len, graph)

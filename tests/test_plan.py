@@ -17,8 +17,10 @@ from exporter.core.errors import BadInput
 from exporter.core.profiles import Precision, QuantSpec, get_profile, load_profiles
 from exporter.plan import (
     GIB,
+    ORT_CPU_SESSION_BYTES,
     REAL_FAMILY,
     PlanConfig,
+    cpu_session_memory,
     ensure_deployable,
     load_shape,
     plan_capacity,
@@ -86,6 +88,35 @@ def test_kv_bytes_per_token_match_the_exported_cache(tiny_variants):
     cache = report["cache"]
     per_layer = int(np.prod(cache["key_shape"])) + int(np.prod(cache["value_shape"]))
     assert load_shape(model, workdir).kv_elements_per_token() == cache["num_layers"] * per_layer
+
+
+def test_cpu_session_plan_counts_the_served_engines_kv_buffers_and_mapped_embedding(exported_fused, session_workdir):
+    """The CPU plan's KV is exactly the buffers the served engine (kv_shared.SharedKVEngine over the fused graph)
+    allocates; its weights are the fused graph's initializers less the mapped embedding and rotary tables (a tied table is
+    stored twice by the fused graph: the Gather's, mapped, and the LM head's transposed copy, resident) — the RSS
+    side is measured by benchmarks/plan_vs_session.py, not here (no memory bound in a test)."""
+    import sys
+
+    from conftest import REPO
+
+    sys.path.insert(0, str(REPO / "exporter" / "repository" / "python_models"))
+    from kv_shared import SharedKVEngine
+
+    r = exported_fused("r1-distill-tiny")
+    shape = load_shape("r1-distill-tiny", session_workdir)
+    engine = SharedKVEngine.from_path(r.onnx_path, 3, 200, threads=1)
+    m = cpu_session_memory(shape, "fp32", rows=3, capacity=engine.capacity, prefill_tokens=64)
+    assert m.kv_cache == sum(b.nbytes for b in engine.buffers.values())
+    table = 4 * shape.vocab_size * shape.hidden_size
+    model = onnx.load(str(r.onnx_path), load_external_data=False)
+    # the rotary cos / sin tables are gathered by position like the embedding: mapped, not resident
+    rotary = sum(4 * int(np.prod(t.dims)) for t in model.graph.initializer if t.name in ("cos_cache", "sin_cache"))
+    assert rotary > 0
+    expected = _initializer_bytes(r.onnx_path) - table - rotary
+    assert m.weights == pytest.approx(expected, rel=0.01)
+    assert m.total == m.weights + m.kv_cache + m.prefill + ORT_CPU_SESSION_BYTES
+    longer = cpu_session_memory(shape, "fp32", rows=3, capacity=engine.capacity, prefill_tokens=128)
+    assert longer.prefill > m.prefill and longer.kv_cache == m.kv_cache
 
 
 def test_deepseek_r1_caches_the_mla_latent_not_full_heads():
