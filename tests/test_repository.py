@@ -123,6 +123,21 @@ def test_same_inputs_same_bytes(workdir, tmp_path):
     assert accel.name == "tensorrt" and accel.parameters["precision_mode"] == "FP16"
 
 
+def test_a_gpu_pod_runs_one_scheduler_loop_per_gpu(workdir, tmp_path):
+    """Production's 8 GPUs behind BLS: 8 generate instances, each with one GPU's limits (the plan is per GPU),
+    so 8 engine calls can be in flight; the scheduler limits are those one GPU's plan gives. UNVERIFIED on a GPU."""
+    r = write_repository(RepositoryConfig(model="r1-distill-tiny", profile="production", workdir=workdir, out=tmp_path / "p"))
+    gen = parse((r.out / "generate/config.pbtxt").read_text(), "generate")
+    llm = parse((r.out / "llm/config.pbtxt").read_text(), "llm")
+    gpus = load_profiles()["production"].gpus_per_pod
+    assert gpus == 8 and len(llm.instance_group) == gpus
+    assert [(g.kind, g.count) for g in gen.instance_group] == [(2, gpus)]  # KIND_CPU × one per GPU
+    one = write_repository(RepositoryConfig(model="r1-distill-tiny", profile="production", workdir=workdir,
+                                            out=tmp_path / "q", max_rows=3))
+    sched = json.loads(parse((one.out / "generate/config.pbtxt").read_text(), "g").parameters["scheduler"].string_value)
+    assert sched["max_rows"] == 3  # per loop, not divided among the loops
+
+
 def test_cpu_variants(workdir, tmp_path):
     r = write_repository(RepositoryConfig(model="r1-distill-tiny", profile="edge", variant="python_ort", workdir=workdir, out=tmp_path / "r"))
     llm = parse((r.out / "llm/config.pbtxt").read_text(), "llm")
@@ -133,6 +148,7 @@ def test_cpu_variants(workdir, tmp_path):
     assert gen.parameters["engine_runtime"].string_value == "onnxruntime"
     assert (r.out / gen.parameters["engine_file"].string_value).is_file()
     assert gen.parameters["intra_op_num_threads"].string_value == "1"
+    assert [(g.kind, g.count) for g in gen.instance_group] == [(2, 1)]  # a CPU engine: one loop
     assert r.notes and "fp32" in r.notes[0]
     every_core = write_repository(RepositoryConfig(model="r1-distill-tiny", profile="edge", variant="python_ort",
                                                    workdir=workdir, out=tmp_path / "t", intra_op_threads=0))

@@ -182,12 +182,14 @@ GENERATE_OUTPUTS = [
 ]
 
 
-def generate_model(name: str, parameters: dict[str, object]) -> mc.ModelConfig:
-    """The LLM entry point: python backend, decoupled (token streaming), one in-flight batching scheduler.
+def generate_model(name: str, parameters: dict[str, object], instances: int = 1) -> mc.ModelConfig:
+    """The LLM entry point: python backend, decoupled (token streaming), one in-flight batching scheduler per
+    instance.
 
     max_batch_size 1: each request is one prompt (shapes [1, …], as Triton's LLM clients send them); batching
     across requests happens inside the model, whose scheduler decodes every running request in one engine call
-    per step — Triton's dynamic batcher cannot, since the requests' cache lengths differ.
+    per step — Triton's dynamic batcher cannot, since the requests' cache lengths differ. `instances` CPU
+    instances run that many loops side by side (one per GPU of a pod whose engine model has one instance per GPU).
     """
     config = _base(name, 1)
     config.backend = "python"
@@ -196,7 +198,7 @@ def generate_model(name: str, parameters: dict[str, object]) -> mc.ModelConfig:
     for n, dt, dims in GENERATE_OUTPUTS:
         config.output.append(_tensor(mc.ModelOutput, n, dt, dims))
     config.model_transaction_policy.decoupled = True
-    _instances(config, Placement("cpu"))
+    _instances(config, Placement("cpu", cpu_instances=instances))
     _params(config, parameters)
     return config
 

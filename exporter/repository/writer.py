@@ -421,7 +421,11 @@ def _decoder_models(w: _Writer, cfg: RepositoryConfig, plan: _Plan) -> None:
     if fused:
         params.update({"kv_layout": "shared", "engine_file": f"{GENERATE}/{VERSION}/engine/model.onnx"})
         del params["engine_model"]
-    placed = w.config(configs.generate_model(GENERATE, params), "entry")
+    # One scheduler loop blocks on each engine call, so a single loop keeps one GPU busy at a time: a GPU pod
+    # whose engine model is reached through BLS runs one loop per GPU (each with one GPU's share of the plan: the
+    # limits above are per GPU), and Triton hands each loop's calls to a free engine instance. UNVERIFIED: no GPU.
+    loops = profile.gpus_per_pod if cfg.device == "gpu" and cfg.engine_call == "bls" and not fused else 1
+    placed = w.config(configs.generate_model(GENERATE, params, instances=loops), "entry")
     if fused:
         for f in plan.onnx_files:
             w.file(placed, f"engine/{f.name}", f)
