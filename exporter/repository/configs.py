@@ -181,12 +181,14 @@ GENERATE_OUTPUTS = [
 ]
 
 
-def generate_model(name: str, parameters: dict[str, object]) -> mc.ModelConfig:
+def generate_model(name: str, parameters: dict[str, object], placement: Placement = Placement("cpu")) -> mc.ModelConfig:
     """The LLM entry point: python backend, decoupled (token streaming), one in-flight batching scheduler.
 
     max_batch_size 1: each request is one prompt (shapes [1, …], as Triton's LLM clients send them); batching
     across requests happens inside the model, whose scheduler decodes every running request in one engine call
     per step — Triton's dynamic batcher cannot, since the requests' cache lengths differ.
+    `placement` gpu: one instance per GPU of the pod (it runs a TensorRT plan in-process; Triton hands each
+    instance its `model_instance_device_id`), each with its own scheduler loop.
     """
     config = _base(name, 1)
     config.backend = "python"
@@ -195,7 +197,7 @@ def generate_model(name: str, parameters: dict[str, object]) -> mc.ModelConfig:
     for n, dt, dims in GENERATE_OUTPUTS:
         config.output.append(_tensor(mc.ModelOutput, n, dt, dims))
     config.model_transaction_policy.decoupled = True
-    _instances(config, Placement("cpu"))
+    _instances(config, placement)
     _params(config, parameters)
     return config
 
