@@ -132,6 +132,30 @@ def test_triton_args_probes_and_model_control(built):
     assert "--model-repository=/models/r1-distill-tiny/model_repository/research" in research
 
 
+def test_engine_build_installs_the_plan_where_the_repository_runs_it(built, tmp_path):
+    """Issue 21 item 3: on a TensorRT-RTX profile the generate model runs the plan in-process, from
+    generate/1/model.plan (exporter/repository/writer.py), so the engine-build init container installs it there;
+    elsewhere into the `llm` model Triton's TensorRT backend loads. The manifests' rule is the repository stage's."""
+    from exporter.repository import RepositoryConfig
+
+    profiles = load_profiles()
+    for name, objects in built.items():
+        [init] = _pod(objects)["initContainers"]
+        engine_model = [a for a in init["args"] if a.startswith("--engine-model=")]
+        in_generate = RepositoryConfig(profile=profiles[name]).plan_in_generate
+        assert in_generate == (name == "edge")
+        assert engine_model == [f"--engine-model={'generate' if in_generate else 'llm'}"], name
+        assert init["command"] == ["python3", "-m", "exporter.manifests.node_engine"]
+    # a profile loading its models explicitly loads no `llm` where there is none (research, made TensorRT-RTX)
+    extra = tmp_path / "profiles.yaml"
+    extra.write_text(yaml.safe_dump({"research": {"runtime": "tensorrt-rtx", "gpu": _profile_data("edge")["gpu"]}}))
+    tree = render_tree(ManifestsConfig(profiles=load_profiles(extra)))
+    patch = yaml.safe_load(tree["overlays/research/deployment-patch.yaml"])["spec"]["template"]["spec"]
+    args = patch["containers"][0]["args"]
+    assert [a for a in args if a.startswith("--load-model=")] == ["--load-model=generate"]
+    assert "--engine-model=generate" in patch["initContainers"][0]["args"]
+
+
 def test_model_names_match_the_repository_stage():
     from exporter.manifests.config import REPOSITORY_MODELS
     from exporter.repository import writer

@@ -306,7 +306,12 @@ def test_repository_caps_the_batch_at_what_fits_and_refuses_what_cannot(tmp_path
     r = write_repository(RepositoryConfig(model="r1-distill-tiny", profile=small, workdir=session_workdir,
                                           onnx_variant="fp32", out=tmp_path / "repo"))
     assert r.max_batch_size == 2 and any("GPU memory plan" in n for n in r.notes)
-    assert "max_batch_size: 2" in (tmp_path / "repo" / "llm" / "config.pbtxt").read_text()
+    # an edge-based (TensorRT-RTX) profile: the generate model runs the plan, its scheduler holds the cap
+    from exporter.repository import parse
+
+    gen = parse((tmp_path / "repo" / "generate" / "config.pbtxt").read_text(), "generate")
+    sched = json.loads(gen.parameters["scheduler"].string_value)
+    assert sched["engine_max_batch"] == 2 and sched["max_rows"] == 2
 
     res = r1("--workdir", str(session_workdir), "--profiles", _profiles_file(tmp_path, builder={"workspace_gib": 23.5}),
              "repository", "--model", "r1-distill-tiny", "--profile", "small-gpu", "--out", str(tmp_path / "none"))

@@ -54,12 +54,16 @@ def test_profiles_generate_parse_and_match_onnx(workdir, tmp_path, model, profil
     r = write_repository(RepositoryConfig(model=model, profile=profile, workdir=workdir, out=tmp_path / "repo"))
     prof = load_profiles()[profile]
     assert r.variant.value == prof.serving_variant.value == "tensorrt_plan"
-    assert r.missing == [f"{'llm' if model != 'minilm' else 'encoder'}/1/model.plan"]
     io = onnx_io(workdir / model / "onnx/fp32/model.onnx", "")
     configs = {m.name: parse(m.config_path.read_text(), str(m.config_path)) for m in r.models}
     for name, cfg in configs.items():
         assert cfg.name == name
         assert cfg.version_policy.latest.num_versions == 1
+    if model != "minilm" and profile == "edge":
+        # the TensorRT-RTX plan runs in the generate model (test_edge_runs_its_plan_in_generate): no engine model
+        assert sorted(configs) == ["generate"] and r.missing == ["generate/1/model.plan"]
+        return
+    assert r.missing == [f"{'llm' if model != 'minilm' else 'encoder'}/1/model.plan"]
     engine = configs["llm" if model != "minilm" else "encoder"]
     assert engine.platform == "tensorrt_plan"
     assert engine.max_batch_size == prof.max_batch_size
@@ -211,16 +215,57 @@ def _fake_engine(workdir: Path, profile: str, max_batch: int, runtime: str) -> N
 
 def test_engine_caps_max_batch_size(workdir, tmp_path):
     wd = private_workdir(workdir, tmp_path / "wd", "r1-distill-tiny")
-    _fake_engine(wd, "edge", max_batch=2, runtime="tensorrt-rtx")
-    r = write_repository(RepositoryConfig(model="r1-distill-tiny", profile="edge", workdir=wd, out=tmp_path / "r"))
+    _fake_engine(wd, "research", max_batch=2, runtime="tensorrt")
+    r = write_repository(RepositoryConfig(model="r1-distill-tiny", profile="research", workdir=wd, out=tmp_path / "r"))
     llm = parse((r.out / "llm/config.pbtxt").read_text(), "llm")
-    assert llm.max_batch_size == r.max_batch_size == 2  # the profile asks 4; the engine holds 2
-    assert list(llm.dynamic_batching.preferred_batch_size) == [1, 2]
+    assert llm.max_batch_size == r.max_batch_size == 2  # the profile asks 16; the engine holds 2
+    assert list(llm.dynamic_batching.preferred_batch_size) == []  # 4 and 8 do not fit
     assert (r.out / "llm/1/model.plan").read_bytes() == b"plan"
+    assert r.io_source == "engines/research/engine.json" and not r.missing
+    _fake_engine(wd, "edge", max_batch=2, runtime="tensorrt-rtx")
+    r = write_repository(RepositoryConfig(model="r1-distill-tiny", profile="edge", workdir=wd, out=tmp_path / "e"))
+    sched = json.loads(parse((r.out / "generate/config.pbtxt").read_text(), "g").parameters["scheduler"].string_value)
+    # the engine holds 2 rows a call (the profile asks 4): the scheduler's 4 rows take two calls a step
+    assert sched["engine_max_batch"] == r.max_batch_size == 2 and sched["max_rows"] == 4
+    assert (r.out / "generate/1/model.plan").read_bytes() == b"plan" and not (r.out / "llm").exists()
     assert r.io_source == "engines/edge/engine.json" and not r.missing
     _fake_engine(wd, "edge", max_batch=2, runtime="tensorrt")  # a full-TensorRT plan for a TensorRT-RTX profile
     with pytest.raises(BadInput, match="tensorrt engine"):
         write_repository(RepositoryConfig(model="r1-distill-tiny", profile="edge", workdir=wd, out=tmp_path / "r2"))
+
+
+def _runner_inputs(gen) -> tuple[set, set]:
+    """The engine inputs and outputs the generate model's KV engine (kv_padded.PaddedKVEngine) feeds and asks the
+    runner for, from its config: the token/mask/position inputs, every cache slot's past in and present out."""
+    slots = json.loads(gen.parameters["kv_cache"].string_value)["slots"]
+    inputs = {"input_ids", "attention_mask", "position_ids", *(s["past"] for s in slots)}
+    outputs = {json.loads(gen.parameters["kv_cache"].string_value)["logits"], *(s["present"] for s in slots)}
+    return inputs, outputs
+
+
+def test_edge_runs_its_plan_in_generate(workdir, tmp_path):
+    """Issue 21 item 3: the edge profile's TensorRT-RTX plan (which Triton's TensorRT backend cannot load) is run
+    by the generate model in-process — one GPU instance per GPU of the pod, the runtime and the plan's path for
+    engine_runtimes.load_runner, the engine's inputs from the export — and no `llm` model is written. Bls is
+    refused for it; a full-TensorRT profile may choose the same in-process path."""
+    prof = load_profiles()["edge"]
+    r = write_repository(RepositoryConfig(model="r1-distill-tiny", profile="edge", workdir=workdir, out=tmp_path / "e"))
+    assert r.engine_call == "inprocess" and [m.name for m in r.models] == ["generate"] and not (r.out / "llm").exists()
+    gen = parse((r.out / "generate/config.pbtxt").read_text(), "generate")
+    p = {k: v.string_value for k, v in gen.parameters.items()}
+    assert p["engine_call"] == "inprocess" and p["engine_runtime"] == "tensorrt_rtx" and "engine_model" not in p
+    assert p["engine_file"] == "generate/1/model.plan" == r.missing[0]  # where the plan is placed once built
+    assert [(g.kind, list(g.gpus), g.count) for g in gen.instance_group] == [(1, [i], 1) for i in range(prof.gpus_per_pod)]
+    io = onnx_io(workdir / "r1-distill-tiny/onnx/fp32/model.onnx", "")
+    assert _runner_inputs(gen) == ({t.name for t in io.inputs}, {t.name for t in io.outputs})
+    assert any("in-process" in n and "unverified" in n for n in r.notes)
+    with pytest.raises(BadInput, match="TensorRT-RTX plans, which Triton's TensorRT backend"):
+        RepositoryConfig(profile="edge", engine_call="bls")
+    prod = write_repository(RepositoryConfig(model="r1-distill-tiny", profile="production", engine_call="inprocess",
+                                             workdir=workdir, out=tmp_path / "p"))
+    gen = parse((prod.out / "generate/config.pbtxt").read_text(), "generate")
+    assert gen.parameters["engine_runtime"].string_value == "tensorrt" and [m.name for m in prod.models] == ["generate"]
+    assert len(gen.instance_group) == load_profiles()["production"].gpus_per_pod
 
 
 def test_committed_repository_has_not_drifted(workdir, tmp_path):
@@ -323,11 +368,18 @@ def test_real_engine_is_placed_with_its_metadata(workdir, tmp_path):
     build_engine(EngineConfig(model="r1-distill-tiny", profile=edge, workdir=wd, precision="fp32"))
     meta = EngineMetadata.load(wd / "r1-distill-tiny/engines/edge")
     r = write_repository(RepositoryConfig(model="r1-distill-tiny", profile=edge, workdir=wd, out=tmp_path / "r"))
-    llm = parse((r.out / "llm/config.pbtxt").read_text(), "llm")
+    gen = parse((r.out / "generate/config.pbtxt").read_text(), "generate")
     assert r.io_source == "engines/edge/engine.json" and not r.missing and r.onnx_variant == meta.onnx_variant
-    assert llm.max_batch_size <= meta.max_batch_size
-    assert [i.name for i in llm.input] == [t.name for t in meta.inputs]
-    assert [o.name for o in llm.output] == [t.name for t in meta.outputs]
-    assert (r.out / "llm/1/model.plan").stat().st_size == meta.engine_bytes
-    # Triton's stock TensorRT backend cannot load a TensorRT-RTX plan: the result must say so
-    assert any("TensorRT-RTX engine" in n for n in r.notes)
+    assert r.max_batch_size <= meta.max_batch_size
+    assert _runner_inputs(gen) == ({t.name for t in meta.inputs}, {t.name for t in meta.outputs})
+    plan = r.out / gen.parameters["engine_file"].string_value  # generate.py resolves it from the repository root
+    assert plan.stat().st_size == meta.engine_bytes
+    # the generate model's runner (the copy placed beside it), from this config and this real plan: no GPU here,
+    # so its load fails with one line saying so
+    spec = importlib.util.spec_from_file_location("placed_engine_runtimes", r.out / "generate/1/engine_runtimes.py")
+    er = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(er)
+    config = {"parameters": {k: {"string_value": v.string_value} for k, v in gen.parameters.items()}}
+    with pytest.raises(er.MissingRuntime) as info:
+        er.load_runner(gen.parameters["engine_runtime"].string_value, plan, config)
+    assert "\n" not in str(info.value) and "no CUDA device" in str(info.value), info.value

@@ -374,13 +374,38 @@ def test_serve_refuses_a_port_in_use(repos):
     assert_one_line(proc, 2, f"http port {port} on 127.0.0.1 is already in use")
 
 
-def test_startup_failure_quotes_the_abort_line(tmp_path):
+# What the CPU Triton says of the edge repository's generate model (one instance per GPU, running the TensorRT-RTX
+# plan in-process): the GPU it asks for is not there. On a GPU without the runtime, the model's own load error
+# names the package instead (engine_runtimes.MissingRuntime, tests/test_scheduler.py).
+EDGE_ON_CPU = ("failed to load 'generate' version 1: Invalid argument: instance group gpu0 of model generate specifies "
+               "invalid or unsupported gpu id 0")
+
+
+def test_startup_failure_quotes_the_abort_line(exported, session_workdir, tmp_path):
+    """One server start, two repositories that cannot load here: a python model that raises in initialize(), and
+    the edge profile's real repository (issue 21 item 3), which needs a GPU. The user gets one line, not a
+    traceback, and the edge model's own error is one line naming the GPU."""
+    from exporter.serve import abort_reason
+
     repo = BROKEN["failing-model-repository"].build(None, tmp_path / "repo")
+    exported("r1-distill-tiny")
+    edge = write_repository(RepositoryConfig(model="r1-distill-tiny", profile="edge", workdir=session_workdir,
+                                             out=tmp_path / "edge"))
     log = tmp_path / "triton.log"
-    proc = run_cli("serve", "--repository", str(repo), "--log-file", str(log), "--startup-timeout", "300", timeout=400)
-    line = assert_one_line(proc, 1, "failed to load 'bad' version 1: Internal: RuntimeError: weights file model.onnx is missing")
-    assert "CudaDriverHelper" in log.read_text()  # the harmless line is in the log ...
+    proc = run_cli("serve", "--repository", str(repo), "--repository", str(edge.out), "--log-file", str(log),
+                   "--startup-timeout", "300", timeout=400)
+    # Triton loads both at once: the line quotes whichever failed last (the python stub takes longer to start)
+    bad = "failed to load 'bad' version 1: Internal: RuntimeError: weights file model.onnx is missing"
+    assert proc.returncode == 1 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    line = proc.stderr.strip()
+    assert bad in line or EDGE_ON_CPU in line, line
+    text = log.read_text()
+    assert "CudaDriverHelper" in text  # the harmless line is in the log ...
     assert "CudaDriverHelper" not in line and "\\n" not in line  # ... but not what the user is told
+    # the edge repository alone would be told this one line (its failure, from the same log)
+    edge_only = "\n".join(x for x in text.splitlines() if "model.onnx is missing" not in x)
+    reason = abort_reason(edge_only)
+    assert reason is not None and reason.startswith(EDGE_ON_CPU) and "Traceback" not in reason, reason
 
 
 def test_serve_restarts_a_dead_server(repos):

@@ -49,7 +49,7 @@ def _trtllm_human(r) -> None:
                    "more than one GPU of a TensorRT profile, else r1deploy's generate model.")
 @click.option("--device", type=click.Choice(["gpu", "cpu"]), help="Instance kind [default: gpu, cpu for python_ort].")
 @click.option("--engine-call", type=click.Choice(["bls", "inprocess"]),
-              help="How `generate` reaches the engine [default: inprocess for python_ort, else bls].")
+              help="How `generate` reaches the engine [default: inprocess for python_ort and TensorRT-RTX plans, else bls].")
 @click.option("--onnx-variant", help="ONNX variant to place (fp32, fp16, …) [default: the profile's, else fp32].")
 @click.option("--graph", type=click.Choice(["generic", "fused"]), default="generic", show_default=True,
               help="Decoder graph: fused = `export --graph fused`, served in-process with an in-place KV buffer (python_ort).")

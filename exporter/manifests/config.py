@@ -10,7 +10,7 @@ from typing import Optional
 
 from ..core.artifacts import check_name
 from ..core.errors import BadInput
-from ..core.profiles import DeploymentProfile
+from ..core.profiles import DeploymentProfile, Runtime, ServingVariant
 from ..core.versions import image_tag, load_versions
 
 # Triton release whose container ships each TensorRT major.minor: from the one version table
@@ -41,6 +41,7 @@ REPOSITORY_MODELS: dict[str, tuple[str, ...]] = {
     "decoder": ("llm", "generate"),
     "encoder": ("encoder", "tokenizer", "embed"),
 }
+GENERATE_MODEL = "generate"
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 # Kubernetes resource.Quantity: a signed decimal with an optional binary-SI, decimal-SI or exponent suffix.
@@ -167,6 +168,22 @@ class ManifestsConfig:
         """The Triton models of the repository stage's layout, in load order (dependencies first)."""
         core = REPOSITORY_MODELS[self.kind]
         return core + tuple(m for m in self.load_models if m not in core)
+
+    def plan_in_generate(self, profile: DeploymentProfile) -> bool:
+        """A decoder on a profile that serves TensorRT-RTX plans: the generate model runs the plan in-process and the
+        repository has no `llm` model (the repository stage's rule, RepositoryConfig.plan_in_generate: stock
+        Triton's TensorRT backend links full TensorRT and cannot load a TensorRT-RTX plan)."""
+        return (self.kind == "decoder" and profile.runtime is Runtime.TENSORRT_RTX
+                and profile.serving_variant is ServingVariant.TENSORRT_PLAN)
+
+    def engine_model_for(self, profile: DeploymentProfile) -> str:
+        """The Triton model whose version directory holds the plan the engine-build init container installs."""
+        return GENERATE_MODEL if self.plan_in_generate(profile) else self.engine_model
+
+    def served_models_for(self, profile: DeploymentProfile) -> tuple[str, ...]:
+        """`served_models` as the profile's repository has them (no `llm` where generate runs the plan)."""
+        models = self.served_models
+        return tuple(m for m in models if m != self.engine_model) if self.plan_in_generate(profile) else models
 
 
 @dataclass

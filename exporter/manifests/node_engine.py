@@ -4,8 +4,9 @@ A TensorRT engine only runs on the GPU compute capability and the TensorRT versi
 Triton starts, this compares the cached engine's `engine.json` with the node (compute capability from
 `nvidia-smi`, the TensorRT version installed in the image) and, on a mismatch, rebuilds it on this node with
 `r1deploy build-engine`, then copies it into the Triton model repository
-(`<workdir>/<model>/model_repository/<profile>/llm/1/`). Both live on the model-repository
-volume, so the next pod on the same kind of node finds the engine cached.
+(`<workdir>/<model>/model_repository/<profile>/<engine model>/1/`: `llm` for a plan Triton's TensorRT backend
+loads, `generate` for a TensorRT-RTX plan, which the generate model runs in-process). Both live on the
+model-repository volume, so the next pod on the same kind of node finds the engine cached.
 
 Never run on a real cluster in this project (no GPU node here); the decision logic is unit-tested."""
 
@@ -106,7 +107,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--profiles", help="profiles YAML the engine is rebuilt with")
     ap.add_argument("--workdir", type=Path, required=True)
     ap.add_argument("--model-repository", type=Path, required=True)
-    ap.add_argument("--engine-model", default="llm", help="Triton model that holds the engine (llm | encoder)")
+    ap.add_argument("--engine-model", default="llm", help="Triton model that holds the engine (llm | encoder | generate)")
     ap.add_argument("--version-dir", default="1", help="Triton model version directory that holds model.plan")
     args = ap.parse_args(argv)
 

@@ -212,6 +212,18 @@ def _storage_init_container(cfg: ManifestsConfig) -> dict:
     }
 
 
+def _engine_build_args(cfg: ManifestsConfig, engine_model: str) -> list[str]:
+    """node_engine's arguments: `engine_model` is the Triton model whose version directory gets the plan."""
+    return [
+        f"--model={cfg.model_dir}",
+        "--profile=$(R1DEPLOY_PROFILE)",
+        f"--profiles={PROFILE_MOUNT}/profiles.yaml",
+        f"--workdir={MODELS_MOUNT}",
+        f"--model-repository={repository_path(cfg, '$(R1DEPLOY_PROFILE)')}",
+        f"--engine-model={engine_model}",
+    ]
+
+
 def _engine_init_container(cfg: ManifestsConfig) -> dict:
     """Rebuilds the engine on this node when the cached one was built for another GPU or TensorRT version."""
     return {
@@ -219,14 +231,7 @@ def _engine_init_container(cfg: ManifestsConfig) -> dict:
         "image": cfg.engine_build_image,
         "imagePullPolicy": "Always",
         "command": ["python3", "-m", "exporter.manifests.node_engine"],
-        "args": [
-            f"--model={cfg.model_dir}",
-            "--profile=$(R1DEPLOY_PROFILE)",
-            f"--profiles={PROFILE_MOUNT}/profiles.yaml",
-            f"--workdir={MODELS_MOUNT}",
-            f"--model-repository={repository_path(cfg, '$(R1DEPLOY_PROFILE)')}",
-            f"--engine-model={cfg.engine_model}",
-        ],
+        "args": _engine_build_args(cfg, cfg.engine_model),
         "env": [
             {"name": "R1DEPLOY_PROFILE", "value": "unset"},
             {"name": "HOME", "value": "/tmp"},
@@ -367,7 +372,7 @@ def triton_args(cfg: ManifestsConfig, profile: DeploymentProfile, exit_timeout_s
         f"--model-control-mode={'explicit' if explicit else 'none'}",
     ]
     if explicit:
-        args += [f"--load-model={m}" for m in cfg.served_models]
+        args += [f"--load-model={m}" for m in cfg.served_models_for(profile)]
     args += [
         "--strict-readiness=true",
         f"--http-port={HTTP}",
@@ -420,6 +425,10 @@ def deployment_patch(cfg: ManifestsConfig, profile: DeploymentProfile, memory: O
             }
         ],
     }
+    if cfg.engine_model_for(profile) != cfg.engine_model:
+        # the generate model runs the plan in-process (TensorRT-RTX): the init container installs it beside
+        # generate's model.py, where the repository's `engine_file` names it (a patched list is replaced whole)
+        pod["initContainers"][0]["args"] = _engine_build_args(cfg, cfg.engine_model_for(profile))
     if cfg.storage is not Storage.PVC:
         # A strategic-merge patch moves the containers it names to the front: name the sync too, so it still
         # runs before the engine check.

@@ -13,6 +13,7 @@ An LLM (decoder) repository::
     generate/config.pbtxt      entry point: python backend, decoupled, max_batch_size 0
     generate/1/model.py        tokenize → prefill → decode loop over the KV cache → sample → stream
     generate/1/tokenizer/      the model's tokenizer files (git-ignored in the committed copy)
+    generate/1/model.plan      a TensorRT-RTX plan (edge) that generate runs in-process: then no llm model
     llm/config.pbtxt           the engine model, one of three variants (the profile's serving_variant):
     llm/1/model.plan             tensorrt_plan     Triton's TensorRT backend (GPU)
     llm/1/model.onnx             onnxruntime_onnx  Triton's ONNX Runtime backend (GPU + TensorRT EP, or CPU)

@@ -182,14 +182,15 @@ GENERATE_OUTPUTS = [
 ]
 
 
-def generate_model(name: str, parameters: dict[str, object], instances: int = 1) -> mc.ModelConfig:
-    """The LLM entry point: python backend, decoupled (token streaming), one in-flight batching scheduler per
-    instance.
+def generate_model(name: str, parameters: dict[str, object], placement: Placement = Placement("cpu")) -> mc.ModelConfig:
+    """The LLM entry point: python backend, decoupled (token streaming), one in-flight batching scheduler.
 
     max_batch_size 1: each request is one prompt (shapes [1, …], as Triton's LLM clients send them); batching
     across requests happens inside the model, whose scheduler decodes every running request in one engine call
-    per step — Triton's dynamic batcher cannot, since the requests' cache lengths differ. `instances` CPU
-    instances run that many loops side by side (one per GPU of a pod whose engine model has one instance per GPU).
+    per step — Triton's dynamic batcher cannot, since the requests' cache lengths differ.
+    `placement` gpu: one instance per GPU of the pod (it runs a TensorRT plan in-process; Triton hands each
+    instance its `model_instance_device_id`), each with its own scheduler loop; cpu with `cpu_instances` N: N
+    loops side by side (one per GPU of a pod whose engine model, reached through BLS, has one instance per GPU).
     """
     config = _base(name, 1)
     config.backend = "python"
@@ -198,7 +199,7 @@ def generate_model(name: str, parameters: dict[str, object], instances: int = 1)
     for n, dt, dims in GENERATE_OUTPUTS:
         config.output.append(_tensor(mc.ModelOutput, n, dt, dims))
     config.model_transaction_policy.decoupled = True
-    _instances(config, Placement("cpu", cpu_instances=instances))
+    _instances(config, placement)
     _params(config, parameters)
     return config
 

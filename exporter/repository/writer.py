@@ -60,12 +60,19 @@ class RepositoryConfig:
             raise BadInput("the tensorrt_plan variant runs only on GPUs; use --variant onnxruntime_onnx or python_ort for CPU")
         if self.variant is ServingVariant.PYTHON_ORT and self.device == "gpu":
             raise BadInput("the python_ort variant runs ONNX Runtime on the CPU; use --variant onnxruntime_onnx for GPUs")
+        rtx_plan = self.variant is ServingVariant.TENSORRT_PLAN and self.profile.runtime is Runtime.TENSORRT_RTX
         if self.engine_call is None:
-            self.engine_call = "inprocess" if self.variant is ServingVariant.PYTHON_ORT else "bls"
+            # a TensorRT-RTX plan loads in no Triton backend (stock Triton's TensorRT backend links full TensorRT):
+            # the generate model runs it in-process (docs/engines.md, "The edge engine")
+            self.engine_call = "inprocess" if self.variant is ServingVariant.PYTHON_ORT or rtx_plan else "bls"
         if self.engine_call not in ENGINE_CALLS:
             raise BadInput(f"engine_call must be bls or inprocess, not {self.engine_call!r}")
-        if self.engine_call == "inprocess" and self.variant is not ServingVariant.PYTHON_ORT:
-            raise BadInput(f"engine_call inprocess runs the ONNX file in the generate model; the {self.variant.value} variant needs bls")
+        if self.engine_call == "inprocess" and self.variant is ServingVariant.ONNXRUNTIME:
+            raise BadInput("engine_call inprocess runs the ONNX file (python_ort) or the TensorRT plan (tensorrt_plan) "
+                           f"in the generate model; the {self.variant.value} variant needs bls")
+        if rtx_plan and self.engine_call == "bls":
+            raise BadInput(f"profile {self.profile.name!r} builds TensorRT-RTX plans, which Triton's TensorRT backend "
+                           "(full TensorRT) cannot load: the generate model runs them in-process (engine_call inprocess)")
         if self.graph not in ("generic", "fused"):
             raise BadInput(f"graph must be generic or fused, not {self.graph!r}")
         if self.graph == "fused" and (self.variant is not ServingVariant.PYTHON_ORT or self.engine_call != "inprocess"):
@@ -84,6 +91,12 @@ class RepositoryConfig:
         if self.onnx_variant is not None:
             artifacts.check_name(self.onnx_variant, "ONNX variant")
         check_profile_name(self.profile.name)
+
+    @property
+    def plan_in_generate(self) -> bool:
+        """A decoder's TensorRT plan lies beside the generate model, which runs it (TensorRTRunner), and no `llm`
+        model is written (what a Triton TensorRT backend would load)."""
+        return self.variant is ServingVariant.TENSORRT_PLAN and self.engine_call == "inprocess"
 
 
 @dataclass
@@ -116,6 +129,11 @@ class RepositoryResult:
 
     def __post_init__(self) -> None:
         self.status = "incomplete" if self.missing else "ok"
+
+
+def runtime_name(runtime: Runtime) -> str:
+    """The generate model's `engine_runtime` for a profile's engine runtime (engine_runtimes.load_runner)."""
+    return {Runtime.TENSORRT: "tensorrt", Runtime.TENSORRT_RTX: "tensorrt_rtx"}[Runtime(runtime)]
 
 
 def default_out(workdir: Path, model: str, profile: str) -> Path:
@@ -188,6 +206,7 @@ def _plan(cfg: RepositoryConfig) -> _Plan:
     engine_files: list[Path] = []
     engine_max_batch: Optional[int] = None
     engine_model = LLM if kind == "decoder" else ENCODER
+    in_generate = cfg.plan_in_generate
     meta = None
     if cfg.variant is ServingVariant.TENSORRT_PLAN:
         from ..engine import ENGINE_FILE, METADATA_FILE, EngineMetadata, ensure_compatible
@@ -207,7 +226,7 @@ def _plan(cfg: RepositoryConfig) -> _Plan:
             problem = engine_version_problem(meta)  # against the images' version table (data/versions.yaml)
             if problem:
                 notes.append(problem)
-            if meta.runtime is Runtime.TENSORRT_RTX:
+            if meta.runtime is Runtime.TENSORRT_RTX and not (in_generate and kind == "decoder"):
                 # Unverified here (no GPU): said so that nobody ships this repository expecting it to load.
                 notes.append(
                     "model.plan is a TensorRT-RTX engine: Triton's stock TensorRT backend links full TensorRT and "
@@ -219,7 +238,10 @@ def _plan(cfg: RepositoryConfig) -> _Plan:
                 f"no engine for profile {profile.name!r} at {engine_dir}: config written from the ONNX; "
                 f"build it (`r1deploy build-engine --model {layout.model} --profile {profile.name}`) and rerun"
             )
-            missing.append(f"{engine_model}/{VERSION}/model.plan")
+            missing.append(f"{GENERATE if in_generate and kind == 'decoder' else engine_model}/{VERSION}/model.plan")
+        if in_generate and kind == "decoder":
+            notes.append(f"the generate model runs model.plan in-process ({runtime_name(profile.runtime)}, one "
+                         "instance per GPU): unverified, no GPU has loaded it")
     onnx_files: list[Path] = []
     if meta is not None:
         # the engine is what runs: its own IO, built from its own ONNX variant
@@ -389,7 +411,8 @@ def intra_op_threads_for(cfg: RepositoryConfig, onnx_files: list[Path]) -> int:
 def _decoder_models(w: _Writer, cfg: RepositoryConfig, plan: _Plan) -> None:
     profile: DeploymentProfile = cfg.profile
     fused = cfg.graph == "fused"
-    if not fused:
+    in_generate = cfg.plan_in_generate
+    if not fused and not in_generate:
         _engine_model(w, cfg, plan, LLM)
     # the fused graph takes a scalar and per-row length inputs that are no Triton batch: it is no Triton model of
     # its own, its files lie beside the generate model that runs them
@@ -415,17 +438,28 @@ def _decoder_models(w: _Writer, cfg: RepositoryConfig, plan: _Plan) -> None:
         "serving_variant": cfg.variant.value,
         "onnx_variant": plan.onnx_variant,
     }
-    if cfg.engine_call == "inprocess":
+    placement = Placement("cpu")
+    if in_generate:
+        # the plan beside the generate model, where the engine-build init container installs it too
+        # (exporter/manifests: `node_engine --engine-model generate`); no `llm` model, nothing to call by BLS
+        params.update({"engine_runtime": runtime_name(profile.runtime), "engine_file": f"{GENERATE}/{VERSION}/model.plan"})
+        del params["engine_model"]
+        placement = Placement("gpu", gpus=profile.gpus_per_pod)
+    elif cfg.engine_call == "inprocess":
         params.update({"engine_runtime": "onnxruntime", "engine_file": f"{LLM}/{VERSION}/model.onnx",
                        "intra_op_num_threads": str(intra_op_threads_for(cfg, plan.onnx_files))})
     if fused:
         params.update({"kv_layout": "shared", "engine_file": f"{GENERATE}/{VERSION}/engine/model.onnx"})
         del params["engine_model"]
-    # One scheduler loop blocks on each engine call, so a single loop keeps one GPU busy at a time: a GPU pod
-    # whose engine model is reached through BLS runs one loop per GPU (each with one GPU's share of the plan: the
-    # limits above are per GPU), and Triton hands each loop's calls to a free engine instance. UNVERIFIED: no GPU.
-    loops = profile.gpus_per_pod if cfg.device == "gpu" and cfg.engine_call == "bls" and not fused else 1
-    placed = w.config(configs.generate_model(GENERATE, params, instances=loops), "entry")
+    if placement.kind == "cpu" and cfg.device == "gpu" and cfg.engine_call == "bls" and not fused:
+        # One scheduler loop blocks on each engine call, so a single loop keeps one GPU busy at a time: a GPU pod
+        # whose engine model is reached through BLS runs one loop per GPU (each with one GPU's share of the plan:
+        # the limits above are per GPU), and Triton hands each loop's calls to a free engine instance. UNVERIFIED.
+        placement = Placement("cpu", cpu_instances=profile.gpus_per_pod)
+    placed = w.config(configs.generate_model(GENERATE, params, placement), "entry")
+    if in_generate:
+        for f in plan.engine_files:
+            w.file(placed, "model.plan", f)
     if fused:
         for f in plan.onnx_files:
             w.file(placed, f"engine/{f.name}", f)

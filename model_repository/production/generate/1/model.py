@@ -293,7 +293,9 @@ class TritonPythonModel:
         # structured output: the grammar engine is loaded on the first guided request
         self.guides = GuideFactory(str(tokenizer_dir / "tokenizer.json"), sorted(self.eos),
                                    self.tokenizer.token_to_id("<think>"), self.tokenizer.token_to_id("</think>"))
-        self.metrics = _Metrics({"model": args["model_name"], "version": args["model_version"]})
+        # one set per instance: a pod runs one loop per GPU, each its own gauges (the dashboards and alerts sum by pod)
+        self.metrics = _Metrics({"model": args["model_name"], "version": args["model_version"],
+                                 "instance": args.get("model_instance_name", "")})
         self.shutdown = threading.Event()
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.step_count = 0
