@@ -13,8 +13,8 @@ to `model.onnx.data` on its own, converted on the way:
 * `int4` RTN: the quantize stage's targets (`choose_targets`), its quantizer (`quantize.core`) and its writer, one
   weight at a time (`rewrite.int4_replacement`): the same initializers as the stage writes;
 * `int4` AWQ: calibrated layer by layer. The calibration sentences' hidden states are carried from one layer to the
-  next in numpy (FP32, the fused graph's arithmetic: RMSNorm, rotary from the same tables, causal GQA, SwiGLU), so
-  only one layer's weights and one layer's activations are held. The activations are those of the FP32 model, as the
+  next in numpy, the big products in torch (FP32, the fused graph's arithmetic: RMSNorm, rotary from the same
+  tables, causal GQA, SwiGLU), so only one layer's weights and one layer's activations are held. The activations are those of the FP32 model, as the
   stage captures them from the FP32 graph; they agree with ONNX Runtime's to float rounding, so AWQ's searches can
   pick a neighbouring grid point on a few weights (tests compare the accuracies, not the bytes).
 
