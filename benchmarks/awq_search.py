@@ -2,8 +2,8 @@
 
 Random FP32 weights of the shape's MatMuls (q|k|v fused, o, gate, up, down: the fused graph's layout) and random
 activations with a spread of per-channel magnitudes (so the scale search has salient channels to find), as many
-rows as the 48 calibration sentences give at 1.5B (715 tokens). Prints seconds, the chosen alpha and the relative
-output error ‖X(W − Ŵ)‖² / ‖XW‖² per weight, and the layer's total. Run it on two commits to compare
+rows as the 48 calibration sentences give with MiniLM's tokenizer (715). Prints seconds, the chosen alpha and the
+relative output error ‖X(W − Ŵ)‖² / ‖XW‖² per weight, and the layer's total. Run it on two commits to compare
 implementations (docs/benchmarks.md records the numpy search against the torch one):
 
     python benchmarks/awq_search.py [--shape r1-distill-qwen-1.5b] [--block-size 128] [--rows 715]
