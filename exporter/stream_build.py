@@ -307,7 +307,9 @@ def _mm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """a @ b in torch: its CPU BLAS ran these [T, K] x [K, N] products ~6x faster than numpy's here (2 cores)."""
     import torch
 
-    return torch.mm(torch.from_numpy(np.ascontiguousarray(a, np.float32)), torch.from_numpy(b)).numpy()
+    from quantize.core import to_tensor
+
+    return torch.mm(to_tensor(a), to_tensor(b)).numpy()
 
 
 class _Calibration:

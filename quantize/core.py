@@ -28,6 +28,7 @@ only the searches' error sums are reduced in a different order.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -91,8 +92,8 @@ def _quantize_canonical(
     wc: np.ndarray, block_size: int, symmetric: bool, clip: np.ndarray | float = 1.0
 ) -> tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
     """RTN on [K, M] with an optional range-shrink ratio per (block, column); returns codes, scales, zps."""
-    wb = _blocks(_tensor(wc), block_size)
-    clip_t = clip if isinstance(clip, float) else _tensor(np.asarray(clip, dtype=np.float32))
+    wb = _blocks(to_tensor(wc), block_size)
+    clip_t = clip if isinstance(clip, float) else to_tensor(np.asarray(clip, dtype=np.float32))
     rng = _ranges(wb, symmetric)
     scale, zp = _scales(rng, clip_t, symmetric)
     q = torch.div(wb, scale[:, None, :]).round_()
@@ -104,9 +105,16 @@ def _quantize_canonical(
     return codes, scale.numpy(), None if zp is None else zp.to(torch.uint8).numpy()
 
 
-def _tensor(a: np.ndarray) -> torch.Tensor:
+def to_tensor(a: np.ndarray) -> torch.Tensor:
     """float32 torch view of a numpy array (a copy only when it is not already contiguous float32)."""
-    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    with warnings.catch_warnings():
+        # Weights read from ONNX / safetensors buffers are read-only, and torch warns on every such view. Nothing
+        # here writes to its inputs (every in-place op runs on a buffer of its own), so the view is safe and
+        # spares a copy of the weight.
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
+
 
 
 def _ranges(wb: torch.Tensor, symmetric: bool) -> tuple[torch.Tensor, ...]:
@@ -178,8 +186,8 @@ def _block_grams(x: torch.Tensor, block_size: int) -> torch.Tensor:
 def _search_clip(wc, x, block_size: int, symmetric: bool) -> np.ndarray:
     """Best range-shrink ratio per (block, column): minimises d·G·d per block, d the quantization error of
     that block's weights and G its activation Gram matrix (identity without activations)."""
-    wb = _blocks(wc if isinstance(wc, torch.Tensor) else _tensor(wc), block_size)
-    grams = None if x is None else _block_grams(x if isinstance(x, torch.Tensor) else _tensor(x), block_size)
+    wb = _blocks(wc if isinstance(wc, torch.Tensor) else to_tensor(wc), block_size)
+    grams = None if x is None else _block_grams(x if isinstance(x, torch.Tensor) else to_tensor(x), block_size)
     rng = _ranges(wb, symmetric)
     d, gd = torch.empty_like(wb), None if grams is None else torch.empty_like(wb)
     best_err: Optional[torch.Tensor] = None
@@ -211,7 +219,7 @@ def quantize_awq(w: np.ndarray, x: np.ndarray, block_size: int, symmetric: bool)
     w = np.ascontiguousarray(w, dtype=np.float32)
     x = np.asarray(x, dtype=np.float32)
     act_mean = np.abs(x).mean(axis=0) + 1e-8
-    wt, xs = _tensor(w), _tensor(_rows(x))
+    wt, xs = to_tensor(w), to_tensor(_rows(x))
     # ‖X·W − X·Ŵ‖² with Ŵ = dq(q(W·s))/s equals ‖(X/s)·(W·s − dq(q(W·s)))‖²: the error is measured in the scaled
     # domain, so each grid point costs one quantize/dequantize into a reused buffer and one product.
     ws, d = torch.empty_like(wt), torch.empty_like(wt)
