@@ -4,6 +4,7 @@ Runtime CPU; the accuracy gate both ways through the real CLI; mixed precision. 
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import onnx
@@ -79,6 +80,30 @@ def test_both_formats_compute_the_dequantized_weight(symmetric):
         m = rewrite.write_int4(base, {target.weight: (target, qw)}, fmt)
         (y,) = evaluate.session(m).run(None, {"x": x})
         np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_quantizers_read_read_only_weights_without_writing_or_warning(symmetric):
+    """Weights arrive as read-only views of ONNX / safetensors buffers. The torch searches view them without a
+    copy: they must not write to them, nor warn about them (torch warned once per run into the stage's output)."""
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((64, 24)).astype(np.float32)
+    x = (rng.standard_normal((40, 64)) * np.exp(rng.standard_normal(64))).astype(np.float32)
+    w_ro, x_ro = w.copy(), x.copy()
+    w_ro.flags.writeable = x_ro.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        awq = core.quantize_awq(w_ro, x_ro, 32, symmetric)
+        rtn = core.quantize_rtn(w_ro, 0, 32, symmetric)
+        core.quantize_clipped(w_ro, 0, 32, symmetric)
+    np.testing.assert_array_equal(w_ro, w)
+    np.testing.assert_array_equal(x_ro, x)
+    assert awq.q.min() >= (-8 if symmetric else 0) and awq.q.max() <= (7 if symmetric else 15)
+    # RTN's codes are what the closed form gives (absmax / 7 scales, round half to even).
+    if symmetric:
+        scale = np.abs(w.reshape(2, 32, 24)).max(axis=1) / np.float32(7)
+        np.testing.assert_array_equal(rtn.scales, scale)
+        np.testing.assert_array_equal(rtn.q, np.clip(np.rint(w.reshape(2, 32, 24) / scale[:, None]), -8, 7).reshape(64, 24))
 
 
 @pytest.mark.parametrize("model", TINY)
