@@ -40,6 +40,12 @@ ORT_SESSION_CONFIG = {
 }
 
 
+# An in-memory graph at least this large is handed to ONNX Runtime as a file with external data: a serialized
+# ModelProto must stay under protobuf's 2 GiB, and ONNX Runtime refuses bytes past 2^31 ("narrowing_error": met on a
+# 2-layer slice of R1-Distill-Qwen-1.5B, whose FP32 embedding and LM head are 0.9 GiB each).
+INLINE_LIMIT_BYTES = 1 << 30
+
+
 def session(model: onnx.ModelProto | Path):
     import onnxruntime as ort
 
@@ -47,9 +53,21 @@ def session(model: onnx.ModelProto | Path):
     opts.log_severity_level = 3
     for key, value in ORT_SESSION_CONFIG.items():
         opts.add_session_config_entry(key, value)
-    src = str(model) if isinstance(model, Path) else model.SerializeToString()
     try:
-        return ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
+        if isinstance(model, Path):
+            return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
+        if model.ByteSize() < INLINE_LIMIT_BYTES:
+            return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        import tempfile
+
+        with tempfile.TemporaryDirectory(prefix="r1deploy-session-") as tmp:
+            copy = onnx.ModelProto()
+            copy.CopyFrom(model)  # save_model moves the tensors' bytes out of the proto it is given
+            onnx.save_model(copy, f"{tmp}/model.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+                            location="model.onnx.data", size_threshold=1024)
+            del copy
+            # the session holds (or maps) the weights once created: the files may go
+            return ort.InferenceSession(f"{tmp}/model.onnx", opts, providers=["CPUExecutionProvider"])
     except Exception as exc:  # ORT raises its own exception types for graphs it cannot load
         first = first_line(exc)
         raise StageFailed(f"ONNX Runtime cannot load the quantized graph: {first}") from exc
