@@ -40,10 +40,10 @@ ORT_SESSION_CONFIG = {
 }
 
 
-# An in-memory graph at least this large is handed to ONNX Runtime as a file with external data: a serialized
-# ModelProto must stay under protobuf's 2 GiB, and ONNX Runtime refuses bytes past 2^31 ("narrowing_error": met on a
-# 2-layer slice of R1-Distill-Qwen-1.5B, whose FP32 embedding and LM head are 0.9 GiB each).
-INLINE_LIMIT_BYTES = 1 << 30
+# A graph larger than this is saved (stage._save) and handed to ONNX Runtime (`session`) as a file with external
+# data: protobuf cannot serialise a model over 2 GiB in one file, and ONNX Runtime refuses bytes past 2^31
+# ("narrowing_error": met on a 2-layer slice of R1-Distill-Qwen-1.5B, a 2.3 GB FP32 graph).
+EXTERNAL_DATA_BYTES = 1800 << 20
 
 
 def session(model: onnx.ModelProto | Path):
@@ -56,7 +56,7 @@ def session(model: onnx.ModelProto | Path):
     try:
         if isinstance(model, Path):
             return ort.InferenceSession(str(model), opts, providers=["CPUExecutionProvider"])
-        if model.ByteSize() < INLINE_LIMIT_BYTES:
+        if model.ByteSize() <= EXTERNAL_DATA_BYTES:
             return ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
         import tempfile
 

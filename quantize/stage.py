@@ -32,7 +32,6 @@ from .config import Format, Method, QuantizeConfig, QuantizeResult, Settings, Si
 from .sentences import CALIBRATION, EVALUATION
 
 REPORT = "quantize_report.json"
-EXTERNAL_DATA_BYTES = 1800 << 20  # protobuf cannot serialise a model over 2 GiB in one file
 
 
 def resolve(cfg: QuantizeConfig) -> Settings:
@@ -108,7 +107,7 @@ def gate_failure(gate: Optional[AccuracyGate], acc: dict, kind: str, source: str
 
 
 def _save(model: onnx.ModelProto, path: Path) -> None:
-    if model.ByteSize() > EXTERNAL_DATA_BYTES:
+    if model.ByteSize() > evaluate.EXTERNAL_DATA_BYTES:
         onnx.save(model, str(path), save_as_external_data=True, location=path.name + ".data")
     else:
         onnx.save(model, str(path))

@@ -323,7 +323,7 @@ def test_a_graph_past_the_inline_limit_runs_from_a_file_with_external_data(monke
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     x = np.ones((2, 64), np.float32)
     inline = evaluate.session(model).run(["y"], {"x": x})[0]
-    monkeypatch.setattr(evaluate, "INLINE_LIMIT_BYTES", 1024)
+    monkeypatch.setattr(evaluate, "EXTERNAL_DATA_BYTES", 1024)
     assert model.ByteSize() > 1024
     via_file = evaluate.session(model).run(["y"], {"x": x})[0]
     np.testing.assert_array_equal(via_file, inline)
