@@ -206,7 +206,7 @@ def _plan(cfg: RepositoryConfig) -> _Plan:
     engine_files: list[Path] = []
     engine_max_batch: Optional[int] = None
     engine_model = LLM if kind == "decoder" else ENCODER
-    in_generate = cfg.plan_in_generate
+    in_generate = cfg.plan_in_generate and kind == "decoder"  # an encoder's plan stays a Triton model
     meta = None
     if cfg.variant is ServingVariant.TENSORRT_PLAN:
         from ..engine import ENGINE_FILE, METADATA_FILE, EngineMetadata, ensure_compatible
@@ -226,7 +226,7 @@ def _plan(cfg: RepositoryConfig) -> _Plan:
             problem = engine_version_problem(meta)  # against the images' version table (data/versions.yaml)
             if problem:
                 notes.append(problem)
-            if meta.runtime is Runtime.TENSORRT_RTX and not (in_generate and kind == "decoder"):
+            if meta.runtime is Runtime.TENSORRT_RTX and not in_generate:
                 # Unverified here (no GPU): said so that nobody ships this repository expecting it to load.
                 notes.append(
                     "model.plan is a TensorRT-RTX engine: Triton's stock TensorRT backend links full TensorRT and "
@@ -238,8 +238,8 @@ def _plan(cfg: RepositoryConfig) -> _Plan:
                 f"no engine for profile {profile.name!r} at {engine_dir}: config written from the ONNX; "
                 f"build it (`r1deploy build-engine --model {layout.model} --profile {profile.name}`) and rerun"
             )
-            missing.append(f"{GENERATE if in_generate and kind == 'decoder' else engine_model}/{VERSION}/model.plan")
-        if in_generate and kind == "decoder":
+            missing.append(f"{GENERATE if in_generate else engine_model}/{VERSION}/model.plan")
+        if in_generate:
             notes.append(f"the generate model runs model.plan in-process ({runtime_name(profile.runtime)}, one "
                          "instance per GPU): unverified, no GPU has loaded it")
     onnx_files: list[Path] = []

@@ -200,25 +200,28 @@ def _numerators(logits: np.ndarray, drawn: np.ndarray, inv_t: np.ndarray, scratc
         np.exp(e, out=e)  # the most likely token is 1
         buf[lo:hi].reshape(hi - lo, nb, _BLOCK).sum(axis=2, out=blocks[lo:hi])
 
-    workers = _workers(scratch) if n * vocab >= _PARALLEL_FROM and n > 1 else None
-    if workers is None:
+    pool, threads = _workers(scratch) if n * vocab >= _PARALLEL_FROM and n > 1 else (None, 1)
+    if pool is None:
         part(0, n)
     else:
-        bounds = np.linspace(0, n, min(workers._max_workers, n) + 1).astype(int)
-        for f in [workers.submit(part, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]:
+        bounds = np.linspace(0, n, min(threads, n) + 1).astype(int)
+        for f in [pool.submit(part, lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:], strict=True)]:
             f.result()
     return buf[:n], blocks
 
 
 def _workers(scratch: dict):
-    pool = scratch.get("pool")
-    if pool is None:
-        import concurrent.futures
+    """(thread pool, its size) kept in `scratch`, one thread per core up to 8; (None, 1) on one core."""
+    if "threads" not in scratch:
         import os
 
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        pool = scratch["pool"] = concurrent.futures.ThreadPoolExecutor(max(1, min(cores, 8)), "sampling")
-    return pool if pool._max_workers > 1 else None
+        scratch["threads"] = max(1, min(cores, 8))
+        if scratch["threads"] > 1:
+            import concurrent.futures
+
+            scratch["pool"] = concurrent.futures.ThreadPoolExecutor(scratch["threads"], "sampling")
+    return scratch.get("pool"), scratch["threads"]
 
 
 def _inverse_cdf(e: np.ndarray, blocks: np.ndarray, u: np.ndarray, rows: np.ndarray, vocab: int) -> np.ndarray:
