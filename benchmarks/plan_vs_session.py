@@ -14,7 +14,7 @@ side. The GPU plan's 1 GiB allowance (CUDA context + Triton) has no CPU counterp
 
     python benchmarks/plan_vs_session.py --workdir /tmp/plan-vs-session [--checkpoint DIR ...]
 
-The default checkpoints: r1-distill-tiny and 40 M and 122 M-parameter Qwen2s (written here, random); the 1.5B shape is
+The default checkpoints: r1-distill-tiny and random Qwen2s of 55 M and 122 M parameters (written here); the 1.5B shape is
 passed as a checkpoint directory (benchmarks/real_size.py writes one). Not part of `make test`.
 """
 
@@ -60,26 +60,9 @@ print(json.dumps(dict(base=base, session=after_session - base, kv=after_kv - aft
 """
 
 
-# random Qwen2 checkpoints written here: the 122 M of docs/benchmarks.md, and a 40 M that no constant of the plan
-# was fitted on (an out-of-sample check)
-SIZES = {
-    "qwen2-122m": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                       num_attention_heads=12, num_key_value_heads=2),
-    "qwen2-40m": dict(vocab_size=32000, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-                      num_attention_heads=8, num_key_value_heads=2),
-}
-
-
-def write_qwen2(dest: Path, size: str) -> Path:
-    code = f"""
-import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
-torch.manual_seed(0)
-cfg = Qwen2Config(max_position_embeddings=4096, **{SIZES[size]!r})
-Qwen2ForCausalLM(cfg).to(torch.bfloat16).save_pretrained({str(dest)!r})
-"""
-    subprocess.run([sys.executable, "-c", code], check=True)
-    return dest
+# random Qwen2s (layers, hidden), written by serving_scaling.random_qwen2: the 122 M of docs/benchmarks.md, and a
+# 55 M that no constant of the plan was fitted on (an out-of-sample check)
+SIZES = ((8, 512), (12, 768))
 
 
 def measure(ckpt: Path, out: Path, precision: str, rows: int, prefill: int, capacity: int) -> dict:
@@ -121,9 +104,14 @@ def main() -> int:
     wd = args.workdir
     wd.mkdir(parents=True, exist_ok=True)
     ckpts = [write_tiny_checkpoint("r1-distill-tiny", wd / "models" / "r1-distill-tiny")]
-    for size in ("qwen2-40m", "qwen2-122m"):
-        d = wd / "models" / size
-        ckpts.append(d if (d / "config.json").is_file() else write_qwen2(d, size))
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from serving_scaling import random_qwen2
+
+    for layers, hidden in SIZES:
+        d = wd / "models" / f"qwen2-{layers}x{hidden}"
+        if not (d / "config.json").is_file():
+            random_qwen2(d, layers, hidden)
+        ckpts.append(d)
     ckpts += args.checkpoint
     results = []
     for ckpt in ckpts:
