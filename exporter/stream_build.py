@@ -20,8 +20,10 @@ to `model.onnx.data` on its own, converted on the way:
 
 Peak memory: one layer's FP32 weights (AWQ) or one weight (otherwise) and its quantization temporaries, plus the
 graph without weights; the largest single tensor (the embedding / lm_head table) is converted in row blocks.
-What is not done here: the accuracy report and gate of the quantize stage (it needs an FP32 reference session —
-the whole FP32 model in ONNX Runtime), and DeepseekV3 (its MLA has no fused kernel: it keeps the generic path).
+Accuracy (fp16 / int4): measured on the way against the checkpoint's FP32 weights, layer by layer, on the quantize
+stage's held-out sentences with the stage's own figures (`_Evaluation`), and gated when asked; the quantize stage's
+other work — keeping sensitive layers FP32 (mixed precision) — is not done here. DeepseekV3 is refused (its MLA has
+no fused kernel: it keeps the generic path).
 """
 
 from __future__ import annotations
@@ -36,7 +38,10 @@ import onnx
 from onnx import TensorProto
 
 from . import fused_graph
-from .core.errors import BadInput
+from .core import artifacts
+from .core.errors import BadInput, StageFailed
+from .core.profiles import AccuracyGate
+from .core.typed import to_data
 
 _ALIGN = 64  # ONNX Runtime maps 64-byte aligned external data without copying
 _BLOCK_BYTES = 1 << 26  # row blocks of the big tables (embedding, lm_head): 64 MiB of FP32 at a time
@@ -53,6 +58,8 @@ class StreamConfig:
     symmetric: bool = True
     quantize_lm_head: bool = False
     calibration_sentences: Optional[int] = None  # AWQ: the first N of quantize.sentences.CALIBRATION (None: all)
+    evaluate: bool = True  # fp16 / int4: measure the accuracy of what is written, layer by layer (_Evaluation)
+    gate: Optional[AccuracyGate] = None  # refuse the result below these figures (a deployment profile's gate)
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "fp16", "int4"):
@@ -74,6 +81,11 @@ class StreamResult:
     seconds: float
     quantized: list[str] = field(default_factory=list)  # weight names written as INT4
     awq_alpha: dict[str, float] = field(default_factory=dict)
+    evaluation: str = "skipped"  # ok | skipped: <why>
+    accuracy: dict[str, float] = field(default_factory=dict)  # against the checkpoint's FP32 weights (_Evaluation)
+    evaluation_seconds: float = 0.0
+    gate: Optional[AccuracyGate] = None
+    report_path: Optional[Path] = None
 
 
 class _DataFile:
@@ -186,8 +198,13 @@ def stream_build(checkpoint: Path, out_dir: Path, cfg: StreamConfig = StreamConf
     del graph.input[:]
     graph.input.extend(kept_inputs)
     graph.initializer.extend(headers.values())
-    result = StreamResult(out, cfg.precision, spec.layers, 0, 0, 0, 0.0)
+    result = StreamResult(out, cfg.precision, spec.layers, 0, 0, 0, 0.0, gate=cfg.gate)
     data = _DataFile(out_dir / "model.onnx.data")
+    written = [data.path, out]
+    if cfg.precision == "fp32":
+        result.evaluation = "skipped: fp32 writes the checkpoint's weights as read"
+    elif not cfg.evaluate:
+        result.evaluation = "skipped: --no-evaluate"
     try:
         if cfg.precision == "int4":
             model = _write_int4(model, lazy, weights, spec, checkpoint, cfg, data, result)
@@ -201,17 +218,94 @@ def stream_build(checkpoint: Path, out_dir: Path, cfg: StreamConfig = StreamConf
                 if init.name in lazy:
                     narrow = _fp16 if init.data_type == TensorProto.FLOAT16 else (lambda a: a)
                     _write_weight(data, init, lazy, weights, narrow)
+            if cfg.precision == "fp16" and cfg.evaluate:
+                _evaluate_fp16(model, lazy, weights, spec, checkpoint, cfg, result)
+        data.close()
+        onnx.save(model, str(out))
+        result.tensors_written = data.count
+        result.data_bytes = data.offset
+        result.graph_bytes = out.stat().st_size
+        result.seconds = round(time.perf_counter() - started, 3)
+        _report(out_dir, result, cfg, checkpoint, written)
     except BaseException:
         data.close()
-        data.path.unlink(missing_ok=True)  # no half-written model left behind (a re-run would refuse the directory)
+        for path in written:  # no half-written model left behind (a re-run would refuse the directory)
+            path.unlink(missing_ok=True)
         raise
-    data.close()
-    onnx.save(model, str(out))
-    result.tensors_written = data.count
-    result.data_bytes = data.offset
-    result.graph_bytes = out.stat().st_size
-    result.seconds = round(time.perf_counter() - started, 3)
     return result
+
+
+REPORT = "stream_report.json"
+
+
+def _report(out_dir: Path, result: StreamResult, cfg: StreamConfig, checkpoint: Path, written: list[Path]) -> None:
+    """stream_report.json beside the model; below the gate, the model is removed and the report is kept as
+    stream_report.rejected.json (the figures that failed), and the build fails."""
+    from quantize.stage import gate_failure
+
+    report = {
+        "checkpoint": str(checkpoint),
+        "settings": {k: v for k, v in to_data(cfg).items() if k != "gate"},
+        "onnx": result.onnx_path.name,
+        "layers": result.layers,
+        "tensors_written": result.tensors_written,
+        "data_bytes": result.data_bytes,
+        "graph_bytes": result.graph_bytes,
+        "quantized": len(result.quantized),
+        "awq_alpha": result.awq_alpha,
+        "evaluation": result.evaluation,
+        "accuracy": result.accuracy,
+        "evaluation_seconds": result.evaluation_seconds,
+        "gate": to_data(cfg.gate) if cfg.gate else None,
+        "definitions": (_Evaluation.__doc__ or "").strip(),
+        "seconds": result.seconds,
+    }
+    failure = gate_failure(cfg.gate, result.accuracy, "decoder", "--min-cosine/--min-top1 or --profile") \
+        if result.accuracy else None
+    rejected = out_dir / REPORT.replace(".json", ".rejected.json")
+    if failure:
+        artifacts.write_json(rejected, report)
+        raise StageFailed(f"{cfg.precision} build of {checkpoint.name} rejected: {failure}; report: {rejected}")
+    if cfg.gate and not result.accuracy:
+        raise BadInput(f"an accuracy gate needs the evaluation ({result.evaluation}): drop the gate or the --no-evaluate")
+    result.report_path = out_dir / REPORT
+    written.append(result.report_path)
+    artifacts.write_json(result.report_path, report)
+    rejected.unlink(missing_ok=True)
+
+
+def _evaluation(checkpoint: Path, spec, lazy: dict, w, narrowed: set[str], cfg: StreamConfig,
+                result: StreamResult) -> Optional[_Evaluation]:
+    """The evaluation, or None with `result.evaluation` saying why it is skipped (a checkpoint without a tokenizer;
+    refused when a gate asks for the figures)."""
+    try:
+        return _Evaluation(checkpoint, spec, lazy, w, narrowed)
+    except BadInput as exc:
+        if cfg.gate:
+            raise BadInput(f"{exc.message}: the accuracy gate cannot be checked") from None
+        result.evaluation = f"skipped: {exc.message}"
+        return None
+
+
+def _evaluate_fp16(model: onnx.ModelProto, lazy: dict, w, spec, checkpoint: Path, cfg: StreamConfig,
+                   result: StreamResult) -> None:
+    t0 = time.perf_counter()
+    narrowed = {i.name for i in model.graph.initializer if i.data_type == TensorProto.FLOAT16}
+    evaluation = _evaluation(checkpoint, spec, lazy, w, narrowed, cfg, result)
+    if evaluation is None:
+        return
+
+    def reference(name: str) -> np.ndarray:
+        return np.asarray(lazy[name][1](), np.float32)
+
+    def candidate(name: str) -> np.ndarray:
+        return evaluation._narrow(name, reference(name))
+
+    for i in range(spec.layers):
+        evaluation.layer(i, reference, candidate)
+    result.accuracy = evaluation.finish()
+    result.evaluation = "ok"
+    result.evaluation_seconds = round(time.perf_counter() - t0, 3)
 
 
 def _write_weight(data: _DataFile, init: TensorProto, lazy: dict, w: fused_graph._Weights, narrow) -> None:
@@ -249,6 +343,29 @@ def _write_int4(model: onnx.ModelProto, lazy: dict, w, spec, checkpoint: Path, c
     graph = model.graph
     target_weights = {t.weight for t in chosen}
     calib = _Calibration(checkpoint, spec, lazy, w, cfg) if cfg.method == "awq" else None
+    evaluation = _evaluation(checkpoint, spec, lazy, w, set(), cfg, result) if cfg.evaluate else None
+    layer_qw: dict[str, core.QuantizedWeight] = {}  # the open layer's quantized weights, for the evaluation
+    evaluated = 0  # layers both forwards have passed
+    eval_seconds = 0.0
+
+    def evaluate_upto(end: int, fp32: dict[str, np.ndarray]) -> None:
+        """Both forwards through layers [evaluated, end): the last of them with `layer_qw` (and `fp32`, its FP32
+        MatMul weights when held), any before it that had no quantized weight with the checkpoint's weights."""
+        nonlocal evaluated, eval_seconds
+        t0 = time.perf_counter()
+        while evaluation is not None and evaluated < end:
+            held = fp32 if evaluated == end - 1 else {}
+            qws = layer_qw if evaluated == end - 1 else {}
+
+            def reference(name: str, held=held) -> np.ndarray:
+                return held[name] if name in held else np.asarray(lazy[name][1](), np.float32)
+
+            def candidate(name: str, qws=qws, reference=reference) -> np.ndarray:
+                return qws[name].dequantize() if name in qws else reference(name)
+
+            evaluation.layer(evaluated, reference, candidate)
+            evaluated += 1
+        eval_seconds += time.perf_counter() - t0
     # FP32 weights that stay FP32 (norms, embedding, lm_head, rotary tables) go first, one at a time.
     for init in graph.initializer:
         if init.name in lazy and init.name not in target_weights:
@@ -265,6 +382,9 @@ def _write_int4(model: onnx.ModelProto, lazy: dict, w, spec, checkpoint: Path, c
             continue
         layer = _layer_of(t.weight)
         if layer != current_layer:  # one layer's weights and activations at a time
+            if current_layer is not None:
+                evaluate_upto(current_layer + 1, layer_weights)
+                layer_qw.clear()
             current_layer, layer_weights = layer, {}
             if calib is not None and layer is not None:
                 layer_weights = calib.advance(layer)
@@ -289,6 +409,20 @@ def _write_int4(model: onnx.ModelProto, lazy: dict, w, spec, checkpoint: Path, c
         result.quantized.append(t.weight)
         if cfg.method == "awq":
             result.awq_alpha[t.weight] = qw.alpha
+        if evaluation is not None:
+            layer_qw[t.weight] = qw
+        del qw
+    if current_layer is not None:
+        evaluate_upto(current_layer + 1, layer_weights)
+        layer_qw.clear()
+    del layer_weights
+    if evaluation is not None:
+        evaluate_upto(spec.layers, {})
+        t0 = time.perf_counter()
+        head_qw = layer_qw.pop("lm_head.weight_t", None)
+        result.accuracy = evaluation.finish(head_qw.dequantize() if head_qw is not None else None)
+        result.evaluation = "ok"
+        result.evaluation_seconds = round(eval_seconds + time.perf_counter() - t0, 3)
     kept = [i for i in graph.initializer if i.name not in target_weights]
     del graph.initializer[:]
     graph.initializer.extend(kept + new_inits)
@@ -312,32 +446,17 @@ def _mm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return torch.mm(to_tensor(a), to_tensor(b)).numpy()
 
 
-class _Calibration:
-    """AWQ's calibration activations, one layer at a time: the hidden states of the calibration sentences (the
-    FP32 model's) are carried through each layer in numpy, computing what the fused graph computes."""
+class _Forward:
+    """Hidden states of tokenized texts carried through the decoder one layer at a time, computing what the fused
+    graph computes (RMSNorm, q|k|v + bias, rotary from the same cos/sin tables, causal GQA per text, SwiGLU), in
+    FP32. The weights come from the caller, one MatMul at a time, so the same forward runs on the checkpoint's
+    weights (the reference; AWQ's calibration) and on the weights as written (the evaluation's candidate)."""
 
-    def __init__(self, checkpoint: Path, spec: fused_graph.FusedSpec, lazy: dict, w, cfg: StreamConfig):
-        from quantize.evaluate import _encode
-        from quantize.sentences import CALIBRATION
-
-        sentences = CALIBRATION[: cfg.calibration_sentences] if cfg.calibration_sentences else CALIBRATION
-        try:
-            ids, mask = _encode(checkpoint, sentences)
-        except (OSError, ValueError) as exc:
-            raise BadInput(f"AWQ calibration tokenizes its sentences with the checkpoint's tokenizer, and {checkpoint} "
-                           f"has none that loads ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
-                           "use --method rtn") from None
-        if not mask.any():
-            raise BadInput(f"the tokenizer in {checkpoint} gives no tokens for the calibration sentences; use --method rtn")
-        self.lengths = mask.sum(axis=1).astype(int)
-        tokens = ids[mask.astype(bool)]  # real tokens, sentence after sentence: the order the stage captures
-        self.spec, self.lazy = spec, lazy
-        embed = w.rows("model.embed_tokens.weight", tokens)
-        self.residual = embed  # [T, hidden]
+    def __init__(self, spec: fused_graph.FusedSpec, lengths: np.ndarray, embedded: np.ndarray, cos: np.ndarray,
+                 sin: np.ndarray):
+        self.spec, self.lengths, self.cos, self.sin = spec, lengths, cos, sin
+        self.residual = embedded  # [T, hidden]: the texts' real tokens, one text after another
         self.branch: Optional[np.ndarray] = None
-        self.cos = np.asarray(lazy["cos_cache"][1](), np.float32)
-        self.sin = np.asarray(lazy["sin_cache"][1](), np.float32)
-        self.acts: dict[str, np.ndarray] = {}
 
     def _rms(self, x: np.ndarray, weight: np.ndarray) -> np.ndarray:
         var = np.mean(np.square(x), axis=-1, keepdims=True)
@@ -349,28 +468,24 @@ class _Calibration:
         x1, x2 = x[..., :half], x[..., half:]
         return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
-    def advance(self, i: int) -> dict[str, np.ndarray]:
-        """Layer i's FP32 MatMul weights (by graph name); sets `acts` to the inputs of its MatMuls and moves the
-        hidden states past it."""
-        s, lazy = self.spec, self.lazy
+    def layer(self, i: int, matmul, small) -> dict[str, np.ndarray]:
+        """Moves the hidden states past layer i. `matmul(name)` gives a MatMul weight [K, N] by graph name (asked
+        for one at a time, in the order the layer uses them), `small(name)` a norm weight or bias, or None when the
+        checkpoint has no such tensor. Returns the inputs of the layer's MatMuls by the graph's tensor names."""
+        s = self.spec
         p, a, m = f"model.layers.{i}", f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
-
-        def get(name):
-            return np.asarray(lazy[name][1](), np.float32)
-
-        w = {n: get(n) for n in (f"{a}.qkv_proj.weight", f"{a}.o_proj.weight", f"{m}.gate_proj.weight",
-                                 f"{m}.up_proj.weight", f"{m}.down_proj.weight")}
         if self.branch is not None:
             self.residual = self.residual + self.branch
-        x = self._rms(self.residual, get(f"{p}.input_layernorm.weight"))
-        qkv = _mm(x, w[f"{a}.qkv_proj.weight"])
-        if f"{a}.qkv_proj.bias" in lazy:
-            qkv = qkv + get(f"{a}.qkv_proj.bias")
+        x = self._rms(self.residual, small(f"{p}.input_layernorm.weight"))
+        qkv = _mm(x, matmul(f"{a}.qkv_proj.weight"))
+        bias = small(f"{a}.qkv_proj.bias")
+        if bias is not None:
+            qkv = qkv + bias
         d, h, kv = s.head_dim, s.heads, s.kv_heads
         attn = np.empty((qkv.shape[0], h * d), np.float32)
         start = 0
         for n in self.lengths:
-            if n == 0:  # a sentence the tokenizer turned into nothing: no rows, nothing to attend
+            if n == 0:  # a text the tokenizer turned into nothing: no rows, nothing to attend
                 continue
             rows = slice(start, start + n)
             pos = np.arange(n)
@@ -385,17 +500,130 @@ class _Calibration:
             probs = scores / scores.sum(axis=-1, keepdims=True)
             attn[rows] = np.einsum("hqk,khd->qhd", probs, v).reshape(n, h * d)
             start += n
-        o = _mm(attn, w[f"{a}.o_proj.weight"])
+        o = _mm(attn, matmul(f"{a}.o_proj.weight"))
         self.residual = self.residual + o
-        x2 = self._rms(self.residual, get(f"{p}.post_attention_layernorm.weight"))
-        gate, up = _mm(x2, w[f"{m}.gate_proj.weight"]), _mm(x2, w[f"{m}.up_proj.weight"])
+        x2 = self._rms(self.residual, small(f"{p}.post_attention_layernorm.weight"))
+        gate = _mm(x2, matmul(f"{m}.gate_proj.weight"))
+        up = _mm(x2, matmul(f"{m}.up_proj.weight"))
         hidden = (gate / (1.0 + np.exp(-gate)) * up).astype(np.float32)
-        self.branch = _mm(hidden, w[f"{m}.down_proj.weight"])
-        self.acts = {f"{p}.input_layernorm.out": x, f"{a}.out": attn, f"{p}.post_attention_layernorm.out": x2,
-                     f"{m}.hidden": hidden}
+        del gate, up
+        self.branch = _mm(hidden, matmul(f"{m}.down_proj.weight"))
+        return {f"{p}.input_layernorm.out": x, f"{a}.out": attn, f"{p}.post_attention_layernorm.out": x2,
+                f"{m}.hidden": hidden}
+
+    def final(self, norm: np.ndarray) -> np.ndarray:
+        """The final norm at every real position: lm_head's input."""
+        return self._rms(self.residual + self.branch, norm)
+
+
+def _texts(checkpoint: Path, sentences: tuple[str, ...], why: str) -> tuple[np.ndarray, np.ndarray]:
+    """The real tokens of `sentences` one text after another, and each text's length (checkpoint's tokenizer)."""
+    from quantize.evaluate import _encode
+
+    try:
+        ids, mask = _encode(checkpoint, sentences)
+    except (OSError, ValueError) as exc:
+        raise BadInput(f"{why} tokenizes its sentences with the checkpoint's tokenizer, and {checkpoint} "
+                       f"has none that loads ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from None
+    if not mask.any():
+        raise BadInput(f"the tokenizer in {checkpoint} gives no tokens for {why}'s sentences")
+    return ids[mask.astype(bool)], mask.sum(axis=1).astype(int)
+
+
+def _small(lazy: dict):
+    def get(name: str) -> Optional[np.ndarray]:
+        return np.asarray(lazy[name][1](), np.float32) if name in lazy else None
+
+    return get
+
+
+class _Calibration:
+    """AWQ's calibration activations, one layer at a time: the hidden states of the calibration sentences (the
+    FP32 model's) carried through each layer (`_Forward`)."""
+
+    def __init__(self, checkpoint: Path, spec: fused_graph.FusedSpec, lazy: dict, w, cfg: StreamConfig):
+        from quantize.sentences import CALIBRATION
+
+        sentences = CALIBRATION[: cfg.calibration_sentences] if cfg.calibration_sentences else CALIBRATION
+        try:
+            tokens, lengths = _texts(checkpoint, sentences, "AWQ calibration")
+        except BadInput as exc:
+            raise BadInput(f"{exc.message}; use --method rtn") from None
+        self.lazy = lazy
+        cos, sin = (np.asarray(lazy[n][1](), np.float32) for n in ("cos_cache", "sin_cache"))
+        self.forward = _Forward(spec, lengths, w.rows("model.embed_tokens.weight", tokens), cos, sin)
+        self.acts: dict[str, np.ndarray] = {}
+
+    def advance(self, i: int) -> dict[str, np.ndarray]:
+        """Layer i's FP32 MatMul weights (by graph name); sets `acts` to the inputs of its MatMuls and moves the
+        hidden states past it."""
+        a, m = f"model.layers.{i}.self_attn", f"model.layers.{i}.mlp"
+        w = {n: np.asarray(self.lazy[n][1](), np.float32)
+             for n in (f"{a}.qkv_proj.weight", f"{a}.o_proj.weight", f"{m}.gate_proj.weight",
+                       f"{m}.up_proj.weight", f"{m}.down_proj.weight")}
+        self.acts = self.forward.layer(i, w.__getitem__, _small(self.lazy))
         return w
 
     def finish(self) -> None:
         """lm_head's input (with --quantize-lm-head): the final norm at every real position."""
-        norm = np.asarray(self.lazy["model.norm.weight"][1](), np.float32)
-        self.acts = {"model.norm.selected": self._rms(self.residual + self.branch, norm)}
+        self.acts = {"model.norm.selected": self.forward.final(_small(self.lazy)("model.norm.weight"))}
+
+
+class _Evaluation:
+    """The accuracy of what is written, measured without the whole model: the held-out sentences the quantize
+    stage gates on (`quantize.sentences.EVALUATION`) go through two forwards side by side, layer by layer — the
+    checkpoint's FP32 weights (the reference) and the weights as written (the candidate: INT4 codes dequantized
+    with their scales, zero points and AWQ activation scales; FP16 weights rounded as written) — and both final
+    hidden states through the LM head, 128 positions at a time; then the quantize stage's own figures
+    (`quantize.evaluate.DecoderMetrics`: logits cosine, top-1 agreement, perplexity, KL) on every position. Held:
+    the two forwards' activations (tokens × the widest layer) and one weight at a time. The arithmetic is FP32
+    throughout (an FP16 graph also computes in FP16: that part of its error is not measured here)."""
+
+    def __init__(self, checkpoint: Path, spec: fused_graph.FusedSpec, lazy: dict, w, narrowed: set[str]):
+        from quantize.sentences import EVALUATION
+
+        tokens, lengths = _texts(checkpoint, EVALUATION, "the accuracy evaluation")
+        self.spec, self.lazy, self.w, self.narrowed = spec, lazy, w, narrowed
+        ends = np.cumsum(lengths)
+        self.scored = np.ones(len(tokens), bool)
+        self.scored[ends[lengths > 0] - 1] = False  # a text's last token has no next token of that text
+        self.targets = np.append(tokens[1:], 0)
+        cos, sin = (np.asarray(lazy[n][1](), np.float32) for n in ("cos_cache", "sin_cache"))
+        embedded = w.rows("model.embed_tokens.weight", tokens)
+        self.ref = _Forward(spec, lengths, embedded, cos, sin)
+        self.cand = _Forward(spec, lengths, self._narrow("model.embed_tokens.weight", embedded), cos, sin)
+        self.sentences = len(EVALUATION)
+
+    def _narrow(self, name: str, a: Optional[np.ndarray]) -> Optional[np.ndarray]:
+        """A tensor as the candidate graph holds it: rounded through FP16 where the writer narrowed it."""
+        return a if a is None or name not in self.narrowed else _fp16(a).astype(np.float32)
+
+    def layer(self, i: int, reference, candidate) -> None:
+        """Both forwards past layer i: `reference(name)` gives the checkpoint's FP32 MatMul weight, `candidate(name)`
+        the one the graph computes with."""
+        small = _small(self.lazy)
+        self.ref.layer(i, reference, small)
+        self.cand.layer(i, candidate, lambda n: self._narrow(n, small(n)))
+
+    def finish(self, head_candidate: Optional[np.ndarray] = None) -> dict[str, float]:
+        """The figures; `head_candidate` is lm_head's dequantized weight [hidden, vocab] when it was quantized."""
+        from quantize.evaluate import COMPARE_ROWS, DecoderMetrics
+
+        small = _small(self.lazy)
+        h_ref = self.ref.final(small("model.norm.weight"))
+        h_cand = self.cand.final(self._narrow("model.norm.weight", small("model.norm.weight")))
+        head = "lm_head.weight" if self.w.has("lm_head.weight") else "model.embed_tokens.weight"
+        narrow = (lambda a: _fp16(a).astype(np.float32)) if "lm_head.weight_t" in self.narrowed else None
+        metrics = DecoderMetrics()
+        for start in range(0, len(h_ref), COMPARE_ROWS):
+            at = slice(start, start + COMPARE_ROWS)
+            ref, got, col = [], [], 0
+            for block in _table_blocks(self.w, head, False, lambda a: a):  # [rows of the vocabulary, hidden]
+                ref.append(_mm(h_ref[at], block.T))
+                if head_candidate is not None:
+                    got.append(_mm(h_cand[at], head_candidate[:, col : col + len(block)]))
+                else:
+                    got.append(_mm(h_cand[at], (narrow(block) if narrow else block).T))
+                col += len(block)
+            metrics.add(np.concatenate(ref, axis=1), np.concatenate(got, axis=1), self.targets[at], self.scored[at])
+        return metrics.result()

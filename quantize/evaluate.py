@@ -204,6 +204,46 @@ def _log_softmax(z: np.ndarray) -> np.ndarray:
 COMPARE_ROWS = 128  # token positions compared at a time (a 152 k vocabulary: ~150 MB per float64 array)
 
 
+class DecoderMetrics:
+    """The decoder figures, accumulated over chunks of token positions: each figure is a function of one
+    position's logits (and its next token), so chunks give the same result as all positions at once, without
+    [positions, vocab] float64 temporaries (9 GiB and more at R1-Distill's 152 k vocabulary). Used by `Reference`
+    (ONNX Runtime outputs) and by the streaming builder's layer-by-layer evaluation (exporter.stream_build)."""
+
+    def __init__(self) -> None:
+        self.parts: list[list[np.ndarray]] = [[], [], [], [], []]
+
+    def add(self, ref: np.ndarray, got: np.ndarray, targets: np.ndarray, scored: np.ndarray) -> None:
+        """`ref`, `got`: [n, vocab] logits of n real positions; `targets`: the next token of each; `scored`: whether
+        that next token is real text (the last position of a text has none)."""
+        lp_ref, lp_got = _log_softmax(ref), _log_softmax(got)
+        target = targets[scored]
+        for out, value in zip(self.parts, (
+            _cosine_rows(ref, got),
+            (np.exp(lp_ref) * (lp_ref - lp_got)).sum(-1),
+            ref.argmax(-1) == got.argmax(-1),
+            -lp_ref[scored][np.arange(len(target)), target],
+            -lp_got[scored][np.arange(len(target)), target],
+        ), strict=True):
+            out.append(value)
+
+    def result(self) -> dict[str, float]:
+        cos, kl, agree, nll_ref, nll_got = (np.concatenate(p) for p in self.parts)
+        ppl_ref, ppl_got = float(np.exp(nll_ref.mean())), float(np.exp(nll_got.mean()))
+        return {
+            "cosine": float(cos.mean()),
+            "logits_cosine": float(cos.mean()),
+            "logits_cosine_min": float(cos.min()),
+            "top1": float(agree.mean()),
+            "top1_agreement": float(agree.mean()),
+            "perplexity_fp32": ppl_ref,
+            "perplexity": ppl_got,
+            "perplexity_delta": ppl_got - ppl_ref,
+            "kl_divergence": float(kl.mean()),
+            "tokens": int(len(cos)),
+        }
+
+
 @dataclass
 class Reference:
     """FP32 outputs on the evaluation text, computed once and compared with every candidate."""
@@ -213,49 +253,24 @@ class Reference:
     output: str  # logits | embeddings
     values: np.ndarray
 
-    def _decoder_rows(self, candidate: np.ndarray):
-        """Per real token position, in row-major order: logits cosine, KL(FP32 ‖ candidate), top-1 agreement; and
-        the negative log-likelihood of the next token under each, where the next position is real text too (right
-        padding). Computed COMPARE_ROWS positions at a time: every figure is a function of one position's logits,
-        so the result is the same as at once, without [positions, vocab] float64 temporaries (9 GiB and more at
-        R1-Distill's 152 k vocabulary)."""
+    def _decoder_metrics(self, candidate: np.ndarray) -> dict[str, float]:
+        """Over every real token position, in row-major order: logits cosine, KL(FP32 ‖ candidate), top-1
+        agreement, and the negative log-likelihood of the next token under each where the next position is real
+        text too (right padding); COMPARE_ROWS positions at a time."""
         mask, ids = self.batch.mask, self.batch.feeds["input_ids"]
         rows, cols = np.nonzero(mask)
         nxt = np.minimum(cols + 1, mask.shape[1] - 1)
         scored = (cols + 1 < mask.shape[1]) & mask[rows, nxt]
         targets = ids[rows, nxt]
-        parts: list[list[np.ndarray]] = [[], [], [], [], []]
+        metrics = DecoderMetrics()
         for start in range(0, len(rows), COMPARE_ROWS):
             at = slice(start, start + COMPARE_ROWS)
-            ref, got = self.values[rows[at], cols[at]], candidate[rows[at], cols[at]]
-            lp_ref, lp_got = _log_softmax(ref), _log_softmax(got)
-            here, target = scored[at], targets[at][scored[at]]
-            for out, value in zip(parts, (
-                _cosine_rows(ref, got),
-                (np.exp(lp_ref) * (lp_ref - lp_got)).sum(-1),
-                ref.argmax(-1) == got.argmax(-1),
-                -lp_ref[here][np.arange(len(target)), target],
-                -lp_got[here][np.arange(len(target)), target],
-            ), strict=True):
-                out.append(value)
-        return [np.concatenate(p) for p in parts]
+            metrics.add(self.values[rows[at], cols[at]], candidate[rows[at], cols[at]], targets[at], scored[at])
+        return metrics.result()
 
     def compare(self, candidate: np.ndarray) -> dict[str, float]:
         if self.kind == "decoder":
-            cos, kl, agree, nll_ref, nll_got = self._decoder_rows(candidate)
-            ppl_ref, ppl_got = float(np.exp(nll_ref.mean())), float(np.exp(nll_got.mean()))
-            return {
-                "cosine": float(cos.mean()),
-                "logits_cosine": float(cos.mean()),
-                "logits_cosine_min": float(cos.min()),
-                "top1": float(agree.mean()),
-                "top1_agreement": float(agree.mean()),
-                "perplexity_fp32": ppl_ref,
-                "perplexity": ppl_got,
-                "perplexity_delta": ppl_got - ppl_ref,
-                "kl_divergence": float(kl.mean()),
-                "tokens": int(len(cos)),
-            }
+            return self._decoder_metrics(candidate)
         cos = _cosine_rows(self.values, candidate)
         iu = np.triu_indices(len(self.values), k=1)
         sim_ref = (self.values @ self.values.T)[iu]

@@ -14,7 +14,8 @@ import pytest
 from conftest import assert_one_line
 from onnx import numpy_helper
 
-from exporter.core.errors import BadInput
+from exporter.core.errors import BadInput, StageFailed
+from exporter.core.profiles import AccuracyGate
 from exporter.export import ExportConfig, export_model
 from exporter.sources import resolve_source
 from exporter.stream_build import StreamConfig, stream_build
@@ -116,6 +117,53 @@ def test_awq_calibrated_layer_by_layer_matches_the_stage(built):
     assert np.max(np.abs(x - y)) <= 1e-3 * max(1.0, float(np.max(np.abs(y))))
 
 
+@pytest.mark.parametrize("key", ["rtn-qdq", "awq-qdq", "fp16"])
+def test_streamed_accuracy_is_the_stages_onnxruntime_measurement(built, key):
+    """The builder measures what it wrote layer by layer (two forwards in numpy/torch: the checkpoint's FP32 weights
+    and the written ones) on the stage's held-out sentences; the quantize stage runs both whole graphs in ONNX
+    Runtime. INT4: the same figures to float rounding. FP16: the builder does not emulate FP16 arithmetic (only the
+    rounded weights), so the figures are close, not equal — the report's definitions say so."""
+    stream = json.loads((built[key, "stream"].parent / "stream_report.json").read_text())
+    stage = json.loads((built[key, "stages"].parent / "quantize_report.json").read_text())["accuracy"]
+    got = stream["accuracy"]
+    assert stream["evaluation"] == "ok" and got["tokens"] == stage["tokens"] > 1000
+    assert got["perplexity_fp32"] == pytest.approx(stage["perplexity_fp32"], rel=1e-5)
+    if key == "fp16":
+        assert got["cosine"] == pytest.approx(stage["cosine"], abs=1e-5)
+        assert abs(got["top1"] - stage["top1"]) <= 3 / stage["tokens"]
+        assert "not measured here" in stream["definitions"]
+    else:
+        assert got["cosine"] < 0.999 and got["kl_divergence"] > 1e-3  # INT4 moved the logits: not a trivial match
+        for k in ("cosine", "top1", "kl_divergence", "perplexity"):
+            assert got[k] == pytest.approx(stage[k], rel=1e-4, abs=1e-6), k
+
+
+def test_a_build_below_the_gate_leaves_no_model(r1, tmp_path, session_workdir, exported_fused):
+    """A gate the INT4 build cannot meet: exit 1 with one line naming the figure, no model.onnx or its data left,
+    the figures kept in stream_report.rejected.json. A gate without the evaluation is bad input."""
+    exported_fused(MODEL)
+    ckpt = resolve_source(MODEL, session_workdir).path
+    out = tmp_path / "gated"
+    with pytest.raises(StageFailed, match="cosine .* below the gate 0.9999"):
+        stream_build(ckpt, out, StreamConfig(precision="int4", method="rtn", block_size=32,
+                                             gate=AccuracyGate(min_cosine=0.9999)))
+    assert sorted(p.name for p in out.iterdir()) == ["stream_report.rejected.json"]
+    rejected = json.loads((out / "stream_report.rejected.json").read_text())
+    assert rejected["accuracy"]["cosine"] < 0.9999 and rejected["gate"]["min_cosine"] == 0.9999
+    err = assert_one_line(r1("stream-build", str(ckpt), "--out", str(out), "--precision", "int4", "--method", "rtn",
+                             "--block-size", "32", "--min-top1", "0.999"), 1, "top-1 agreement")
+    assert "rejected" in err and not (out / "model.onnx").exists()
+    # the edge profile's gate passes: the model and its report are written, the rejected report is gone
+    proc = r1("stream-build", str(ckpt), "--out", str(out), "--precision", "int4", "--method", "rtn",
+              "--block-size", "32", "--profile", "edge")
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx.data", "stream_report.json"]
+    assert "passed" in proc.stdout
+    with pytest.raises(BadInput, match="needs the evaluation"):
+        stream_build(ckpt, tmp_path / "noeval", StreamConfig(precision="fp16", evaluate=False,
+                                                            gate=AccuracyGate(min_cosine=0.9)))
+
+
 def test_fp16_narrowing_is_onnxruntimes_byte_for_byte():
     """The builder's FP16 narrowing against the converter the quantize stage uses, on the values where they could
     part: zeros, subnormal and overflowing magnitudes of both signs, infinities, NaN, and ordinary weights."""
@@ -178,6 +226,14 @@ def test_bad_input_is_refused(tmp_path, session_workdir, exported_fused, r1):
     with pytest.raises(BadInput, match="use --method rtn"):
         stream_build(bare, tmp_path / "awq", StreamConfig(precision="int4", method="awq", block_size=32))
     assert list((tmp_path / "awq").iterdir()) == []
+    # RTN needs no tokenizer to write; the accuracy it cannot measure is reported as skipped, with the reason,
+    # unless a gate asks for it
+    rtn = stream_build(bare, tmp_path / "rtn", StreamConfig(precision="int4", method="rtn", block_size=32))
+    assert rtn.evaluation.startswith("skipped: ") and "tokenizer" in rtn.evaluation and not rtn.accuracy
+    with pytest.raises(BadInput, match="gate cannot be checked"):
+        stream_build(bare, tmp_path / "rtn-gated", StreamConfig(precision="int4", method="rtn", block_size=32,
+                                                                gate=AccuracyGate(min_cosine=0.9)))
+    assert list((tmp_path / "rtn-gated").iterdir()) == []
     moe = resolve_source("r1-moe-tiny", session_workdir).path  # DeepseekV3: MLA keeps the generic graph
     err = assert_one_line(r1("stream-build", str(moe), "--out", str(tmp_path / "moe")), 2, "deepseek_v3")
     assert "generic graph" in err
