@@ -170,11 +170,13 @@ def run_pipeline(cfg: PipelineConfig, on_stage: Callable[[StageSummary], None] |
         run.stage("export fused", export_fused)
 
     # Quantize once per distinct variant the profiles deploy.
-    from quantize import QuantizeConfig, quantize_model
+    from quantize import QuantizeConfig
+
+    from .quantize_fused import quantize_variant
 
     def quantize_one(profile: DeploymentProfile, graph: str) -> StageSummary:
-        q = quantize_model(QuantizeConfig(model=cfg.model, workdir=cfg.workdir, profile=profile, force=cfg.force,
-                                          graph=graph, extra_texts=tiny_models.quality_texts(cfg.model)))
+        q = quantize_variant(QuantizeConfig(model=cfg.model, workdir=cfg.workdir, profile=profile, force=cfg.force,
+                                            graph=graph, extra_texts=tiny_models.quality_texts(cfg.model)))
         keys = _HEADLINE_ACCURACY[exp.kind.value]
         acc = ", ".join(f"{k} {q.accuracy[k]:.4f}" for k in keys if isinstance(q.accuracy.get(k), float))
         kept = f", kept {len(q.kept_layers)} layer(s) unquantized" if q.kept_layers else ""

@@ -60,6 +60,8 @@ class StreamConfig:
     calibration_sentences: Optional[int] = None  # AWQ: the first N of quantize.sentences.CALIBRATION (None: all)
     evaluate: bool = True  # fp16 / int4: measure the accuracy of what is written, layer by layer (_Evaluation)
     gate: Optional[AccuracyGate] = None  # refuse the result below these figures (a deployment profile's gate)
+    # Texts measured besides the held-out sentences, by name (the embedded preset's: exporter.tiny_models), reported
+    extra_texts: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.precision not in ("fp32", "fp16", "int4"):
@@ -83,6 +85,12 @@ class StreamResult:
     awq_alpha: dict[str, float] = field(default_factory=dict)
     evaluation: str = "skipped"  # ok | skipped: <why>
     accuracy: dict[str, float] = field(default_factory=dict)  # against the checkpoint's FP32 weights (_Evaluation)
+    accuracy_by_text: dict[str, dict[str, float]] = field(default_factory=dict)  # held_out (= accuracy) + extra texts
+    int4_layers: list[dict] = field(default_factory=list)  # per quantized weight: layer, kind, shape, alpha, error
+    not_quantized: list[dict] = field(default_factory=list)  # weights left FP32, with the reason
+    int4_weight_bytes: int = 0  # codes, scales and zero points of the quantized weights
+    awq_scale_bytes: int = 0  # AWQ's 1/s vectors
+    quantized_values: int = 0  # weight values stored in 4 bits
     evaluation_seconds: float = 0.0
     gate: Optional[AccuracyGate] = None
     report_path: Optional[Path] = None
@@ -173,7 +181,22 @@ def _fp16(a: np.ndarray) -> np.ndarray:
 
 def stream_build(checkpoint: Path, out_dir: Path, cfg: StreamConfig = StreamConfig()) -> StreamResult:
     """Write `out_dir/model.onnx` + `model.onnx.data` for a Qwen2 / Llama checkpoint directory (safetensors, one
-    file or a sharded index) at `cfg`'s precision. `out_dir` must not hold a model yet."""
+    file or a sharded index) at `cfg`'s precision, and `stream_report.json` with its accuracy (gated by
+    `cfg.gate`: below it the model is removed and the report kept as `stream_report.rejected.json`). `out_dir` must
+    not hold a model yet."""
+    result = build(checkpoint, out_dir, cfg)
+    try:
+        _report(out_dir, result, cfg, Path(checkpoint))
+    except BaseException:
+        for path in (out_dir / "model.onnx", out_dir / "model.onnx.data"):
+            path.unlink(missing_ok=True)
+        raise
+    return result
+
+
+def build(checkpoint: Path, out_dir: Path, cfg: StreamConfig = StreamConfig()) -> StreamResult:
+    """The model alone (`model.onnx` + `model.onnx.data`), its accuracy measured (`cfg.evaluate`) but not gated, no
+    report: what `stream_build` and the quantize stage's streamed variants (exporter.quantize_fused) write."""
     started = time.perf_counter()
     checkpoint, out_dir = Path(checkpoint), Path(out_dir)
     if not (checkpoint / "config.json").is_file():
@@ -226,7 +249,6 @@ def stream_build(checkpoint: Path, out_dir: Path, cfg: StreamConfig = StreamConf
         result.data_bytes = data.offset
         result.graph_bytes = out.stat().st_size
         result.seconds = round(time.perf_counter() - started, 3)
-        _report(out_dir, result, cfg, checkpoint, written)
     except BaseException:
         data.close()
         for path in written:  # no half-written model left behind (a re-run would refuse the directory)
@@ -238,14 +260,14 @@ def stream_build(checkpoint: Path, out_dir: Path, cfg: StreamConfig = StreamConf
 REPORT = "stream_report.json"
 
 
-def _report(out_dir: Path, result: StreamResult, cfg: StreamConfig, checkpoint: Path, written: list[Path]) -> None:
+def _report(out_dir: Path, result: StreamResult, cfg: StreamConfig, checkpoint: Path) -> None:
     """stream_report.json beside the model; below the gate, the model is removed and the report is kept as
     stream_report.rejected.json (the figures that failed), and the build fails."""
     from quantize.stage import gate_failure
 
     report = {
         "checkpoint": str(checkpoint),
-        "settings": {k: v for k, v in to_data(cfg).items() if k != "gate"},
+        "settings": {k: v for k, v in to_data(cfg).items() if k not in ("gate", "extra_texts")},
         "onnx": result.onnx_path.name,
         "layers": result.layers,
         "tensors_written": result.tensors_written,
@@ -255,6 +277,7 @@ def _report(out_dir: Path, result: StreamResult, cfg: StreamConfig, checkpoint: 
         "awq_alpha": result.awq_alpha,
         "evaluation": result.evaluation,
         "accuracy": result.accuracy,
+        "accuracy_by_text": result.accuracy_by_text,
         "evaluation_seconds": result.evaluation_seconds,
         "gate": to_data(cfg.gate) if cfg.gate else None,
         "definitions": (_Evaluation.__doc__ or "").strip(),
@@ -269,7 +292,6 @@ def _report(out_dir: Path, result: StreamResult, cfg: StreamConfig, checkpoint: 
     if cfg.gate and not result.accuracy:
         raise BadInput(f"an accuracy gate needs the evaluation ({result.evaluation}): drop the gate or the --no-evaluate")
     result.report_path = out_dir / REPORT
-    written.append(result.report_path)
     artifacts.write_json(result.report_path, report)
     rejected.unlink(missing_ok=True)
 
@@ -279,7 +301,7 @@ def _evaluation(checkpoint: Path, spec, lazy: dict, w, narrowed: set[str], cfg: 
     """The evaluation, or None with `result.evaluation` saying why it is skipped (a checkpoint without a tokenizer;
     refused when a gate asks for the figures)."""
     try:
-        return _Evaluation(checkpoint, spec, lazy, w, narrowed)
+        return _Evaluation(checkpoint, spec, lazy, w, narrowed, cfg.extra_texts)
     except BadInput as exc:
         if cfg.gate:
             raise BadInput(f"{exc.message}: the accuracy gate cannot be checked") from None
@@ -303,7 +325,8 @@ def _evaluate_fp16(model: onnx.ModelProto, lazy: dict, w, spec, checkpoint: Path
 
     for i in range(spec.layers):
         evaluation.layer(i, reference, candidate)
-    result.accuracy = evaluation.finish()
+    result.accuracy_by_text = evaluation.finish()
+    result.accuracy = result.accuracy_by_text["held_out"]
     result.evaluation = "ok"
     result.evaluation_seconds = round(time.perf_counter() - t0, 3)
 
@@ -336,7 +359,7 @@ def _write_int4(model: onnx.ModelProto, lazy: dict, w, spec, checkpoint: Path, c
     settings = resolve(QuantizeConfig(precision="int4", method=cfg.method, block_size=cfg.block_size,
                                       format=cfg.format, symmetric=cfg.symmetric, quantize_lm_head=cfg.quantize_lm_head,
                                       graph="fused"))
-    chosen, _skipped = choose_targets(rewrite.find_targets(model, spec.vocab), settings)
+    chosen, result.not_quantized = choose_targets(rewrite.find_targets(model, spec.vocab), settings)
     if not chosen:
         raise BadInput(f"no weight of {checkpoint} can be quantized with block size {cfg.block_size}")
     by_node = {t.node: t for t in chosen}
@@ -400,9 +423,19 @@ def _write_int4(model: onnx.ModelProto, lazy: dict, w, spec, checkpoint: Path, c
             qw = core.quantize_clipped(wt, t.axis, cfg.block_size, cfg.symmetric)
         else:
             qw = core.quantize_rtn(wt, t.axis, cfg.block_size, cfg.symmetric)
+        result.int4_layers.append({"layer": t.layer, "weight": t.weight, "kind": t.kind, "shape": list(t.shape),
+                                   "axis": t.axis, "awq_alpha": qw.alpha, "relative_output_error": core.output_error(wt, qw, x)})
+        result.quantized_values += t.numel
         del wt
         h, b, inits = rewrite.int4_replacement(node, t, qw, cfg.format)
-        new_inits.extend(data.externalise(tensor) for tensor in inits)
+        for tensor in inits:
+            header = data.externalise(tensor)
+            new_inits.append(header)
+            n = int(header.external_data[-1].value)  # its length in model.onnx.data
+            if tensor.name.endswith(rewrite.AWQ_SUFFIX):
+                result.awq_scale_bytes += n
+            else:
+                result.int4_weight_bytes += n
         del inits
         head.extend(h)
         body.extend(b)
@@ -420,7 +453,8 @@ def _write_int4(model: onnx.ModelProto, lazy: dict, w, spec, checkpoint: Path, c
         evaluate_upto(spec.layers, {})
         t0 = time.perf_counter()
         head_qw = layer_qw.pop("lm_head.weight_t", None)
-        result.accuracy = evaluation.finish(head_qw.dequantize() if head_qw is not None else None)
+        result.accuracy_by_text = evaluation.finish(head_qw.dequantize() if head_qw is not None else None)
+        result.accuracy = result.accuracy_by_text["held_out"]
         result.evaluation = "ok"
         result.evaluation_seconds = round(eval_seconds + time.perf_counter() - t0, 3)
     kept = [i for i in graph.initializer if i.name not in target_weights]
@@ -579,10 +613,16 @@ class _Evaluation:
     the two forwards' activations (tokens × the widest layer) and one weight at a time. The arithmetic is FP32
     throughout (an FP16 graph also computes in FP16: that part of its error is not measured here)."""
 
-    def __init__(self, checkpoint: Path, spec: fused_graph.FusedSpec, lazy: dict, w, narrowed: set[str]):
+    def __init__(self, checkpoint: Path, spec: fused_graph.FusedSpec, lazy: dict, w, narrowed: set[str],
+                 extra_texts: Optional[dict[str, tuple[str, ...]]] = None):
         from quantize.sentences import EVALUATION
 
-        tokens, lengths = _texts(checkpoint, EVALUATION, "the accuracy evaluation")
+        texts = {"held_out": EVALUATION, **(extra_texts or {})}
+        parts = [_texts(checkpoint, sentences, "the accuracy evaluation") for sentences in texts.values()]
+        tokens = np.concatenate([t for t, _ in parts])
+        lengths = np.concatenate([n for _, n in parts])
+        bounds = np.cumsum([0] + [len(t) for t, _ in parts])
+        self.ranges = {name: (int(bounds[i]), int(bounds[i + 1])) for i, name in enumerate(texts)}  # token ranges
         self.spec, self.lazy, self.w, self.narrowed = spec, lazy, w, narrowed
         ends = np.cumsum(lengths)
         self.scored = np.ones(len(tokens), bool)
@@ -592,7 +632,6 @@ class _Evaluation:
         embedded = w.rows("model.embed_tokens.weight", tokens)
         self.ref = _Forward(spec, lengths, embedded, cos, sin)
         self.cand = _Forward(spec, lengths, self._narrow("model.embed_tokens.weight", embedded), cos, sin)
-        self.sentences = len(EVALUATION)
 
     def _narrow(self, name: str, a: Optional[np.ndarray]) -> Optional[np.ndarray]:
         """A tensor as the candidate graph holds it: rounded through FP16 where the writer narrowed it."""
@@ -605,8 +644,9 @@ class _Evaluation:
         self.ref.layer(i, reference, small)
         self.cand.layer(i, candidate, lambda n: self._narrow(n, small(n)))
 
-    def finish(self, head_candidate: Optional[np.ndarray] = None) -> dict[str, float]:
-        """The figures; `head_candidate` is lm_head's dequantized weight [hidden, vocab] when it was quantized."""
+    def finish(self, head_candidate: Optional[np.ndarray] = None) -> dict[str, dict[str, float]]:
+        """The figures of each text (`held_out` first); `head_candidate` is lm_head's dequantized weight
+        [hidden, vocab] when it was quantized."""
         from quantize.evaluate import COMPARE_ROWS, DecoderMetrics
 
         small = _small(self.lazy)
@@ -614,9 +654,10 @@ class _Evaluation:
         h_cand = self.cand.final(self._narrow("model.norm.weight", small("model.norm.weight")))
         head = "lm_head.weight" if self.w.has("lm_head.weight") else "model.embed_tokens.weight"
         narrow = (lambda a: _fp16(a).astype(np.float32)) if "lm_head.weight_t" in self.narrowed else None
-        metrics = DecoderMetrics()
-        for start in range(0, len(h_ref), COMPARE_ROWS):
-            at = slice(start, start + COMPARE_ROWS)
+        metrics = {name: DecoderMetrics() for name in self.ranges}
+        chunks = [(name, slice(start, min(start + COMPARE_ROWS, hi)))
+                  for name, (lo, hi) in self.ranges.items() for start in range(lo, hi, COMPARE_ROWS)]
+        for name, at in chunks:
             ref, got, col = [], [], 0
             for block in _table_blocks(self.w, head, False, lambda a: a):  # [rows of the vocabulary, hidden]
                 ref.append(_mm(h_ref[at], block.T))
@@ -625,5 +666,6 @@ class _Evaluation:
                 else:
                     got.append(_mm(h_cand[at], (narrow(block) if narrow else block).T))
                 col += len(block)
-            metrics.add(np.concatenate(ref, axis=1), np.concatenate(got, axis=1), self.targets[at], self.scored[at])
-        return metrics.result()
+            metrics[name].add(np.concatenate(ref, axis=1), np.concatenate(got, axis=1), self.targets[at],
+                              self.scored[at])
+        return {name: m.result() for name, m in metrics.items()}

@@ -284,7 +284,7 @@ def quantize_model(cfg: QuantizeConfig) -> QuantizeResult:
         failure = gate_failure(s.gate, report["accuracy"], kind, s.gate_source)
         if failure:
             raise StageFailed(f"{layout.model} {variant}: {failure}")
-        return _result(layout.model, s, final, report, skipped=True, seconds=time.perf_counter() - started)
+        return result_from_report(layout.model, s, final, report, skipped=True, seconds=time.perf_counter() - started)
 
     with status(f"FP32 reference on {len(EVALUATION)} held-out sentences"):
         # From the file, before this process loads the model: ONNX Runtime reads the weights itself, and the
@@ -377,10 +377,10 @@ def quantize_model(cfg: QuantizeConfig) -> QuantizeResult:
             raise StageFailed(f"{layout.model} {variant} rejected: {failure}; report: {rejected}")
         artifacts.write_json(tmp / REPORT, report)
     rejected.unlink(missing_ok=True)
-    return _result(layout.model, s, final, report, skipped=False, seconds=time.perf_counter() - started)
+    return result_from_report(layout.model, s, final, report, skipped=False, seconds=time.perf_counter() - started)
 
 
-def _result(model: str, s: Settings, final: Path, report: dict, *, skipped: bool, seconds: float) -> QuantizeResult:
+def result_from_report(model: str, s: Settings, final: Path, report: dict, *, skipped: bool, seconds: float) -> QuantizeResult:
     return QuantizeResult(
         model=model,
         variant=report["variant"],

@@ -2,12 +2,13 @@ from __future__ import annotations
 
 import click
 
-from quantize import Format, Method, QuantizeConfig, QuantizeResult, quantize_model
+from quantize import Format, Method, QuantizeConfig, QuantizeResult
 
 from .. import tiny_models
 from ..core import artifacts
 from ..core.profiles import Precision
 from ..core.ui import out as console
+from ..quantize_fused import quantize_variant
 from .common import App, emit, force_option, model_options, pass_app, profile_option
 
 _ACCURACY_ROWS = (
@@ -85,10 +86,15 @@ def _human(r: QuantizeResult) -> None:
 @click.option("--min-top1", type=float, help="Top-1 agreement gate override (decoders).")
 @click.option("--mixed-precision/--no-mixed-precision", default=None,
               help="Keep the most sensitive layers FP32 until the gate holds (default: on with --min-cosine/--min-top1).")
+@click.option("--builder", type=click.Choice(["auto", "stream", "traced"]), default="auto", show_default=True,
+              help="--graph fused: stream the variant from the checkpoint one tensor at a time, measured layer by layer "
+                   "(auto: wherever it applies — Qwen2/Llama safetensors, no mixed precision), or trace the whole "
+                   "FP32 graph (docs/fused_graph.md).")
 @force_option
 @pass_app
 def command(app: App, model, allow_pickle, trust_remote_code, profile_name, precision, method, block_size, fmt,
-            symmetric, quantize_embeddings, quantize_lm_head, fp16_io, graph, min_cosine, min_top1, mixed_precision, force):
+            symmetric, quantize_embeddings, quantize_lm_head, fp16_io, graph, min_cosine, min_top1, mixed_precision, builder,
+            force):
     """Quantize the exported FP32 ONNX model to FP16 or INT4, measure it against FP32 and apply the accuracy gate."""
     cfg = QuantizeConfig(
         model=model, workdir=app.workdir, profile=app.profile(profile_name) if profile_name else None,
@@ -106,4 +112,4 @@ def command(app: App, model, allow_pickle, trust_remote_code, profile_name, prec
 
         export_model(ExportConfig(model=model, workdir=app.workdir, graph=graph, allow_pickle=allow_pickle,
                                   trust_remote_code=trust_remote_code))
-    emit(app, quantize_model(cfg), _human)
+    emit(app, quantize_variant(cfg, builder), _human)
