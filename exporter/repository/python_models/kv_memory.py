@@ -181,7 +181,7 @@ class DeviceArray:
 
     def rows(self, lo: int, hi: int) -> DeviceArray:
         row = self.nbytes // self.shape[0] if self.shape[0] else 0
-        return DeviceArray(self.ptr + lo * row, (hi - lo,) + self.shape[1:], self.dtype, self.owner or self)
+        return DeviceArray(self.ptr + lo * row, (hi - lo,) + self.shape[1:], self.dtype, self if self.owner is None else self.owner)
 
 
 class CudaMemory:
