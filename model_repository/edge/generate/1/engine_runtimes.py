@@ -49,9 +49,10 @@ def load_runner(runtime: str, engine_file: Path, config: dict, device_id: int = 
 
 class OrtRunner:
     """An ONNX Runtime session. With CUDAExecutionProvider the session runs on GPU `device_id` and so does the
-    cache (UNVERIFIED); otherwise both are on the host, bound by address all the same."""
-
-    binds_device = True
+    cache, bound by address (`binds_device`; UNVERIFIED). On the CPU the engine calls it with numpy instead: the
+    session reads numpy inputs in place and writes `present` once, so binding avoids no copy there, and rebinding
+    2 × layers buffers per step cost ~12% of a decode step on r1-distill-tiny (docs/serving.md "Engine runners").
+    `run_bound` works on the CPU all the same (tests/test_kv_device.py drives it)."""
 
     def __init__(self, path: Path, threads: int, providers: list[str], device_id: int = 0):
         import onnxruntime as ort
@@ -67,6 +68,7 @@ class OrtRunner:
                          for p in providers]
         else:
             self.memory = HostMemory()
+        self.binds_device = not self.memory.is_host
         self.session = ort.InferenceSession(str(path), options, providers=providers)
 
     def __call__(self, feeds: dict, outputs: list[str]) -> list[np.ndarray]:

@@ -84,7 +84,7 @@ class HostMemory:
     is_host = True
 
     def __init__(self):
-        self._spans: dict[int, tuple[int, int]] = {}  # id → [start, end) of each live allocation
+        self._live = weakref.WeakValueDictionary()  # id → each live allocation (a step's outputs are adopted: cheap)
         self.copies: Counter = Counter()  # kind → 2-D copies made (and "zero" → blocks zeroed)
         self.copied_bytes: Counter = Counter()
 
@@ -97,10 +97,7 @@ class HostMemory:
         if not array.flags.c_contiguous:
             raise ValueError("adopt: the array must be C-contiguous")
         out = array.view(HostArray)
-        start = out.ctypes.data
-        key = id(out)
-        self._spans[key] = (start, start + max(out.nbytes, 1))
-        weakref.finalize(out, self._spans.pop, key, None)
+        self._live[id(out)] = out
         return out
 
     def copy2d(self, dst: Block, src: Block, kind: str) -> None:
@@ -135,7 +132,7 @@ class HostMemory:
         if not (b.width and b.height):
             return
         start, end = b.ptr, b.ptr + (b.height - 1) * b.pitch + b.width
-        inside = any(lo <= start and end <= hi for lo, hi in self._spans.values())
+        inside = any(a.ptr <= start and end <= a.ptr + max(a.nbytes, 1) for a in list(self._live.values()))
         if inside != on_device:
             side = "device" if on_device else "host"
             raise ValueError(f"copy2d ({kind}): a {side} block is " + ("not " if on_device else "") + "in device memory")
