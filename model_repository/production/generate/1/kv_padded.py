@@ -5,9 +5,9 @@ Layout: one array per cache slot, [rows in the batch, heads, L, dim], each row's
 left-padded with zeros; the attention mask hides the padding and position ids count real positions only, so a
 row computes exactly what it would alone. Every running row decodes in one engine call.
 
-Where the cache lives (kv_memory.py): a runner that `binds_device` (engine_runtimes.py: ONNX Runtime through
-IOBinding, TensorRT through tensor addresses) brings its `memory` — device memory on a GPU — and the engine keeps the
-cache there: a step's `present` buffers are allocated by the engine ([rows, heads, L + 1, dim]) and bound as the
+Where the cache lives (kv_memory.py): a runner that `binds_device` (engine_runtimes.py: ONNX Runtime with the CUDA
+execution provider through IOBinding, TensorRT through tensor addresses) brings its `memory` — device memory on a
+GPU — and the engine keeps the cache there: a step's `present` buffers are allocated by the engine ([rows, heads, L + 1, dim]) and bound as the
 graph's outputs, and become the next step's `past` as they are. Per step only the token ids, the attention mask and
 the position ids go in from the host, and the logits come out to it ([rows, S, vocab] or, from a graph that returns
 the last position only, [rows, 1, vocab]: the engine takes `[:, -1]` of either). Any other `run(feeds, output_names)

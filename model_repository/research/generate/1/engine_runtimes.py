@@ -6,12 +6,12 @@ whichever it gets.
 * tensorrt — a TensorRT plan (`import tensorrt`), the runtime Triton's TensorRT backend links.
 * tensorrt_rtx — a TensorRT-RTX plan (`import tensorrt_rtx`), which stock Triton's TensorRT backend cannot load.
 
-Each runner keeps the KV cache where its engine runs: it `binds_device`, owns a `memory` (kv_memory.py: the host
-for ONNX Runtime on the CPU, the GPU otherwise) in which the engine allocates the cache, and `run_bound(host_feeds,
-device_feeds, device_outputs, host_outputs)` binds those buffers as they are (ONNX Runtime's IOBinding, TensorRT's
-tensor addresses): per step only the small host feeds (token ids, mask, positions) go in and the host outputs
-(the logits) come out. Called as `run(feeds, output_names) -> list[np.ndarray]` a runner takes and returns numpy
-arrays instead (every tensor through the host).
+Each runner owns a `memory` (kv_memory.py: the host for ONNX Runtime on the CPU, the GPU otherwise) in which the
+engine allocates the KV cache, and `run_bound(host_feeds, device_feeds, device_outputs, host_outputs)` binds those
+buffers as they are (ONNX Runtime's IOBinding, TensorRT's tensor addresses): per step only the small host feeds
+(token ids, mask, positions) go in and the host outputs (the logits) come out. A runner whose memory is a GPU says
+so (`binds_device`) and the engine calls it that way; called as `run(feeds, output_names) -> list[np.ndarray]` a
+runner takes and returns numpy arrays instead (on the CPU: read in place, nothing copied to avoid).
 
 The TensorRT runners, and ONNX Runtime with the CUDA execution provider, are UNVERIFIED: no GPU exists where
 r1deploy is developed, and deserializing a plan needs one. A runtime that is not installed fails the model's load
