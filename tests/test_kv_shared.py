@@ -125,12 +125,17 @@ def test_bad_calls_are_refused(fused_path, generic_path):
         SharedKVEngine.from_path(generic_path, max_rows=1, max_seq=8)
 
 
-def test_kv_shared_imports_only_numpy_and_onnxruntime():
-    """It is copied alone into the Triton model directory."""
-    tree = ast.parse((MODELS_DIR / "kv_shared.py").read_text())
+def _imports(module: str) -> set[str]:
+    tree = ast.parse((MODELS_DIR / f"{module}.py").read_text())
     modules = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
-    modules |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert modules == {"numpy", "onnxruntime"}
+    return modules | {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+
+
+def test_kv_shared_imports_only_numpy_onnxruntime_and_its_memory_layer():
+    """They are copied into the Triton model directory (the image has no torch): kv_shared needs only numpy,
+    onnxruntime and kv_memory, and kv_memory only numpy and the standard library (cuda-python, lazily)."""
+    assert _imports("kv_shared") == {"numpy", "onnxruntime", "kv_memory"}
+    assert _imports("kv_memory") == {"__future__", "collections", "ctypes", "numpy", "typing", "weakref", "cuda"}
 
 
 def test_fork_copies_a_row_and_the_copies_decode_as_the_source(fused_path):

@@ -357,7 +357,7 @@ def test_text_stream_matches_whole_decode_with_a_real_tokenizer(tmp_path):
 
 
 @pytest.mark.rtx
-def test_real_engine_is_placed_with_its_metadata(workdir, tmp_path):
+def test_real_engine_is_placed_with_its_metadata(workdir, tmp_path, monkeypatch):
     """A TensorRT-RTX engine built by the engine stage (no GPU needed to build): the repository takes its IO and
     max_batch_size from engine.json and copies the plan."""
     pytest.importorskip("tensorrt_rtx_bindings", reason="TensorRT-RTX (r1deploy[rtx]) builds the engine")
@@ -376,6 +376,7 @@ def test_real_engine_is_placed_with_its_metadata(workdir, tmp_path):
     assert plan.stat().st_size == meta.engine_bytes
     # the generate model's runner (the copy placed beside it), from this config and this real plan: no GPU here,
     # so its load fails with one line saying so
+    monkeypatch.syspath_prepend(str(r.out / "generate/1"))  # as Triton's python backend does: its siblings import
     spec = importlib.util.spec_from_file_location("placed_engine_runtimes", r.out / "generate/1/engine_runtimes.py")
     er = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(er)

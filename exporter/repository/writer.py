@@ -146,7 +146,7 @@ def python_model_source(name: str) -> str:
 
 # The modules the generate model imports, copied beside its model.py (the python backend puts the version
 # directory on sys.path).
-GENERATE_MODULES = ("llm_scheduler", "kv_padded", "kv_shared", "engine_runtimes", "guided")
+GENERATE_MODULES = ("llm_scheduler", "kv_memory", "kv_padded", "kv_shared", "engine_runtimes", "guided")
 
 
 def scheduler_params(cfg: RepositoryConfig, engine_max_batch: int, capacity=None) -> dict:

@@ -12,11 +12,21 @@ takes no part in the call gets `query_seqlens = 0`, which leaves its cache untou
 The buffers hold `max_seq + 1` positions: a row never caches more than `max_seq`, and the one spare position is
 the room GroupQueryAttention asks of every row of a call, idle ones too (cached + new <= capacity).
 
-Self-contained (numpy and onnxruntime only): this file is copied next to the Triton python model.
+The buffers live where the engine runs (kv_memory.py: `device="cpu"`, numpy; `"cuda:N"`, device memory bound with
+the CUDA execution provider). Per step only the token ids and the per-row lengths go in (bound on the host; ONNX
+Runtime moves them to where each node wants them — GroupQueryAttention on CUDA reads `total_sequence_length` on the
+CPU) and the logits of each row's last new position come out, [rows, 1, vocab], into a host array. A fork, a cached
+prompt prefix and a block read back for the prefix cache are 2-D copies of the memory layer. The CUDA path is
+UNVERIFIED (no GPU where r1deploy is developed); note that ONNX Runtime's CUDA GroupQueryAttention has FP16 and BF16
+kernels only, so an FP32 fused graph would run that node on the CPU.
+
+Imports numpy, onnxruntime and kv_memory (copied beside it) only: this file is copied next to the Triton python
+model.
 """
 
 import numpy as np
 import onnxruntime as ort
+from kv_memory import MissingRuntime, memory_for, positions
 
 _NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -24,10 +34,11 @@ _NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 class SharedKVEngine:
     """KVEngine over an ONNX Runtime session of the fused graph. Not thread-safe: one loop owns it."""
 
-    def __init__(self, session: "ort.InferenceSession", max_rows: int, max_seq: int):
+    def __init__(self, session: "ort.InferenceSession", max_rows: int, max_seq: int, device: str = "cpu"):
         if max_rows < 1 or max_seq < 1:
             raise ValueError("max_rows and max_seq must be at least 1")
         self.session = session
+        self.memory = memory_for(device)
         self.max_rows = max_rows
         self.max_seq = max_seq
         self.capacity = max_seq + 1
@@ -36,10 +47,10 @@ class SharedKVEngine:
         if missing:
             raise ValueError(f"not a fused decoder graph (no input {missing[0]!r}): export it with --graph fused")
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
-        self.buffers: dict[str, np.ndarray] = {}
+        self.buffers = {}  # past input name → the memory layer's [max_rows, heads, capacity, dim] buffer
         for name in self.past_names:
             _, heads, _, dim = inputs[name].shape
-            self.buffers[name] = np.zeros((max_rows, heads, self.capacity, dim), _NUMPY[inputs[name].type])
+            self.buffers[name] = self.memory.alloc((max_rows, heads, self.capacity, dim), _NUMPY[inputs[name].type])
         logits = next(o for o in session.get_outputs() if o.name == "logits")
         self.vocab = int(logits.shape[-1])
         self.logits_dtype = _NUMPY[logits.type]
@@ -50,12 +61,20 @@ class SharedKVEngine:
         self._epoch = 0  # bumped by prefill and release: a reused step must see the lengths they changed
 
     @classmethod
-    def from_path(cls, onnx_path, max_rows: int, max_seq: int, threads: int = 0) -> "SharedKVEngine":
+    def from_path(cls, onnx_path, max_rows: int, max_seq: int, threads: int = 0, device: str = "cpu") -> "SharedKVEngine":
+        """`device` "cuda:N" runs the session with the CUDA execution provider on GPU N (UNVERIFIED)."""
+        providers: list = ["CPUExecutionProvider"]
+        if device != "cpu":
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise MissingRuntime(f"ONNX Runtime here lacks CUDAExecutionProvider, which device {device!r} needs "
+                                     "(install onnxruntime-gpu)")
+            index = device.partition(":")[2]
+            providers = [("CUDAExecutionProvider", {"device_id": int(index or 0)}), "CPUExecutionProvider"]
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
-        session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-        return cls(session, max_rows, max_seq)
+        session = ort.InferenceSession(str(onnx_path), options, providers=providers)
+        return cls(session, max_rows, max_seq, device)
 
     # -- the KVEngine protocol ---------------------------------------------------------------------------------
 
@@ -83,7 +102,9 @@ class SharedKVEngine:
                 for block in blocks:
                     n = next(iter(block.values())).shape[1]
                     for name, buf in self.buffers.items():
-                        buf[r, :, at : at + n] = block[name]
+                        host = np.ascontiguousarray(block[name], buf.dtype)[None]
+                        self.memory.copy2d(positions(buf, (r, r + 1), (at, at + n)), positions(host, (0, 1), (0, n)),
+                                           "h2d")
                     at += n
                 if at >= len(prompts[i]):
                     raise ValueError("prefill: the cached prefix must leave at least one prompt token to compute")
@@ -124,7 +145,7 @@ class SharedKVEngine:
             step.ids[:, 0] = tokens
         else:
             step.ids[step.at, 0] = tokens
-        self.session.run_with_iobinding(step.io)
+        step.run(self)
         self._lengths[step.lo : step.hi] += step.query
         step.longest += 1
         self._steady = step
@@ -161,7 +182,13 @@ class SharedKVEngine:
         """A copy of positions [start, end) of a row's cache: {past input name: [heads, end - start, dim]}."""
         if not 0 <= start < end <= self._lengths[row]:
             raise ValueError(f"kv_blocks: positions {start}..{end} are not cached in row {row}")
-        return {name: buf[row, :, start:end].copy() for name, buf in self.buffers.items()}
+        out = {}
+        for name, buf in self.buffers.items():
+            host = np.empty((1, buf.shape[1], end - start, buf.shape[3]), buf.dtype)
+            self.memory.copy2d(positions(host, (0, 1), (0, end - start)), positions(buf, (row, row + 1), (start, end)),
+                               "d2h")
+            out[name] = host[0]
+        return out
 
     def fork(self, source: int, rows: list[int]) -> None:
         """Free `rows` start as copies of running row `source` (the other choices of an n > 1 request): its
@@ -175,7 +202,8 @@ class SharedKVEngine:
             if self._lengths[r]:
                 raise ValueError(f"fork: row {r} is in use (release it first)")
         for buf in self.buffers.values():
-            buf[rows, :, :n] = buf[source, :, :n]
+            for r in rows:
+                self.memory.copy2d(positions(buf, (r, r + 1), (0, n)), positions(buf, (source, source + 1), (0, n)), "d2d")
         self._lengths[rows] = n
         self._epoch += 1
 
@@ -219,14 +247,14 @@ class SharedKVEngine:
         np.maximum(self._lengths[lo:hi] + new, 1, out=step.seqlens, casting="unsafe")
         step.seqlens -= 1
         np.maximum(new - 1, 0, out=step.last[:, 0], casting="unsafe")
-        self.session.run_with_iobinding(step.io)
+        step.run(self)
         return step.logits[:, 0].astype(np.float32)
 
 
 class _Step:
     """One IOBinding and the arrays it reads and writes, all owned here (bound by address, so they must live
-    as long as the binding): rows [lo, hi) of every cache buffer as both past and present, the token ids, the
-    per-row lengths and the logits."""
+    as long as the binding): rows [lo, hi) of every cache buffer as both past and present (on the engine's
+    device), the token ids, the per-row lengths and the logits (on the host)."""
 
     def __init__(self, engine: SharedKVEngine, lo: int, hi: int, width: int):
         self.lo, self.hi = lo, hi
@@ -239,16 +267,30 @@ class _Step:
         self.query = np.zeros(rows, np.int32)
         self.last = np.zeros((rows, 1), np.int64)
         self.logits = np.zeros((rows, 1, engine.vocab), engine.logits_dtype)
+        self.small = (("input_ids", self.ids), ("seqlens_k", self.seqlens), ("query_seqlens", self.query),
+                      ("total_sequence_length", engine._total), ("logits_index", self.last))
+        # ONNX Runtime copies an input bound on one device for a node on another when it is BOUND, not when it runs:
+        # on the CPU the binding reads these arrays as they are at each run; on a GPU they are bound again each run.
+        self.rebind = not engine.memory.is_host
         self.io = io = engine.session.io_binding()
-        for name, arr in (("input_ids", self.ids), ("seqlens_k", self.seqlens), ("query_seqlens", self.query),
-                          ("total_sequence_length", engine._total), ("logits_index", self.last)):
-            io.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
+        self._bind_small()
         io.bind_output("logits", "cpu", 0, self.logits.dtype, list(self.logits.shape), self.logits.ctypes.data)
+        device, device_id = engine.memory.ort_device
         for name, buf in engine.buffers.items():
-            view = buf[lo:hi]
-            io.bind_input(name, "cpu", 0, buf.dtype, list(view.shape), view.ctypes.data)
-            io.bind_output(name.replace("past_key_values.", "present.", 1), "cpu", 0, buf.dtype, list(view.shape),
-                           view.ctypes.data)
+            span = buf.rows(lo, hi)
+            io.bind_input(name, device, device_id, buf.dtype, list(span.shape), span.ptr)
+            io.bind_output(name.replace("past_key_values.", "present.", 1), device, device_id, buf.dtype,
+                           list(span.shape), span.ptr)
+
+    def _bind_small(self) -> None:
+        for name, arr in self.small:
+            self.io.bind_input(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
+
+    def run(self, engine: SharedKVEngine) -> None:
+        if self.rebind:
+            self._bind_small()
+        engine.memory.sync()  # copies queued on the memory layer's stream land before ONNX Runtime's reads
+        engine.session.run_with_iobinding(self.io)
 
 
 def _runs(rows: list[int]) -> list[tuple[int, int]]:

@@ -269,8 +269,13 @@ class TritonPythonModel:
             # the fused graph (GroupQueryAttention over one in-place buffer per cache slot): ONNX Runtime only
             from kv_shared import SharedKVEngine
 
+            # the KV buffers live where the session runs: a GPU when the CUDA execution provider is asked for
+            providers = json.loads(_param(config, "ort_providers", '["CPUExecutionProvider"]'))
+            device_id = int(args.get("model_instance_device_id", 0) or 0)
+            device = f"cuda:{device_id}" if "CUDAExecutionProvider" in providers else "cpu"
             engine = SharedKVEngine.from_path(model_dir.parent / _param(config, "engine_file"), limits.max_rows,
-                                              limits.max_sequence_len, int(_param(config, "intra_op_num_threads", "1")))
+                                              limits.max_sequence_len, int(_param(config, "intra_op_num_threads", "1")),
+                                              device=device)
         elif layout != "padded":
             raise ValueError(f"kv_layout must be padded or shared, not {layout!r}")
         elif engine_call == "inprocess":
