@@ -217,6 +217,12 @@ def main() -> int:
             real = _initializer_bytes(onnx_path)
             planned = weight_bytes(shape, precision, QuantSpec(method=method, block_size=128)).total
             r.update(onnx_weight_bytes=real, plan_weight_bytes=planned, size_vs_plan=round(real / planned - 1, 5))
+        report = out_dir / "stream_report.json"  # the streaming builder's accuracy, measured on the way
+        if report.is_file():
+            rep = json.loads(report.read_text())
+            r.update(evaluation=rep["evaluation"], evaluation_seconds=rep["evaluation_seconds"],
+                     accuracy={k: rep["accuracy"][k] for k in ("cosine", "top1", "kl_divergence", "tokens")
+                               if k in rep["accuracy"]})
         if not args.keep_outputs:
             shutil.rmtree(out_dir, ignore_errors=True)
         results.append(r)

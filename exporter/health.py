@@ -42,6 +42,18 @@ class Health:
     definite: bool = True  # False: no answer in time (a slow or a stopped process: ask again before acting)
 
 
+def failed_rpc(model: str, code: Optional[str], details: str, timeout_s: float, started: float) -> Health:
+    """A probe whose RPC failed (grpc status `code`'s name) → Health: no answer in time, or Triton unreachable —
+    definite unless the code only says "not now" (_NOT_DEFINITE). The one mapping of the sync probes here and the
+    gateway's async one (exporter/gateway/triton.py)."""
+    took = time.monotonic() - started
+    if code == "DEADLINE_EXCEEDED":
+        return Health(False, f"model {model} did not answer a health check within {timeout_s:g} s", took,
+                      definite=False)
+    return Health(False, f"Triton unreachable ({code or 'error'}: {details})", took,
+                  definite=(code or "") not in _NOT_DEFINITE)
+
+
 def _bytes(values: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(v)) + v for v in values)
 
@@ -97,13 +109,8 @@ def probe(channel, model: str, timeout_s: float = PROBE_TIMEOUT_S, batched: bool
         return answer
     except grpc.RpcError as exc:
         code = exc.code() if hasattr(exc, "code") else None
-        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-            return Health(False, f"model {model} did not answer a health check within {timeout_s:g} s",
-                          time.monotonic() - started, definite=False)
-        name = code.name if code is not None else "error"
-        details = exc.details() if hasattr(exc, "details") else str(exc)
-        return Health(False, f"Triton unreachable ({name}: {details})", time.monotonic() - started,
-                      definite=name not in _NOT_DEFINITE)
+        return failed_rpc(model, code.name if code is not None else None,
+                          exc.details() if hasattr(exc, "details") else str(exc), timeout_s, started)
 
 
 def model_ready(channel, model: str, timeout_s: float = PROBE_TIMEOUT_S) -> Health:
@@ -116,8 +123,7 @@ def model_ready(channel, model: str, timeout_s: float = PROBE_TIMEOUT_S) -> Heal
     try:
         ready = GRPCInferenceServiceStub(channel).ModelReady(pb.ModelReadyRequest(name=model), timeout=timeout_s).ready
     except grpc.RpcError as exc:
-        return Health(False, f"Triton unreachable ({exc.code().name})", time.monotonic() - started,
-                      definite=exc.code().name not in _NOT_DEFINITE)
+        return failed_rpc(model, exc.code().name, exc.details() or "", timeout_s, started)
     return Health(ready, "" if ready else f"model {model} is not ready", time.monotonic() - started)
 
 

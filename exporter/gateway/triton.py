@@ -18,7 +18,7 @@ from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc.service_pb2_grpc import GRPCInferenceServiceStub
 from tritonclient.utils import serialize_byte_tensor, triton_to_np_dtype
 
-from ..health import CHANNEL_OPTIONS, HEALTH_INPUT, Health, health_request, read_health_response
+from ..health import CHANNEL_OPTIONS, HEALTH_INPUT, Health, failed_rpc, health_request, read_health_response
 from .models import ServedModel
 
 _GRPC_OPTIONS = [("grpc.max_send_message_length", 64 << 20), ("grpc.max_receive_message_length", 64 << 20),
@@ -214,11 +214,7 @@ class TritonClient:
                 pass
             return answer
         except grpc.aio.AioRpcError as exc:
-            if exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
-                return Health(False, f"model {model.name} did not answer a health check within {timeout_s:g} s",
-                              time.monotonic() - started, definite=False)
-            return Health(False, f"Triton at {self.url} unreachable: {exc.code().name}", time.monotonic() - started,
-                          definite=exc.code() is not grpc.StatusCode.UNAVAILABLE)
+            return failed_rpc(model.name, exc.code().name, f"{self.url}: {exc.details() or ''}", timeout_s, started)
 
     def abort(self, model: str, why: str) -> int:
         """End every call in flight to `model`: each raises TritonError(why, 503) to its reader. Returns how many."""
