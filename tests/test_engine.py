@@ -284,6 +284,49 @@ def test_serving_graph_computes_what_the_generic_graph_does(tiny, variant):
         assert float(np.abs(got - want).max()) < 0.01
 
 
+def test_serving_graph_without_an_lm_head_matmul_and_what_it_refuses():
+    """A graph whose logits come from no MatMul by a constant gets the Gather on the output itself (the same values);
+    a graph without a KV cache, or with ONNX Runtime's own ops (the fused graph), is refused in one line."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from exporter.engine.serving_graph import engine_graph
+
+    def graph(nodes, domain_ops=()):
+        past = helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT, ["batch", 2, "past", 4])
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "sequence", 8])
+        outs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", 8]),
+                helper.make_tensor_value_info("present.0.key", TensorProto.FLOAT, ["batch", 2, "past", 4])]
+        return helper.make_model(helper.make_graph(nodes, "g", [past, x], outs), opset_imports=[
+            helper.make_opsetid("", 21), *[helper.make_opsetid(d, 1) for d in domain_ops]])
+
+    plain = graph([helper.make_node("Relu", ["x"], ["logits"]),
+                   helper.make_node("Identity", ["past_key_values.0.key"], ["present.0.key"])])
+    served, info = engine_graph(plain, "fp16")
+    assert (info.logits, info.logits_gather) == ("last", "output")
+    onnx.checker.check_model(served, full_check=True)
+    x = np.random.default_rng(0).standard_normal((2, 5, 8)).astype(np.float32)
+    past = np.random.default_rng(1).standard_normal((2, 2, 3, 4)).astype(np.float16)
+    logits, present = ort.InferenceSession(served.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x, "past_key_values.0.key": past})
+    assert np.array_equal(logits, np.maximum(x, 0)[:, -1:]) and present.dtype == np.float16
+    assert np.array_equal(present, past)
+
+    no_cache = helper.make_model(helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["logits"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", "s", 8])]))
+    with pytest.raises(BadInput, match="for decoders with a KV cache"):
+        engine_graph(no_cache, "fp16")
+    fused = graph([helper.make_node("Gelu", ["x"], ["logits"], domain="com.microsoft"),
+                   helper.make_node("Identity", ["past_key_values.0.key"], ["present.0.key"])], ["com.microsoft"])
+    with pytest.raises(BadInput, match="non-standard ops"):
+        engine_graph(fused, "fp16")
+    with pytest.raises(BadInput, match="KV-cache dtype 'bf16'"):
+        engine_graph(plain, "bf16")
+
+
 @rtx[0]
 @rtx[1]
 def test_serving_graph_with_external_weights_and_the_generic_option(own_tiny):

@@ -159,7 +159,7 @@ def _last_position(graph: onnx.GraphProto) -> str:
     initializers = {i.name for i in graph.initializer}
     chain: set[str] = {_LOGITS}
     name = _LOGITS
-    target: tuple[onnx.NodeProto, int] | None = None
+    lm_head: onnx.NodeProto | None = None
     while name in producers:
         node = producers[name]
         if node.op_type in _POSITIONWISE:
@@ -167,15 +167,14 @@ def _last_position(graph: onnx.GraphProto) -> str:
             chain.add(name)
             continue
         if node.op_type == "MatMul" and _is_constant(node.input[1], initializers, producers):
-            target = (node, 0)
+            lm_head = node
         break
     graph.initializer.append(helper.make_tensor(LAST_POSITION, TensorProto.INT64, [1], [-1]))
-    if target is not None:
-        node, slot = target
-        hidden = node.input[slot]
+    if lm_head is not None:
+        hidden = lm_head.input[0]
         picked = f"{hidden}/last_position"
-        node.input[slot] = picked
-        index = list(graph.node).index(node)
+        lm_head.input[0] = picked
+        index = list(graph.node).index(lm_head)
         graph.node.insert(index, helper.make_node("Gather", [hidden, LAST_POSITION], [picked], axis=1,
                                                   name="r1deploy/last_position"))
         where = f"lm_head input {hidden}"
@@ -214,6 +213,8 @@ def engine_graph(model: onnx.ModelProto, kv_dtype: str) -> tuple[onnx.ModelProto
     _cache_inputs(out.graph, target, types)
     _cache_outputs(out.graph, target, types)
     where = _last_position(out.graph)
+    produced = {o for n in out.graph.node for o in n.output}
+    _drop_value_info(out.graph, {v.name for v in out.graph.value_info} - produced)  # the removed Casts' tensors
     return out, EngineGraph("serving", "last", kv_dtype, where, SERVING_GRAPH_VERSION)
 
 
