@@ -174,6 +174,16 @@ def _slots(onnx_path: Path):
     return session, slots, dtype
 
 
+def _plan_kv_dtype(plan: Path, default: str) -> str:
+    """The plan's cache element type, from its engine.json: the engine stage's serving graph keeps the cache in the
+    compute dtype (float16 for fp16 and int4), which is not the ONNX's (FP32 IO) — docs/engines.md."""
+    try:
+        meta = json.loads((plan.parent / "engine.json").read_text())
+        return next(t["dtype"] for t in meta["inputs"] if t["name"].startswith("past_key_values."))
+    except (OSError, ValueError, KeyError, StopIteration):
+        return default
+
+
 def _prompts(n: int, vocab: int, seed: int) -> list[list[int]]:
     rng = np.random.default_rng(seed)
     return [[int(x) for x in rng.integers(5, min(vocab, 30000), PROMPT_TOKENS)] for _ in range(n)]
@@ -225,12 +235,13 @@ def _level(run, max_batch, slots, dtype, level: int, vocab: int) -> dict:
             "ttft_p99_ms": _pct(ttft, 99), "itl_p99_ms": _pct(itl, 99)}
 
 
-def greedy_check(run, session, slots, dtype, vocab: int) -> str:
-    """The plan's greedy tokens against ONNX Runtime on the CPU, same ONNX, two prompts of 16 tokens."""
+def greedy_check(run, run_dtype, session, slots, dtype, vocab: int) -> str:
+    """The plan's greedy tokens (its cache in `run_dtype`) against ONNX Runtime on the CPU, same ONNX (its cache in
+    `dtype`), two prompts of 16 tokens."""
     import llm_scheduler as ls
     from kv_padded import PaddedKVEngine
 
-    def tokens(r):
+    def tokens(r, dtype):
         limits = ls.Limits(max_rows=2, kv_budget_tokens=1024, max_queue=4, max_sequence_len=512)
         sched = ls.Scheduler(PaddedKVEngine(r, slots, dtype, 2), limits, set())
         seqs = [ls.Sequence(p, ls.SamplingParams(max_tokens=16, ignore_eos=True), ls.TextStream(lambda ids: "", []))
@@ -241,7 +252,7 @@ def greedy_check(run, session, slots, dtype, vocab: int) -> str:
             sched.step()
         return [s.tokens for s in seqs]
 
-    got, ref = tokens(run), tokens(lambda feeds, outs: session.run(outs, feeds))
+    got, ref = tokens(run, run_dtype), tokens(lambda feeds, outs: session.run(outs, feeds), dtype)
     if got == ref:
         return "greedy = ORT CPU (2×16 tokens)"
     first = next(i for i, (a, b) in enumerate(zip(sum(got, []), sum(ref, []), strict=False)) if a != b)
@@ -280,8 +291,9 @@ def run_model(model: str, gpu: Gpu, args, work: Path, profiles: Path) -> list[Ro
     else:
         try:
             run, max_batch = load_runner("tensorrt_rtx", plan, {}, 0)
-            note = f"built in {build_s:.0f} s; " + greedy_check(run, session, slots, dtype, vocab)
-            for r in sweep_inprocess(run, max_batch, slots, dtype, args.levels, vocab):
+            plan_dtype = _plan_kv_dtype(plan, dtype)
+            note = f"built in {build_s:.0f} s; " + greedy_check(run, plan_dtype, session, slots, dtype, vocab)
+            for r in sweep_inprocess(run, max_batch, slots, plan_dtype, args.levels, vocab):
                 rows.append(Row(model, "tensorrt_rtx in-process (TensorRTRunner)", note=note, **r))
                 note = ""
         except (MissingRuntime, RuntimeError, OSError) as exc:

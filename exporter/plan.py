@@ -16,11 +16,14 @@ The accounting follows what r1deploy writes, not an idealised deployment:
   stay FP32 — the INT4 variant is derived from the FP32 export.
 * KV cache per token: 2 · layers · kv_heads · head_dim elements for GQA/MHA; for DeepseekV3's MLA the compressed
   latent that transformers caches, layers · (kv_lora_rank + qk_rope_head_dim). The element type is the cache
-  IO of the served graph (`kv_dtype`): FP32 for the generic graph unless `quantize --fp16-io`, FP16 for the fused
-  graph's fp16 variant (the repository stage reads it from the graph it serves).
+  IO of the served graph (`kv_dtype`, `default_kv_dtype`): for r1deploy's TensorRT engines (the `serving` graph,
+  exporter/engine/serving_graph.py) the compute dtype's storage — FP16 for fp16 and int4, FP32 for fp32; FP32 for
+  the generic ONNX graph as exported and quantized (unless `quantize --fp16-io`); FP16 for the fused graph's fp16
+  variant (the repository stage reads it from the graph it serves).
 * serving memory per GPU: weights + KV for max_batch_size × max_sequence_len + the activations of one max-length
-  prefill (`prefill_activation_bytes`) + its logits (FP32; every prompt position for the generic graph, the last
-  one for the fused graph, which takes `logits_index`) + a fixed allowance for the CUDA context and Triton.
+  prefill (`prefill_activation_bytes`) + its logits (FP32; the last position for the TensorRT engines' serving graph
+  and for the fused graph, which takes `logits_index`; every prompt position for the generic graph) + a fixed
+  allowance for the CUDA context and Triton.
   The builder workspace is counted where it is used: the engine build (weights + workspace + the allowance), which
   may run on the node's GPU before serving but not at the same time; a GPU must hold both, not their sum. One GPU
   holds one whole replica: plain TensorRT engines (what the engine stage builds) have no tensor or pipeline
@@ -49,7 +52,10 @@ GIB = 1 << 30
 # CUDA context, cuBLAS/cuDNN handles and Triton's own per-GPU allocations: the usual ~0.5-1 GiB, taken at the top.
 RUNTIME_ALLOWANCE_BYTES = 1 * GIB
 DTYPE_BYTES = {"fp32": 4, "fp16": 2}
-GRAPHS = ("generic", "fused")  # exporter.export.GraphForm: which graph is served decides the logits' positions
+# Which graph is served decides the logits' positions and the default KV-cache type: serving (what r1deploy's engine
+# stage hands TensorRT, exporter/engine/serving_graph.py), generic (the ONNX variant as exported and quantized, as
+# ONNX Runtime runs it), fused (exporter/fused_graph.py, ONNX Runtime).
+GRAPHS = ("serving", "generic", "fused")
 SUPPORTED_MODEL_TYPES = ("qwen2", "llama", "mistral", "deepseek_v3")
 
 
@@ -341,24 +347,39 @@ class PlanConfig:
     shape: ModelShape
     profile: DeploymentProfile
     precision: Optional[Precision] = None  # default: the profile's
-    kv_dtype: str = "fp32"  # the served graph's cache IO (fp16 with `quantize --fp16-io`, or the fused fp16 variant)
-    graph: str = "generic"  # generic (TensorRT: logits at every prompt position) | fused (logits at the last)
+    kv_dtype: Optional[str] = None  # the served graph's cache IO; default: the graph's (`default_kv_dtype`)
+    graph: str = "serving"  # serving (r1deploy's TensorRT engines) | generic | fused: see GRAPHS
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precision", Precision(self.precision or self.profile.precision))
-        if self.kv_dtype not in DTYPE_BYTES:
+        if self.kv_dtype is not None and self.kv_dtype not in DTYPE_BYTES:
             raise BadInput(f"kv dtype {self.kv_dtype!r} is not one of {', '.join(DTYPE_BYTES)}")
         if self.graph not in GRAPHS:
             raise BadInput(f"graph {self.graph!r} is not one of {', '.join(GRAPHS)}")
         if not self.profile.gpu.memory_bandwidth_gb_s:
             raise BadInput(f"profile {self.profile.name!r}: gpu.memory_bandwidth_gb_s is not set (needed for the decode bound)")
 
+    @property
+    def kv(self) -> str:
+        """The KV-cache element type planned: the one given, else the graph's default."""
+        return self.kv_dtype or default_kv_dtype(self.graph, self.precision)
+
+
+def default_kv_dtype(graph: str, precision: Precision | str) -> str:
+    """The cache IO type each graph has when nothing overrides it: the serving graph's is the compute dtype's
+    storage (`Precision.engine_kv_dtype`: FP16 for fp16 and int4); the generic graph keeps FP32 IO (the quantize
+    stage's keep_io_types); the fused graph's fp16 variant has an FP16 cache, its fp32 and int4 variants FP32."""
+    precision = Precision(precision)
+    if graph == "serving":
+        return precision.engine_kv_dtype
+    return "fp16" if graph == "fused" and precision is Precision.FP16 else "fp32"
+
 
 @dataclass(frozen=True)
 class MemoryPerGpu:
     weights: int
     kv_cache: int
-    logits: int  # one max-length prefill's FP32 logits (every position: generic graph; the last: fused)
+    logits: int  # one max-length prefill's FP32 logits (every position: generic graph; the last: serving, fused)
     activations: int  # one max-length prefill's working set (prefill_activation_bytes)
     workspace: int  # the builder workspace the profile allows the engine: counted in `build`, not in `total`
     runtime: int  # CUDA context + Triton
@@ -378,7 +399,7 @@ class CapacityPlan:
     weights: WeightBytes
     kv_dtype: str
     kv_bytes_per_token: int
-    graph: str  # which graph is served: generic | fused
+    graph: str  # which graph is served: serving | generic | fused
     max_batch_size: int  # the profile's
     max_sequence_len: int
     memory_at_limits: MemoryPerGpu  # at the profile's max_batch_size × max_sequence_len
@@ -451,8 +472,9 @@ def prefill_activation_bytes(shape: ModelShape, tokens: int, dtype_bytes: int) -
     return dtype_bytes * tokens * per_token
 
 
-def logits_bytes(shape: ModelShape, tokens: int, graph: str = "generic") -> int:
-    """FP32 logits of one prefill: every position for the generic graph, the last for the fused graph."""
+def logits_bytes(shape: ModelShape, tokens: int, graph: str = "serving") -> int:
+    """FP32 logits of one prefill: every position for the generic graph, the last for the serving and fused graphs
+    (the serving graph gathers the last position before the LM head, so the [tokens, vocab] product never exists)."""
     return 4 * (tokens if graph == "generic" else 1) * shape.vocab_size
 
 
@@ -507,7 +529,7 @@ def _fixed(shape: ModelShape, profile: DeploymentProfile, w: WeightBytes, precis
 def _evaluate(cfg: PlanConfig, alternatives: list[str]) -> CapacityPlan:
     shape, profile = cfg.shape, cfg.profile
     w = weight_bytes(shape, cfg.precision, profile.quantization)
-    kv_tok = shape.kv_elements_per_token() * DTYPE_BYTES[cfg.kv_dtype]
+    kv_tok = shape.kv_elements_per_token() * DTYPE_BYTES[cfg.kv]
     seq = profile.max_sequence_len
     gpu_bytes = profile.gpu.memory_gib * GIB
     fixed = _fixed(shape, profile, w, cfg.precision, cfg.graph)
@@ -537,7 +559,7 @@ def _evaluate(cfg: PlanConfig, alternatives: list[str]) -> CapacityPlan:
     return CapacityPlan(
         model=shape.name, profile=profile.name, gpu=profile.gpu.product, gpu_memory_bytes=gpu_bytes,
         gpus_per_pod=profile.gpus_per_pod, precision=cfg.precision.value, parameters=shape.parameters, weights=w,
-        kv_dtype=cfg.kv_dtype, kv_bytes_per_token=kv_tok, graph=cfg.graph, max_batch_size=profile.max_batch_size,
+        kv_dtype=cfg.kv, kv_bytes_per_token=kv_tok, graph=cfg.graph, max_batch_size=profile.max_batch_size,
         max_sequence_len=seq, memory_at_limits=at_limits, fits=at_limits.total <= gpu_bytes and buildable,
         max_concurrent_sequences=int(max_seqs), planned_batch=int(planned), kv_budget_tokens=int(kv_budget),
         gpus_per_replica=gpus, decode_tokens_per_s_batch1=round(tps1, 1), decode_tokens_per_s_planned=round(tpsb, 1),
@@ -583,10 +605,12 @@ def _variant_precision(onnx_variant: str) -> Precision:
     return Precision(onnx_variant.split("-")[0])
 
 
-def plan_for_variant(config_json: Path, profile: DeploymentProfile, onnx_variant: str, kv_dtype: str) -> CapacityPlan:
-    """The repository stage's plan: the exported checkpoint's config.json, the ONNX variant actually served and its
-    KV-cache element type. BadInput (exit 2, with the numbers) when not one sequence fits."""
-    graph = "fused" if onnx_variant.endswith("-fused") else "generic"
+def plan_for_variant(config_json: Path, profile: DeploymentProfile, onnx_variant: str, kv_dtype: str,
+                     graph: Optional[str] = None) -> CapacityPlan:
+    """The repository stage's plan: the exported checkpoint's config.json, the ONNX variant actually served, its
+    KV-cache element type and the graph that runs it (default: fused for a fused variant, else generic). BadInput
+    (exit 2, with the numbers) when not one sequence fits."""
+    graph = graph or ("fused" if onnx_variant.endswith("-fused") else "generic")
     plan = plan_capacity(PlanConfig(load_shape(config_json), profile, _variant_precision(onnx_variant), kv_dtype, graph))
     ensure_deployable(plan)
     return plan

@@ -148,26 +148,31 @@ def test_fit_batch_and_kv_budget_follow_the_memory_left():
     left = big.gpu_memory_bytes - (big.memory_at_limits.total - big.memory_at_limits.kv_cache)
     assert big.planned_batch == left // (big.kv_bytes_per_token * big.max_sequence_len)
     assert scheduler_limits(big) == {"max_rows": big.planned_batch, "kv_budget_tokens": big.kv_budget_tokens}
-    # FP16 halves the KV per token and so (about) doubles the batch that fits
-    fp16_kv = plan_capacity(PlanConfig(load_shape("r1-distill-qwen-14b"), production, Precision.FP16, kv_dtype="fp16"))
-    assert fp16_kv.kv_bytes_per_token * 2 == big.kv_bytes_per_token
-    assert fp16_kv.planned_batch >= 2 * big.planned_batch - 1
+    # the engines' serving graph keeps an FP16 cache for an FP16 model; an FP32 one (--kv-dtype fp32) doubles the KV
+    # per token and so (about) halves the batch that fits
+    assert big.kv_dtype == "fp16"
+    fp32_kv = plan_capacity(PlanConfig(load_shape("r1-distill-qwen-14b"), production, Precision.FP16, kv_dtype="fp32"))
+    assert fp32_kv.kv_bytes_per_token == 2 * big.kv_bytes_per_token
+    assert big.planned_batch >= 2 * fp32_kv.planned_batch - 1
 
 
 def test_serving_memory_counts_one_prefill_and_the_build_counts_the_workspace():
     """Serving = weights + KV + one max prefill's activations and logits + runtime; the builder workspace belongs to
-    the engine build, which must fit the GPU on its own. The fused graph's logits are the last position's."""
+    the engine build, which must fit the GPU on its own. The engines' serving graph and the fused graph hold the last
+    position's logits; the generic graph every prompt position's."""
     production = get_profile("production")
     shape = load_shape("r1-distill-qwen-7b")
-    p = plan_capacity(PlanConfig(shape, production, Precision.FP16, kv_dtype="fp16"))
+    p = plan_capacity(PlanConfig(shape, production, Precision.FP16))
     m = p.memory_at_limits
     assert m.total == m.weights + m.kv_cache + m.logits + m.activations + m.runtime
     assert m.build == m.weights + m.workspace + m.runtime and m.workspace == 16 * GIB
-    assert m.logits == 4 * production.max_input_len * shape.vocab_size  # generic: every prompt position
+    assert (p.graph, m.logits) == ("serving", 4 * shape.vocab_size)  # the last position only
     h, i = shape.hidden_size, shape.intermediate_size
     q, kv = shape.num_heads * shape.head_dim, shape.num_kv_heads * shape.head_dim
     assert m.activations == 2 * production.max_input_len * (3 * h + 2 * q + 2 * kv + 3 * i)  # FP16, no scores
-    fused = plan_capacity(PlanConfig(shape, production, Precision.FP16, kv_dtype="fp16", graph="fused"))
+    generic = plan_capacity(PlanConfig(shape, production, Precision.FP16, kv_dtype="fp16", graph="generic"))
+    assert generic.memory_at_limits.logits == 4 * production.max_input_len * shape.vocab_size  # every position
+    fused = plan_capacity(PlanConfig(shape, production, Precision.FP16, graph="fused"))
     assert fused.memory_at_limits.logits == 4 * shape.vocab_size
     assert fused.memory_at_limits.activations == m.activations  # no S × S attention matrix in either
     # a bigger workspace changes the build, not what serving holds …
@@ -180,6 +185,21 @@ def test_serving_memory_counts_one_prefill_and_the_build_counts_the_workspace():
     assert none.planned_batch == 0 and not none.fits and "engine build needs" in none.refusal()
     with pytest.raises(BadInput, match="graph"):
         PlanConfig(shape, production, Precision.FP16, graph="traced")
+
+
+@pytest.mark.parametrize("graph,precision,kv", [
+    ("serving", "fp16", "fp16"), ("serving", "int4", "fp16"), ("serving", "fp32", "fp32"),
+    ("generic", "fp16", "fp32"), ("generic", "int4", "fp32"), ("fused", "fp16", "fp16"), ("fused", "int4", "fp32"),
+])
+def test_kv_dtype_defaults_to_the_served_graphs_cache_io(graph, precision, kv):
+    """What each graph's cache IO is when nothing overrides it: the engines' serving graph stores the cache in the
+    compute dtype (FP16 for fp16 and int4: exporter/engine/serving_graph.py), the generic graph as exported and
+    quantized keeps FP32 IO, the fused graph's fp16 variant has an FP16 cache. `kv_dtype` overrides it."""
+    shape, edge = load_shape("r1-distill-qwen-7b"), get_profile("edge")
+    p = plan_capacity(PlanConfig(shape, edge, Precision(precision), graph=graph))
+    assert p.kv_dtype == kv and p.kv_bytes_per_token == shape.kv_elements_per_token() * {"fp16": 2, "fp32": 4}[kv]
+    other = {"fp16": "fp32", "fp32": "fp16"}[kv]
+    assert plan_capacity(PlanConfig(shape, edge, Precision(precision), other, graph)).kv_dtype == other
 
 
 def test_a_model_that_cannot_fit_is_refused_with_the_numbers_and_what_would_fit():
@@ -251,11 +271,13 @@ def test_cli_json_every_profile_and_one_line_errors(r1):
     assert 0 < fp16_prod["planned_batch"] < 64 and fp16_prod["weights"]["total"] > 60 * GIB
     edge_fp16 = next(p for p in plans if (p["profile"], p["precision"]) == ("edge", "fp16"))
     assert edge_fp16["planned_batch"] == 0
-    # … which an FP16 cache and last-position logits (the fused graph's) about double
-    res16 = r1("--json", "plan", "--model", "r1-distill-qwen-32b", "--profile", "production", "--kv-dtype", "fp16",
-               "--graph", "fused")
-    assert res16.returncode == 0, res16.stderr
-    assert json.loads(res16.stdout)["plans"][0]["planned_batch"] >= 2 * fp16_prod["planned_batch"]
+    assert (fp16_prod["graph"], fp16_prod["kv_dtype"], fp16_prod["memory_at_limits"]["logits"]) == (
+        "serving", "fp16", 4 * 152064)
+    # … which the generic graph (an FP32 cache, logits at every prompt position: 2.3 GiB) more than halves
+    generic = r1("--json", "plan", "--model", "r1-distill-qwen-32b", "--profile", "production", "--graph", "generic")
+    assert generic.returncode == 0, generic.stderr
+    g = json.loads(generic.stdout)["plans"][0]
+    assert g["kv_dtype"] == "fp32" and 2 * g["planned_batch"] <= fp16_prod["planned_batch"]
     bad = r1("plan", "--model", "no-such-model")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "Traceback" not in bad.stderr
 
@@ -297,11 +319,13 @@ def test_repository_caps_the_batch_at_what_fits_and_refuses_what_cannot(tmp_path
     probe = plan_capacity(PlanConfig(shape, base, Precision.FP32))
     m = probe.memory_at_limits
     # The serving memory (not the builder workspace, which the build uses before serving) decides the batch:
-    # a longer prompt limit grows the prefill's activations and logits until 2.5 sequences' KV are left.
-    # GPU = runtime + weights + a·I (prefill, linear in I on the generic graph) + 2.5 · kv_token · (I + O)
-    a = (m.logits + m.activations) / base.max_input_len
+    # a longer prompt limit grows the prefill's activations until 2.5 sequences' KV are left.
+    # GPU = runtime + weights + logits (the last position's: the engine's serving graph) + a·I (activations, linear
+    # in I) + 2.5 · kv_token · (I + O)
+    a = m.activations / base.max_input_len
     kv_tok, out_len = probe.kv_bytes_per_token, base.max_output_len
-    max_input = int((base.gpu.memory_gib * GIB - m.runtime - m.weights - 2.5 * kv_tok * out_len) / (a + 2.5 * kv_tok))
+    fixed = m.runtime + m.weights + m.logits
+    max_input = int((base.gpu.memory_gib * GIB - fixed - 2.5 * kv_tok * out_len) / (a + 2.5 * kv_tok))
     small = dataclasses.replace(base, name="small-gpu", max_input_len=max_input)
     r = write_repository(RepositoryConfig(model="r1-distill-tiny", profile=small, workdir=session_workdir,
                                           onnx_variant="fp32", out=tmp_path / "repo"))
@@ -348,4 +372,4 @@ def test_manifests_refuse_a_model_that_fits_no_gpu_and_size_memory_from_the_weig
     capacity = json.loads(cm["data"]["capacity.json"])
     int4_profile = load_profiles(int4)["production"]
     expected = plan_capacity(PlanConfig(load_shape("r1-distill-llama-70b"), int4_profile))
-    assert capacity["scheduler"] == scheduler_limits(expected) and capacity["scheduler"]["max_rows"] == 10
+    assert capacity["scheduler"] == scheduler_limits(expected) and capacity["scheduler"]["max_rows"] == 22

@@ -186,15 +186,23 @@ def test_intra_op_threads_follow_the_model_size(tmp_path):
     assert intra_op_threads_for(RepositoryConfig(profile="edge", variant="python_ort", intra_op_threads=3), [graph, data]) == 3
 
 
-def _fake_engine(workdir: Path, profile: str, max_batch: int, runtime: str) -> None:
+def _fake_engine(workdir: Path, profile: str, max_batch: int, runtime: str, serving_fp16: bool = False) -> None:
+    """An engine.json (and a stand-in plan) for the fp32 export's IO — or, `serving_fp16`, for the serving graph of
+    an fp16 engine: FP16 cache IO, logits [batch, 1, vocab]."""
     from exporter.engine import EngineMetadata
     from exporter.engine.shapes import ShapeProfile, ShapeRange
 
     io = onnx_io(workdir / "r1-distill-tiny/onnx/fp32/model.onnx", "")
     prof = load_profiles()[profile]
 
+    def dtype(t) -> str:
+        if t.data_type != "TYPE_FP32":
+            return "int64"
+        return "float16" if serving_fp16 and t.name.startswith(("past_key_values.", "present.")) else "float32"
+
     def tensors(ts):
-        return [{"name": t.name, "dtype": "float32" if t.data_type == "TYPE_FP32" else "int64", "shape": list(t.shape)} for t in ts]
+        return [{"name": t.name, "dtype": dtype(t),
+                 "shape": [-1, 1, t.shape[2]] if serving_fp16 and t.name == "logits" else list(t.shape)} for t in ts]
 
     shape = ShapeProfile("generation", {t.name: ShapeRange([1] * len(t.shape), [1] * len(t.shape), [max_batch] * len(t.shape)) for t in io.inputs})
     meta = {
@@ -205,6 +213,8 @@ def _fake_engine(workdir: Path, profile: str, max_batch: int, runtime: str) -> N
         "max_batch_size": max_batch, "shape_profiles": [shape], "inputs": tensors(io.inputs), "outputs": tensors(io.outputs),
         "optimization_level": 3, "workspace_bytes": 1, "timing_cache": {"supported": False}, "build_seconds": 0.0, "reproduce": [],
     }
+    if serving_fp16:
+        meta.update(precision="fp16", graph={"form": "serving", "logits": "last", "kv_dtype": "fp16", "version": 1})
     from exporter.core.typed import from_data, to_data
 
     engine_dir = workdir / "r1-distill-tiny/engines" / profile
@@ -357,6 +367,31 @@ def test_text_stream_matches_whole_decode_with_a_real_tokenizer(tmp_path):
 
 
 @pytest.mark.rtx
+def test_the_engines_io_types_reach_llm_and_generate(workdir, tmp_path):
+    """Issue 19: an engine built from the serving graph (FP16 cache IO, logits for the last position) is described
+    by its engine.json, not by the ONNX's FP32 IO: the `llm` tensorrt_plan config declares FP16 past/present and
+    logits [1, vocab], and the generate model keeps its cache as float16. Without an engine the repository
+    describes the engine build-engine would make from the variant it uses (its serving graph)."""
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    wd = private_workdir(workdir, tmp_path / "wd", "r1-distill-tiny")
+    _fake_engine(wd, "research", max_batch=4, runtime="tensorrt", serving_fp16=True)
+    r = write_repository(RepositoryConfig(model="r1-distill-tiny", profile="research", workdir=wd, out=tmp_path / "r"))
+    llm = parse((r.out / "llm/config.pbtxt").read_text(), "llm")
+    types = {t.name: (t.data_type, list(t.dims)) for t in [*llm.input, *llm.output]}
+    assert types["past_key_values.0.key"][0] == types["present.1.value"][0] == mc.TYPE_FP16
+    assert types["logits"] == (mc.TYPE_FP32, [1, 1024])
+    gen = parse((r.out / "generate/config.pbtxt").read_text(), "generate")
+    assert json.loads(gen.parameters["kv_cache"].string_value)["dtype"] == "float16"
+    # no engine: the fp32 variant's serving graph (FP32 cache, the last position's logits)
+    shutil.rmtree(wd / "r1-distill-tiny/engines")
+    r = write_repository(RepositoryConfig(model="r1-distill-tiny", profile="research", workdir=wd, out=tmp_path / "n"))
+    llm = parse((r.out / "llm/config.pbtxt").read_text(), "llm")
+    types = {t.name: (t.data_type, list(t.dims)) for t in [*llm.input, *llm.output]}
+    assert types["logits"] == (mc.TYPE_FP32, [1, 1024]) and types["past_key_values.0.key"][0] == mc.TYPE_FP32
+    assert r.io_source == "the serving graph of onnx/fp32/model.onnx (build-engine's)"
+
+
 def test_real_engine_is_placed_with_its_metadata(workdir, tmp_path, monkeypatch):
     """A TensorRT-RTX engine built by the engine stage (no GPU needed to build): the repository takes its IO and
     max_batch_size from engine.json and copies the plan."""
@@ -372,6 +407,8 @@ def test_real_engine_is_placed_with_its_metadata(workdir, tmp_path, monkeypatch)
     assert r.io_source == "engines/edge/engine.json" and not r.missing and r.onnx_variant == meta.onnx_variant
     assert r.max_batch_size <= meta.max_batch_size
     assert _runner_inputs(gen) == ({t.name for t in meta.inputs}, {t.name for t in meta.outputs})
+    past = next(t for t in meta.inputs if t.name.startswith("past_key_values."))
+    assert meta.graph.form == "serving" and json.loads(gen.parameters["kv_cache"].string_value)["dtype"] == past.dtype
     plan = r.out / gen.parameters["engine_file"].string_value  # generate.py resolves it from the repository root
     assert plan.stat().st_size == meta.engine_bytes
     # the generate model's runner (the copy placed beside it), from this config and this real plan: no GPU here,

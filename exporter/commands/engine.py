@@ -7,6 +7,8 @@ import click
 from ..core.profiles import Precision, Runtime
 from ..core.ui import out as console
 from ..engine import EngineConfig, EngineResult, build_engine, plan_build, trtexec_command
+from ..engine.builder import graph_command
+from ..engine.metadata import ENGINE_GRAPHS
 from ..engine.trtexec import shell_line
 from .common import App, emit, force_option, model_options, pass_app, profile_option
 
@@ -16,7 +18,8 @@ class TrtexecCommand:
     model: str
     deployment_profile: str
     argv: list[str]
-    shell: str
+    shell: str  # graph_argv (when there is one) && argv
+    graph_argv: list[str]  # writes the serving graph `argv` reads; [] for the generic graph
 
 
 def _human(r: EngineResult) -> None:
@@ -30,6 +33,11 @@ def _human(r: EngineResult) -> None:
         f"({r.engine_bytes / 1e6:.1f} MB)"
     )
     console.print(f"  shape profiles: {', '.join(r.shape_profiles)}; max batch {r.max_batch_size}")
+    g = r.graph
+    if g.form == "serving":
+        console.print(f"  graph: serving — logits at the last position only, KV cache IO {g.kv_dtype}")
+    elif g.logits:
+        console.print(f"  graph: generic — logits at every position, KV cache IO {g.kv_dtype}")
     tc = r.timing_cache
     console.print(f"  timing cache: {tc.path + f' ({tc.loaded_bytes} B loaded)' if tc.supported else tc.note}")
     for w in r.warnings:
@@ -52,13 +60,17 @@ def _human(r: EngineResult) -> None:
 @click.option("--prepare/--no-prepare", default=True, show_default=True,
               help="First run the stages the engine is built from (export, then the profile's quantization), each "
                    "skipped when up to date; --no-prepare builds only from ONNX already on disk.")
+@click.option("--engine-graph", "graph", type=click.Choice(ENGINE_GRAPHS), default=None,
+              help="What TensorRT is given for a decoder: serving (logits at the last position only, KV cache IO in "
+                   "the compute dtype: fp16 for fp16 and int4) or generic (the ONNX variant as it is: logits at every "
+                   "position, its own cache IO) [default: serving for decoders].")
 @click.option("--no-timing-cache", is_flag=True, help="Neither load nor save the timing cache.")
 @click.option("--print-trtexec", is_flag=True,
               help="Print the equivalent trtexec (TensorRT) / tensorrt_rtx (TensorRT-RTX) command and exit without building.")
 @force_option
 @pass_app
 def command(app: App, model, allow_pickle, trust_remote_code, profile_name, runtime, precision, optimization_level,
-            workspace_gib, hardware_compatible, prepare, no_timing_cache, print_trtexec, force):
+            workspace_gib, hardware_compatible, prepare, graph, no_timing_cache, print_trtexec, force):
     """Build a TensorRT / TensorRT-RTX engine for a deployment profile from the quantized ONNX.
 
     The engine's TensorRT shape profiles (min/opt/max) come from the deployment profile's batch and length limits.
@@ -68,12 +80,13 @@ def command(app: App, model, allow_pickle, trust_remote_code, profile_name, runt
     cfg = EngineConfig(
         model=model, profile=app.profile(profile_name), workdir=app.workdir, runtime=runtime, precision=precision,
         optimization_level=optimization_level, workspace_gib=workspace_gib, hardware_compatible=hardware_compatible,
-        timing_cache=not no_timing_cache, force=force, verbose=app.verbose,
+        graph=graph, timing_cache=not no_timing_cache, force=force, verbose=app.verbose,
     )
     if print_trtexec:
         plan = plan_build(cfg)
-        argv = trtexec_command(plan)
-        emit(app, TrtexecCommand(plan.model, plan.deployment_profile, argv, shell_line(argv)),
+        argv, before = trtexec_command(plan), graph_command(plan)
+        shell = " && ".join(shell_line(a) for a in (before, argv) if a)
+        emit(app, TrtexecCommand(plan.model, plan.deployment_profile, argv, shell, before),
              lambda c: click.echo(c.shell))
         return
     upstream, rt = [], None

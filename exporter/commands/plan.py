@@ -7,7 +7,7 @@ from rich.table import Table
 
 from ..core.profiles import Precision
 from ..core.ui import out as console
-from ..plan import GIB, REAL_FAMILY, CapacityPlan, PlanConfig, load_shape, plan_capacity
+from ..plan import GIB, GRAPHS, REAL_FAMILY, CapacityPlan, PlanConfig, load_shape, plan_capacity
 from .common import App, emit, pass_app
 
 
@@ -28,8 +28,9 @@ def _human(r: PlanReport) -> None:
         first = plans[0]
         n = first.parameters
         size = f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
-        table = Table(title=f"{model}: {size} parameters, KV {first.kv_bytes_per_token / 1024:.1f} "
-                            f"KiB/token ({first.kv_dtype})", title_justify="left")
+        kv = sorted({(p.kv_bytes_per_token, p.kv_dtype) for p in plans})
+        kv_text = ", ".join(f"{b / 1024:.1f} KiB/token ({d})" for b, d in kv)
+        table = Table(title=f"{model}: {size} parameters, KV {kv_text}, {first.graph} graph", title_justify="left")
         for col in ("profile", "precision", "weights", "GPU memory at limits", "fits", "max seqs", "batch",
                     "GPUs/replica", "tok/s b=1", "tok/s batch", "SLO tok/s"):
             table.add_column(col, justify="left" if col in ("profile", "precision", "fits") else "right")
@@ -50,7 +51,8 @@ def _human(r: PlanReport) -> None:
                 console.print(f"  [red]{p.profile}/{p.precision}:[/] {p.refusal()}")
     console.print(
         "GPU memory at limits (serving): weights + KV for max batch × (max input + max output) tokens + one max "
-        "prefill's activations and logits + 1 GiB runtime; the engine build (weights + builder workspace + runtime) "
+        "prefill's activations and logits (the last position's on the serving and fused graphs, every position's on "
+        "the generic graph) + 1 GiB runtime; the engine build (weights + builder workspace + runtime) "
         "must fit the GPU too, before serving. max seqs: sequences of that length the memory left holds. "
         "tok/s: decode upper bound per GPU from memory bandwidth (one replica per GPU)."
     )
@@ -63,12 +65,13 @@ def _human(r: PlanReport) -> None:
 @click.option("--profile", "profile_names", multiple=True, help="Deployment profile; repeatable [default: every profile].")
 @click.option("--precision", type=click.Choice(["profile", "all", *[p.value for p in Precision]]), default="profile",
               show_default=True, help="Weights precision: the profile's, one given, or fp16 and int4 side by side (all).")
-@click.option("--kv-dtype", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-              help="KV-cache element type: the served graph's cache IO (fp16 after `quantize --fp16-io`, and for the "
-                   "fused graph's fp16 variant).")
-@click.option("--graph", type=click.Choice(["generic", "fused"]), default="generic", show_default=True,
-              help="The served graph: generic (TensorRT; logits at every prompt position) or fused (ONNX Runtime; "
-                   "logits at the last position only).")
+@click.option("--kv-dtype", type=click.Choice(["fp32", "fp16"]), default=None,
+              help="KV-cache element type [default: the graph's: serving — fp16 for fp16 and int4, fp32 for fp32; "
+                   "generic — fp32 (fp16 after `quantize --fp16-io`); fused — fp16 for its fp16 variant, else fp32].")
+@click.option("--graph", type=click.Choice(GRAPHS), default="serving", show_default=True,
+              help="The served graph: serving (r1deploy's TensorRT engines: logits at the last position only, KV cache "
+                   "in the compute dtype), generic (the ONNX as exported, e.g. `build-engine --engine-graph generic` "
+                   "or ONNX Runtime: logits at every prompt position) or fused (ONNX Runtime; the last position).")
 @pass_app
 def command(app: App, models, profile_names, precision, kv_dtype, graph):
     """Capacity plan from config.json alone: parameters, weight bytes, KV bytes per token, memory per GPU at each

@@ -25,6 +25,13 @@ class Precision(str, enum.Enum):
     FP16 = "fp16"
     INT4 = "int4"
 
+    @property
+    def engine_kv_dtype(self) -> str:
+        """The KV-cache IO element type of r1deploy's TensorRT engines (exporter/engine/serving_graph.py): the compute
+        dtype's storage — FP16 for fp16, and for int4 (FP32 compute of weight-only INT4, the cache stored as FP16);
+        FP32 for fp32."""
+        return "fp32" if self is Precision.FP32 else "fp16"
+
 
 class Runtime(str, enum.Enum):
     TENSORRT = "tensorrt"

@@ -1,6 +1,7 @@
 """Engine stage: ONNX (the variant the quantize stage wrote) → TensorRT or TensorRT-RTX engine.
 
 * `builder`  — `EngineConfig` (every build option), `plan_build`, `build_engine(cfg) -> EngineResult`
+* `serving_graph` — the decoder graph TensorRT is given: logits at the last position, KV cache IO in the compute dtype
 * `shapes`   — TensorRT *shape profiles* (min/opt/max) derived from a *deployment profile*
 * `runtimes` — the lazy adapter over `tensorrt` / `tensorrt_rtx_bindings`
 * `metadata` — `engine.json` (`EngineMetadata.load`) and the portability guard `ensure_compatible`

@@ -5,7 +5,9 @@
     result = build_engine(cfg)     # parse → builder config → build → engine dir (atomic) + timing cache
 
 The network is strongly typed: precision is what the quantize stage wrote into the ONNX variant the deployment
-profile names (`artifacts.profile_onnx_variant`), never a builder flag. Output goes to
+profile names (`artifacts.profile_onnx_variant`), never a builder flag. A decoder's graph is first rewritten for
+serving (`serving_graph`: logits for the last position only, the KV cache IO in the compute dtype); TensorRT parses
+the rewritten bytes, its external weights read from the variant's own directory. Output goes to
 `<workdir>/<model>/engines/<deployment profile>/` (model.plan, engine.json, manifest.json); an unchanged rebuild
 is skipped, `force=True` rebuilds (reusing the timing cache where the runtime has one).
 """
@@ -24,7 +26,15 @@ from ..core.profiles import DeploymentProfile, Precision, Runtime, sm_name
 from ..core.stage import StageOutput
 from ..core.typed import to_data
 from ..core.ui import status
-from .metadata import ENGINE_FILE, METADATA_FILE, EngineMetadata, TensorInfo, TimingCacheInfo
+from .metadata import (
+    ENGINE_FILE,
+    ENGINE_GRAPHS,
+    METADATA_FILE,
+    EngineGraph,
+    EngineMetadata,
+    TensorInfo,
+    TimingCacheInfo,
+)
 from .runtimes import AMPERE_PLUS, TensorRTRuntime, load_runtime
 from .shapes import ShapeProfile, onnx_input_dims, shape_profiles
 from .trtexec import reproduce_command
@@ -46,6 +56,9 @@ class EngineConfig:
     optimization_level: int | None = None  # builder optimization level 0..5; default profile.builder
     workspace_gib: float | None = None  # workspace memory-pool limit; default profile.builder
     hardware_compatible: bool | None = None  # default profile.builder.hardware_compatible
+    # serving: a decoder's graph rewritten for serving (logits at the last position, KV cache IO in the compute
+    # dtype; exporter/engine/serving_graph.py); generic: the ONNX variant as it is. Default: serving for decoders.
+    graph: str | None = None
     timing_cache: bool = True  # load/save <model>/timing-cache/<runtime>-<version>-<SMxx>.cache where supported
     force: bool = False
     verbose: bool = False  # show the runtime's own warnings
@@ -62,6 +75,8 @@ class EngineConfig:
             raise BadInput(f"builder optimization level must be 0..5, got {self.optimization_level}")
         if not (math.isfinite(self.workspace_gib) and self.workspace_gib > 0):  # nan passes `<= 0`
             raise BadInput(f"--workspace-gib must be a number > 0, got {self.workspace_gib}")
+        if self.graph is not None and self.graph not in ENGINE_GRAPHS:
+            raise BadInput(f"engine graph {self.graph!r} is not one of {', '.join(ENGINE_GRAPHS)}")
 
 
 @dataclass(frozen=True)
@@ -82,6 +97,7 @@ class BuildPlan:
     compute_capability: str  # the deployment profile's GPU
     shape_profiles: list[ShapeProfile]
     onnx_input_dtypes: dict[str, str]
+    graph: EngineGraph  # what TensorRT is given: the serving rewrite or the generic graph (form, logits, KV dtype)
     workspace_bytes: int
     optimization_level: int
     hardware_compatible: bool
@@ -101,6 +117,7 @@ class BuildPlan:
             "runtime": self.runtime.value,
             "precision": self.precision,
             "onnx_variant": self.onnx_variant,
+            "graph": {"form": self.graph.form, "kv_dtype": self.graph.kv_dtype, "version": self.graph.version},
             "strongly_typed": True,
             "compute_capabilities": compute_capabilities,
             "hardware_compatible": self.hardware_compatible,
@@ -139,6 +156,8 @@ class EngineResult:
     max_batch_size: int
     timing_cache: TimingCacheInfo
     command: list[str]
+    graph: EngineGraph = field(default_factory=EngineGraph)  # what TensorRT was given (engine.json's `graph`)
+    graph_command: list[str] = field(default_factory=list)  # the step before `command` (a serving graph)
     warnings: list[str] = field(default_factory=list)
     upstream: list[UpstreamStage] = field(default_factory=list)  # export / quantize run first (--prepare)
 
@@ -148,6 +167,23 @@ def _max_position_embeddings(layout: artifacts.ModelLayout) -> int | None:
         return int(json.loads((layout.tokenizer_dir / "config.json").read_text())["max_position_embeddings"])
     except (OSError, ValueError, KeyError, TypeError):
         return None
+
+
+_KV_TYPES = {"float16": "fp16", "float": "fp32"}
+
+
+def _engine_graph(cfg: EngineConfig, kind: str, onnx_dtypes: dict[str, str]) -> EngineGraph:
+    """What TensorRT will be given, decided without rewriting anything (the rewrite runs in `build_engine`)."""
+    from .serving_graph import SERVING_GRAPH_VERSION
+
+    if kind != "decoder":
+        if cfg.graph == "serving":
+            raise BadInput(f"--engine-graph serving rewrites a decoder's logits and KV cache; {cfg.model} is an {kind}")
+        return EngineGraph("generic", "", "")
+    if (cfg.graph or "serving") == "serving":
+        return EngineGraph("serving", "last", Precision(cfg.precision).engine_kv_dtype, "", SERVING_GRAPH_VERSION)
+    past = next((t for n, t in onnx_dtypes.items() if n.startswith("past_key_values.")), "")
+    return EngineGraph("generic", "all", _KV_TYPES.get(past, past))
 
 
 def plan_build(cfg: EngineConfig) -> BuildPlan:
@@ -171,6 +207,7 @@ def plan_build(cfg: EngineConfig) -> BuildPlan:
         raise BadInput(f"no {variant} ONNX for {layout.model} at {onnx_path}; {hint}")
     dims, dtypes = onnx_input_dims(onnx_path)
     kind = report.get("kind", "decoder")
+    graph = _engine_graph(cfg, kind, dtypes)
     max_pos = _max_position_embeddings(layout)
     warnings = []
     if kind == "decoder" and max_pos and profile.max_sequence_len > max_pos:
@@ -195,6 +232,7 @@ def plan_build(cfg: EngineConfig) -> BuildPlan:
         compute_capability=profile.gpu.compute_capability,
         shape_profiles=shape_profiles(kind, dims, profile, max_pos),
         onnx_input_dtypes=dtypes,
+        graph=graph,
         workspace_bytes=int(cfg.workspace_gib * GIB),
         optimization_level=cfg.optimization_level,
         hardware_compatible=cfg.hardware_compatible,
@@ -203,8 +241,19 @@ def plan_build(cfg: EngineConfig) -> BuildPlan:
     )
 
 
+def graph_command(plan: BuildPlan) -> list[str]:
+    """The step before `trtexec_command` for a serving graph: write it beside the ONNX variant, where its external
+    weights resolve (neither trtexec nor tensorrt_rtx can rewrite a graph); [] for the generic graph."""
+    if plan.graph.form != "serving":
+        return []
+    from .serving_graph import reproduce_command as serving_command
+
+    return serving_command(plan.onnx_path, plan.graph.kv_dtype)
+
+
 def trtexec_command(plan: BuildPlan, rt: TensorRTRuntime | None = None) -> list[str]:
-    """The equivalent trtexec / tensorrt_rtx command line (works without the runtime installed)."""
+    """The equivalent trtexec / tensorrt_rtx command line (works without the runtime installed). For a serving
+    graph it reads the file `graph_command` writes."""
     if rt is None:
         try:
             rt = load_runtime(plan.runtime)
@@ -217,8 +266,13 @@ def trtexec_command(plan: BuildPlan, rt: TensorRTRuntime | None = None) -> list[
     # Only full TensorRT keeps a timing cache (TensorRT-RTX's calls are no-ops).
     use_cache = plan.use_timing_cache and plan.runtime is Runtime.TENSORRT
     cache = plan.timing_cache_path(version, targets) if use_cache else None
+    onnx_path = plan.onnx_path
+    if plan.graph.form == "serving":
+        from .serving_graph import serving_path
+
+        onnx_path = serving_path(plan.onnx_path)
     return reproduce_command(
-        runtime=plan.runtime, onnx_path=plan.onnx_path, engine_path=plan.engine_path,
+        runtime=plan.runtime, onnx_path=onnx_path, engine_path=plan.engine_path,
         shape_profiles=plan.shape_profiles, workspace_bytes=plan.workspace_bytes,
         optimization_level=plan.optimization_level, compute_capabilities=targets,
         hardware_compatible=plan.hardware_compatible, timing_cache_path=cache,
@@ -233,7 +287,8 @@ def _result_from_metadata(meta: EngineMetadata, plan: BuildPlan, skipped: bool, 
         build_seconds=meta.build_seconds, engine_bytes=meta.engine_bytes, precision=meta.precision,
         onnx_variant=meta.onnx_variant, compute_capabilities=meta.compute_capabilities,
         shape_profiles=[p.name for p in meta.shape_profiles], max_batch_size=meta.max_batch_size,
-        timing_cache=meta.timing_cache, command=meta.reproduce, warnings=meta.warnings,
+        timing_cache=meta.timing_cache, command=meta.reproduce, graph=meta.graph,
+        graph_command=meta.reproduce_graph, warnings=meta.warnings,
     )
 
 
@@ -263,7 +318,16 @@ def build_engine(cfg: EngineConfig, rt: TensorRTRuntime | None = None) -> Engine
     logger = rt.logger(verbose=cfg.verbose)
     t0 = time.perf_counter()
     with status(f"building {rt.spec.display} engine for {plan.model} ({plan.onnx_variant}, profile {plan.deployment_profile})"):
-        builder, network, _parser = rt.parse_onnx(plan.onnx_path, logger)
+        graph, served = plan.graph, None
+        if graph.form == "serving":
+            import onnx
+
+            from .serving_graph import engine_graph
+
+            served, graph = engine_graph(onnx.load(str(plan.onnx_path), load_external_data=False), graph.kv_dtype)
+            served = served.SerializeToString()
+        builder, network, _parser = rt.parse_onnx(plan.onnx_path, logger, served)
+        del served
         config = builder.create_builder_config()
         config.set_memory_pool_limit(rt.trt.MemoryPoolType.WORKSPACE, plan.workspace_bytes)
         config.builder_optimization_level = plan.optimization_level
@@ -336,6 +400,8 @@ def build_engine(cfg: EngineConfig, rt: TensorRTRuntime | None = None) -> Engine
             ),
             build_seconds=round(build_seconds, 3),
             reproduce=command,
+            graph=graph,
+            reproduce_graph=graph_command(plan),
             warnings=plan.warnings,
         )
         meta.save(tmp / METADATA_FILE)

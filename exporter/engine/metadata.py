@@ -31,6 +31,9 @@ from .shapes import ShapeProfile
 ENGINE_FILE = "model.plan"
 METADATA_FILE = "engine.json"
 SCHEMA_VERSION = 1
+# The graphs an engine can be built from: `serving` (exporter/engine/serving_graph.py's rewrite, the default for
+# decoders) or `generic` (the ONNX variant as the quantize stage wrote it: logits at every position, its cache IO).
+ENGINE_GRAPHS = ("serving", "generic")
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,18 @@ class TensorInfo:
     name: str
     dtype: str  # float32, float16, int64, ...
     shape: list[int]  # -1 for a dynamic axis
+
+
+@dataclass(frozen=True)
+class EngineGraph:
+    """The graph an engine was built from (exporter/engine/serving_graph.py). The defaults describe an engine.json
+    written before this was recorded: the generic graph."""
+
+    form: str = "generic"  # serving (rewritten for serving; decoders) | generic (the ONNX variant as it is)
+    logits: str = "all"  # the positions `logits` holds: last | all ("" for an encoder)
+    kv_dtype: str = ""  # the KV-cache IO element type: fp16 | fp32 ("" for an encoder)
+    logits_gather: str = ""  # where the serving graph takes the last position: "lm_head input <tensor>" | "output"
+    version: int = 0  # the serving rewrite's version (serving_graph.SERVING_GRAPH_VERSION); 0 for generic
 
 
 @dataclass(frozen=True)
@@ -76,6 +91,9 @@ class EngineMetadata:
     timing_cache: TimingCacheInfo
     build_seconds: float
     reproduce: list[str]  # the equivalent trtexec / tensorrt_rtx command line
+    graph: EngineGraph = field(default_factory=EngineGraph)
+    # the step before `reproduce` for a serving graph: write it beside the ONNX (`--onnx` of `reproduce` names it)
+    reproduce_graph: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     schema_version: int = SCHEMA_VERSION
 

@@ -85,13 +85,17 @@ class TensorRTRuntime:
         self_name = self.spec.display
         return CapturingLogger()
 
-    def parse_onnx(self, onnx_path: Path, logger):
-        """Builder, strongly typed network and parser for `onnx_path`; StageFailed names the failing node."""
+    def parse_onnx(self, onnx_path: Path, logger, model_bytes: bytes | None = None):
+        """Builder, strongly typed network and parser for `onnx_path` — or for `model_bytes`, a rewritten graph of
+        it (exporter.engine.serving_graph), whose external weights resolve against `onnx_path`'s directory.
+        StageFailed names the failing node."""
         trt = self.trt
         builder = trt.Builder(logger)
         network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
         parser = trt.OnnxParser(network, logger)
-        if not parser.parse_from_file(str(onnx_path)):
+        ok = (parser.parse_from_file(str(onnx_path)) if model_bytes is None
+              else parser.parse(model_bytes, str(onnx_path)))
+        if not ok:
             raise StageFailed(parser_error_line(parser, onnx_path, self.spec.display))
         return builder, network, parser
 

@@ -57,13 +57,30 @@ def _onnx_value(v) -> TensorSpec:
     return TensorSpec(v.name, _ONNX_TO_TRITON[t.elem_type], shape)
 
 
-def onnx_io(onnx_path: Path, source: str) -> ModelIO:
+def _load_graph(onnx_path: Path):
     import onnx
 
     try:
-        graph = onnx.load(str(onnx_path), load_external_data=False).graph
+        return onnx.load(str(onnx_path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError and others for a damaged file
         raise BadInput(f"cannot read ONNX model {onnx_path}: {first_line(exc)}") from None
+
+
+def onnx_io(onnx_path: Path, source: str) -> ModelIO:
+    return _graph_io(_load_graph(onnx_path).graph, source)
+
+
+def serving_graph_io(onnx_path: Path, kv_dtype: str, source: str) -> ModelIO:
+    """The inputs/outputs of the decoder engine `build-engine` builds from this ONNX variant: its serving graph
+    (exporter/engine/serving_graph.py: logits [batch, 1, vocab], the KV cache IO in `kv_dtype`), computed from the
+    graph alone — what the repository describes before the engine exists."""
+    from ..engine.serving_graph import engine_graph
+
+    served, _ = engine_graph(_load_graph(onnx_path), kv_dtype)
+    return _graph_io(served.graph, source)
+
+
+def _graph_io(graph, source: str) -> ModelIO:
     initializers = {i.name for i in graph.initializer}
     inputs = [_onnx_value(v) for v in graph.input if v.name not in initializers]
     return ModelIO(inputs, [_onnx_value(v) for v in graph.output], source)

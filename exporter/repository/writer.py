@@ -11,10 +11,17 @@ from typing import Optional, Union
 
 from ..core import artifacts
 from ..core.errors import BadInput
-from ..core.profiles import DeploymentProfile, Runtime, ServingVariant, check_profile_name, get_profile
+from ..core.profiles import (
+    DeploymentProfile,
+    Precision,
+    Runtime,
+    ServingVariant,
+    check_profile_name,
+    get_profile,
+)
 from . import configs
 from .configs import Batching, Placement
-from .tensors import TRITON_TO_NUMPY, ModelIO, engine_io, onnx_io
+from .tensors import TRITON_TO_NUMPY, ModelIO, engine_io, onnx_io, serving_graph_io
 
 # Model names inside a repository. `generate` and `embed` are the entry points clients call.
 GENERATE, LLM = "generate", "llm"
@@ -261,7 +268,13 @@ def _plan(cfg: RepositoryConfig) -> _Plan:
             )
         onnx_path = layout.onnx_path(onnx_variant)
         onnx_files = artifacts.onnx_files(onnx_path)
-        io = onnx_io(onnx_path, f"onnx/{onnx_variant}/model.onnx")
+        if cfg.variant is ServingVariant.TENSORRT_PLAN and kind == "decoder":
+            # no engine yet: the IO of the engine `build-engine` will build from this variant — its serving graph
+            # (logits at the last position, the cache in the compute dtype), not the ONNX file's own IO
+            kv = Precision(onnx_variant.split("-")[0]).engine_kv_dtype
+            io = serving_graph_io(onnx_path, kv, f"the serving graph of onnx/{onnx_variant}/model.onnx (build-engine's)")
+        else:
+            io = onnx_io(onnx_path, f"onnx/{onnx_variant}/model.onnx")
     names_in = [t.name for t in io.inputs]
     names_out = [t.name for t in io.outputs]
     if names_in != report["input_names"] or names_out != report["output_names"]:
@@ -277,7 +290,13 @@ def _plan(cfg: RepositoryConfig) -> _Plan:
         from ..plan import plan_for_variant
 
         kv_dtype = {"TYPE_FP16": "fp16"}.get(io.input("past_key_values.0.key").data_type, "fp32")
-        capacity = plan_for_variant(layout.tokenizer_dir / "config.json", profile, onnx_variant, kv_dtype)
+        if fused:
+            graph = "fused"
+        elif cfg.variant is ServingVariant.TENSORRT_PLAN:  # the engine's graph (engine.json), else build-engine's default
+            graph = meta.graph.form if meta is not None else "serving"
+        else:  # ONNX Runtime runs the variant as it is
+            graph = "generic"
+        capacity = plan_for_variant(layout.tokenizer_dir / "config.json", profile, onnx_variant, kv_dtype, graph)
         if capacity.planned_batch < max_batch:
             notes.append(f"max_batch_size {capacity.planned_batch}: the GPU memory plan fits no more sequences of "
                          f"{profile.max_sequence_len} tokens (profile asks {max_batch}; `r1deploy plan`)")
