@@ -5,6 +5,7 @@ alone, from the generic graph, and from PyTorch."""
 from __future__ import annotations
 
 import ast
+import json
 import sys
 from pathlib import Path
 
@@ -162,3 +163,24 @@ def test_fork_copies_a_row_and_the_copies_decode_as_the_source(fused_path):
         engine.fork(0, [2])
     with pytest.raises(ValueError, match="no prompt"):
         engine.fork(3, [3])
+
+
+def test_int4_activations_fp32_serve_what_the_quantize_stage_measured(session_workdir, exported_fused):
+    """ONNX Runtime fuses INT4 DequantizeLinear → MatMul into MatMulNBits, which by default also quantizes the
+    activations to int8. The served engine keeps them FP32 unless told otherwise: its logits are then those of the
+    quantize stage's evaluation session (the figures the gate read) to float rounding, and int8 moves them."""
+    from quantize import QuantizeConfig, quantize_model
+    from quantize.evaluate import fused_feeds, session
+
+    exported = exported_fused("r1-distill-tiny")
+    q = quantize_model(QuantizeConfig(model="r1-distill-tiny", workdir=session_workdir, graph="fused", profile="edge"))
+    report = json.loads(exported.report_path.read_text())
+    prompt = _prompts(7, [23])[0]
+    mask = np.ones((1, len(prompt)), np.int64)
+    feeds = {"input_ids": np.asarray([prompt], np.int64), **fused_feeds(mask, report["cache"])}
+    measured = session(q.onnx_path).run(["logits"], feeds)[0][0, -1]
+    served = {a: SharedKVEngine.from_path(q.onnx_path, max_rows=1, max_seq=64, threads=1, int4_activations=a)
+              .prefill([0], [prompt])[0] for a in ("fp32", "int8")}
+    scale = float(np.max(np.abs(measured)))
+    assert np.max(np.abs(served["fp32"] - measured)) <= 1e-5 * scale
+    assert np.max(np.abs(served["int8"] - measured)) > 1e-4 * scale

@@ -160,6 +160,17 @@ def test_cpu_variants(workdir, tmp_path):
     assert threads.string_value == "0"
     with pytest.raises(BadInput, match="intra_op_threads must be an integer ≥ 0"):
         RepositoryConfig(profile="edge", variant="python_ort", intra_op_threads=-1)
+    # INT4 on ONNX Runtime: activations FP32 (what the quantize stage measured) unless asked for int8, in both
+    # models that run a session
+    assert gen.parameters["ort_int4_activations"].string_value == "fp32"
+    assert llm.parameters["ort_int4_activations"].string_value == "fp32"
+    int8 = write_repository(RepositoryConfig(model="r1-distill-tiny", profile="edge", variant="python_ort",
+                                             workdir=workdir, out=tmp_path / "i8", int4_activations="int8"))
+    for model in ("generate", "llm"):
+        config = parse((int8.out / f"{model}/config.pbtxt").read_text(), model)
+        assert config.parameters["ort_int4_activations"].string_value == "int8"
+    with pytest.raises(BadInput, match="int4 activations must be fp32 or int8"):
+        RepositoryConfig(profile="edge", variant="python_ort", int4_activations="int4")
     ort_cpu = write_repository(RepositoryConfig(model="minilm", profile="edge", variant="onnxruntime_onnx", device="cpu", workdir=workdir, out=tmp_path / "o"))
     enc = parse((ort_cpu.out / "encoder/config.pbtxt").read_text(), "encoder")
     assert not enc.optimization.execution_accelerators.gpu_execution_accelerator

@@ -61,9 +61,13 @@ def _trtllm_human(r) -> None:
 @click.option("--prefix-cache-tokens", type=click.IntRange(min=0), default=0, show_default=True,
               help="KV positions of prompt prefixes the generate scheduler keeps for reuse (16-token blocks, LRU; "
                    "0: no prefix reuse).")
+@click.option("--int4-activations", type=click.Choice(["fp32", "int8"]), default="fp32", show_default=True,
+              help="INT4 weights run by ONNX Runtime (python_ort): keep activations FP32 (the weights-only model the "
+                   "quantize stage measured and gated) or let MatMulNBits quantize them to int8 (faster on CPU; "
+                   "not what was measured).")
 @pass_app
 def command(app: App, model, profile_name, out, runtime, variant, device, engine_call, onnx_variant, graph, max_rows,
-            max_queue, intra_op_threads, prefix_cache_tokens):
+            max_queue, intra_op_threads, prefix_cache_tokens, int4_activations):
     """Write a Triton model repository (config.pbtxt + model files) for a model under a deployment profile."""
     profile = app.profile(profile_name)
     if runtime != "r1deploy" and (runtime == "tensorrt-llm" or profile.runtime.value == "tensorrt"):
@@ -81,7 +85,8 @@ def command(app: App, model, profile_name, out, runtime, variant, device, engine
         if shape is not None and uses_trtllm(runtime, profile, plan_capacity(PlanConfig(shape, profile)).gpus_per_replica):
             given = {"--variant": variant, "--device": device, "--engine-call": engine_call, "--onnx-variant": onnx_variant,
                      "--graph": None if graph == "generic" else graph, "--max-rows": max_rows, "--max-queue": max_queue,
-                     "--intra-op-threads": intra_op_threads, "--prefix-cache-tokens": prefix_cache_tokens or None}
+                     "--intra-op-threads": intra_op_threads, "--prefix-cache-tokens": prefix_cache_tokens or None,
+                     "--int4-activations": None if int4_activations == "fp32" else int4_activations}
             ignored = [k for k, v in given.items() if v is not None]
             if ignored:  # options of r1deploy's own repository: refused, never silently dropped
                 raise BadInput(f"{', '.join(ignored)} apply to r1deploy's generate repository, not to TensorRT-LLM's "
@@ -99,6 +104,6 @@ def command(app: App, model, profile_name, out, runtime, variant, device, engine
         model=model, profile=profile, workdir=app.workdir, out=out,
         variant=ServingVariant(variant) if variant else None, device=device, engine_call=engine_call,
         onnx_variant=onnx_variant, graph=graph, max_rows=max_rows, max_queue=max_queue,
-        intra_op_threads=intra_op_threads, prefix_cache_tokens=prefix_cache_tokens,
+        intra_op_threads=intra_op_threads, prefix_cache_tokens=prefix_cache_tokens, int4_activations=int4_activations,
     )
     emit(app, write_repository(cfg), _human)

@@ -106,6 +106,7 @@ def engine_model(
     precision: str,
     workspace_bytes: int,
     trt_profiles: tuple[str, ...] = (),
+    int4_activations: str = "fp32",
 ) -> mc.ModelConfig:
     """The model that runs the network: `tensorrt_plan`, `onnxruntime_onnx` or `python_ort` (python + ORT).
     `trt_profiles`: the engine's shape profiles by index, listed in every GPU instance group, so that a request
@@ -125,7 +126,7 @@ def engine_model(
             trt.parameters["trt_engine_cache_enable"] = "true"
     elif variant == "python_ort":
         config.backend = "python"
-        _params(config, {"onnx_file": "model.onnx", "intra_op_num_threads": "1"})
+        _params(config, {"onnx_file": "model.onnx", "intra_op_num_threads": "1", "ort_int4_activations": int4_activations})
     else:
         raise BadInput(f"unknown serving variant {variant!r}")
     for t in io.inputs:

@@ -53,6 +53,9 @@ class RepositoryConfig:
     intra_op_threads: Optional[int] = None
     # KV positions of prompt prefixes the scheduler keeps for reuse (llm_scheduler.PrefixCache); 0: no reuse
     prefix_cache_tokens: int = 0
+    # INT4 qdq weights run by ONNX Runtime (python_ort): activations fp32 (the weights-only model the quantize stage
+    # measured and gated) or int8 (ORT's MatMulNBits default: faster, not what was measured)
+    int4_activations: str = "fp32"
 
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir)
@@ -61,6 +64,8 @@ class RepositoryConfig:
         self.variant = ServingVariant(self.variant or self.profile.serving_variant)
         if self.device is None:
             self.device = "cpu" if self.variant is ServingVariant.PYTHON_ORT else "gpu"
+        if self.int4_activations not in ("fp32", "int8"):
+            raise BadInput(f"int4 activations must be fp32 or int8, not {self.int4_activations!r}")
         if self.device not in ("gpu", "cpu"):
             raise BadInput(f"device must be gpu or cpu, not {self.device!r}")
         if self.variant is ServingVariant.TENSORRT_PLAN and self.device == "cpu":
@@ -399,6 +404,7 @@ def _engine_model(w: _Writer, cfg: RepositoryConfig, plan: _Plan, name: str) -> 
     config = configs.engine_model(
         name, variant, plan.io, plan.kind, plan.batching, placement, getattr(profile.precision, "value", profile.precision),
         int(profile.builder.workspace_gib * (1 << 30)), tuple(str(i) for i in range(plan.trt_profiles)),
+        cfg.int4_activations,
     )
     placed = w.config(config, "engine", [f"inputs/outputs from {plan.io.source}"])
     if variant == "tensorrt_plan":
@@ -466,7 +472,8 @@ def _decoder_models(w: _Writer, cfg: RepositoryConfig, plan: _Plan) -> None:
         placement = Placement("gpu", gpus=profile.gpus_per_pod)
     elif cfg.engine_call == "inprocess":
         params.update({"engine_runtime": "onnxruntime", "engine_file": f"{LLM}/{VERSION}/model.onnx",
-                       "intra_op_num_threads": str(intra_op_threads_for(cfg, plan.onnx_files))})
+                       "intra_op_num_threads": str(intra_op_threads_for(cfg, plan.onnx_files)),
+                       "ort_int4_activations": cfg.int4_activations})
     if fused:
         params.update({"kv_layout": "shared", "engine_file": f"{GENERATE}/{VERSION}/engine/model.onnx"})
         del params["engine_model"]

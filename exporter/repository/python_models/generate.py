@@ -275,7 +275,7 @@ class TritonPythonModel:
             device = f"cuda:{device_id}" if "CUDAExecutionProvider" in providers else "cpu"
             engine = SharedKVEngine.from_path(model_dir.parent / _param(config, "engine_file"), limits.max_rows,
                                               limits.max_sequence_len, int(_param(config, "intra_op_num_threads", "1")),
-                                              device=device)
+                                              device=device, int4_activations=_param(config, "ort_int4_activations", "fp32"))
         elif layout != "padded":
             raise ValueError(f"kv_layout must be padded or shared, not {layout!r}")
         elif engine_call == "inprocess":

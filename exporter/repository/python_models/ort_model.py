@@ -28,6 +28,10 @@ class TritonPythonModel:
         version_dir = Path(args["model_repository"]) / args["model_version"]
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(_param(config, "intra_op_num_threads", "1"))
+        # INT4 qdq weights: activations FP32 (what the quantize stage measured) unless the repository says int8
+        # (ONNX Runtime's MatMulNBits default; docs/serving.md "INT4 on ONNX Runtime")
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level",
+                                         {"fp32": "0", "int8": "4"}[_param(config, "ort_int4_activations", "fp32")])
         self.session = ort.InferenceSession(
             str(version_dir / _param(config, "onnx_file", "model.onnx")), options, providers=["CPUExecutionProvider"]
         )

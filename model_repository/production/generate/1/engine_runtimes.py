@@ -32,6 +32,13 @@ from kv_memory import CudaMemory, HostMemory, MissingRuntime, check, import_cuda
 __all__ = ["MissingRuntime", "OrtRunner", "TensorRTRunner", "load_runner"]
 
 
+# ONNX Runtime fuses an INT4 DequantizeLinear -> MatMul into MatMulNBits, which by default quantizes the
+# activations to int8 as well (`session.qdq_matmulnbits_accuracy_level` 4): "fp32" keeps them FP32 — the weights-only
+# model the quantize stage measured and gated — and "int8" takes the faster kernels (docs/serving.md "INT4 on ONNX
+# Runtime"). Repository parameter `ort_int4_activations`.
+INT4_ACCURACY_LEVEL = {"fp32": "0", "int8": "4"}
+
+
 def load_runner(runtime: str, engine_file: Path, config: dict, device_id: int = 0):
     params = config.get("parameters", {})
 
@@ -40,7 +47,8 @@ def load_runner(runtime: str, engine_file: Path, config: dict, device_id: int = 
 
     if runtime == "onnxruntime":
         return OrtRunner(engine_file, int(param("intra_op_num_threads", "1")),
-                         json.loads(param("ort_providers", '["CPUExecutionProvider"]')), device_id), None
+                         json.loads(param("ort_providers", '["CPUExecutionProvider"]')), device_id,
+                         param("ort_int4_activations", "fp32")), None
     if runtime in ("tensorrt", "tensorrt_rtx"):
         runner = TensorRTRunner(runtime, engine_file, device_id)
         return runner, runner.max_batch
@@ -54,7 +62,8 @@ class OrtRunner:
     2 × layers buffers per step cost ~12% of a decode step on r1-distill-tiny (docs/serving.md "Engine runners").
     `run_bound` works on the CPU all the same (tests/test_kv_device.py drives it)."""
 
-    def __init__(self, path: Path, threads: int, providers: list[str], device_id: int = 0):
+    def __init__(self, path: Path, threads: int, providers: list[str], device_id: int = 0,
+                 int4_activations: str = "fp32"):
         import onnxruntime as ort
 
         missing = [p for p in providers if p not in ort.get_available_providers()]
@@ -62,6 +71,7 @@ class OrtRunner:
             raise MissingRuntime(f"ONNX Runtime here lacks {', '.join(missing)} (install onnxruntime-gpu for CUDAExecutionProvider)")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", INT4_ACCURACY_LEVEL[int4_activations])
         if "CUDAExecutionProvider" in providers:
             self.memory = CudaMemory(device_id)
             providers = [("CUDAExecutionProvider", {"device_id": device_id}) if p == "CUDAExecutionProvider" else p

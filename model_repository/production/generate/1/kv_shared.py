@@ -28,6 +28,12 @@ import numpy as np
 import onnxruntime as ort
 from kv_memory import MissingRuntime, memory_for, positions
 
+# ONNX Runtime fuses an INT4 DequantizeLinear -> MatMul into MatMulNBits, which by default quantizes the
+# activations to int8 as well (`session.qdq_matmulnbits_accuracy_level` 4): "fp32" keeps them FP32 — the weights-only
+# model the quantize stage measured and gated — and "int8" takes the faster kernels (docs/serving.md "INT4 on ONNX
+# Runtime"). Repository parameter `ort_int4_activations`.
+INT4_ACCURACY_LEVEL = {"fp32": "0", "int8": "4"}
+
 _NUMPY = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
@@ -61,8 +67,10 @@ class SharedKVEngine:
         self._epoch = 0  # bumped by prefill and release: a reused step must see the lengths they changed
 
     @classmethod
-    def from_path(cls, onnx_path, max_rows: int, max_seq: int, threads: int = 0, device: str = "cpu") -> "SharedKVEngine":
-        """`device` "cuda:N" runs the session with the CUDA execution provider on GPU N (UNVERIFIED)."""
+    def from_path(cls, onnx_path, max_rows: int, max_seq: int, threads: int = 0, device: str = "cpu",
+                  int4_activations: str = "fp32") -> "SharedKVEngine":
+        """`device` "cuda:N" runs the session with the CUDA execution provider on GPU N (UNVERIFIED);
+        `int4_activations`: "fp32" | "int8" (INT4_ACCURACY_LEVEL)."""
         providers: list = ["CPUExecutionProvider"]
         if device != "cpu":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -73,6 +81,7 @@ class SharedKVEngine:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.log_severity_level = 3
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", INT4_ACCURACY_LEVEL[int4_activations])
         session = ort.InferenceSession(str(onnx_path), options, providers=providers)
         return cls(session, max_rows, max_seq, device)
 
