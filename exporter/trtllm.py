@@ -105,6 +105,38 @@ def uses_trtllm(runtime: ServingRuntime | str, profile: DeploymentProfile, plan_
     return runtime is ServingRuntime.AUTO and plan_gpus > 1 and profile.runtime is Runtime.TENSORRT
 
 
+def chosen_for(runtime: ServingRuntime | str, model: str, profile: DeploymentProfile, workdir: Path):
+    """The model's shape when `runtime` on `profile` means TensorRT-LLM's repository — `tensorrt-llm`, or `auto` on a
+    TensorRT profile where the capacity plan needs more than one GPU — else None (r1deploy's generate repository).
+    `auto` on a model whose shape cannot be read is r1deploy's (its repository stage says what is wrong)."""
+    from .plan import PlanConfig, load_shape, plan_capacity
+
+    runtime = ServingRuntime(runtime)
+    if runtime is ServingRuntime.R1DEPLOY or (runtime is ServingRuntime.AUTO and profile.runtime is not Runtime.TENSORRT):
+        return None
+    try:
+        shape = load_shape(model, workdir)
+    except BadInput:
+        if runtime is ServingRuntime.TENSORRT_LLM:
+            raise
+        return None
+    return shape if uses_trtllm(runtime, profile, plan_capacity(PlanConfig(shape, profile)).gpus_per_replica) else None
+
+
+def write_for_model(shape, model: str, profile: DeploymentProfile, workdir: Path,
+                    out: Optional[Path] = None) -> TrtllmRepositoryResult:
+    """`write_trtllm_repository` for a model of the workdir: its default repository directory, and its tokenizer and
+    end tokens when it has been exported (the gateway's limits), none otherwise."""
+    from .core.artifacts import ModelLayout
+    from .repository import default_out, eos_token_ids
+
+    layout = ModelLayout.for_model(workdir, model)
+    exported = layout.tokenizer_dir.is_dir()
+    return write_trtllm_repository(shape, profile, out or default_out(workdir, model, profile.name), layout.model,
+                                   tokenizer_dir=layout.tokenizer_dir if exported else None,
+                                   eos_token_ids=eos_token_ids(layout) if exported else [])
+
+
 def plan_trtllm(shape, profile: DeploymentProfile, precision: Optional[Precision] = None) -> TrtllmPlan:
     """BadInput when the profile cannot run it: not a TensorRT profile, an architecture TensorRT-LLM's converters
     here do not cover, more GPUs needed than the pod has, heads that do not split evenly."""

@@ -70,36 +70,20 @@ def command(app: App, model, profile_name, out, runtime, variant, device, engine
             max_queue, intra_op_threads, prefix_cache_tokens, int4_activations):
     """Write a Triton model repository (config.pbtxt + model files) for a model under a deployment profile."""
     profile = app.profile(profile_name)
-    if runtime != "r1deploy" and (runtime == "tensorrt-llm" or profile.runtime.value == "tensorrt"):
-        from ..core.artifacts import ModelLayout
-        from ..plan import PlanConfig, load_shape, plan_capacity
-        from ..repository.writer import _eos_ids, default_out
-        from ..trtllm import uses_trtllm, write_trtllm_repository
+    from ..trtllm import chosen_for, write_for_model
 
-        try:
-            shape = load_shape(model, app.workdir)
-        except BadInput:
-            if runtime == "tensorrt-llm":
-                raise
-            shape = None  # auto: no shape, no plan to say it needs more GPUs; r1deploy's repository says what is wrong
-        if shape is not None and uses_trtllm(runtime, profile, plan_capacity(PlanConfig(shape, profile)).gpus_per_replica):
-            given = {"--variant": variant, "--device": device, "--engine-call": engine_call, "--onnx-variant": onnx_variant,
-                     "--graph": None if graph == "generic" else graph, "--max-rows": max_rows, "--max-queue": max_queue,
-                     "--intra-op-threads": intra_op_threads, "--prefix-cache-tokens": prefix_cache_tokens or None,
-                     "--int4-activations": None if int4_activations == "fp32" else int4_activations}
-            ignored = [k for k, v in given.items() if v is not None]
-            if ignored:  # options of r1deploy's own repository: refused, never silently dropped
-                raise BadInput(f"{', '.join(ignored)} apply to r1deploy's generate repository, not to TensorRT-LLM's "
-                               f"(--runtime {runtime} on profile {profile.name!r}); drop them or pass --runtime r1deploy")
-            layout = ModelLayout.for_model(app.workdir, model)
-            exported = layout.tokenizer_dir.is_dir()
-            result = write_trtllm_repository(
-                shape, profile, out or default_out(app.workdir, model, profile.name), layout.model,
-                tokenizer_dir=layout.tokenizer_dir if exported else None,
-                eos_token_ids=_eos_ids(layout) if exported else [],
-            )
-            emit(app, result, _trtllm_human)
-            return
+    shape = chosen_for(runtime, model, profile, app.workdir)
+    if shape is not None:
+        given = {"--variant": variant, "--device": device, "--engine-call": engine_call, "--onnx-variant": onnx_variant,
+                 "--graph": None if graph == "generic" else graph, "--max-rows": max_rows, "--max-queue": max_queue,
+                 "--intra-op-threads": intra_op_threads, "--prefix-cache-tokens": prefix_cache_tokens or None,
+                 "--int4-activations": None if int4_activations == "fp32" else int4_activations}
+        ignored = [k for k, v in given.items() if v is not None]
+        if ignored:  # options of r1deploy's own repository: refused, never silently dropped
+            raise BadInput(f"{', '.join(ignored)} apply to r1deploy's generate repository, not to TensorRT-LLM's "
+                           f"(--runtime {runtime} on profile {profile.name!r}); drop them or pass --runtime r1deploy")
+        emit(app, write_for_model(shape, model, profile, app.workdir, out), _trtllm_human)
+        return
     cfg = RepositoryConfig(
         model=model, profile=profile, workdir=app.workdir, out=out,
         variant=ServingVariant(variant) if variant else None, device=device, engine_call=engine_call,

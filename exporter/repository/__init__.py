@@ -42,6 +42,7 @@ from .writer import (
     RepositoryConfig,
     RepositoryResult,
     default_out,
+    eos_token_ids,
     write_repository,
 )
 
@@ -55,6 +56,7 @@ __all__ = [
     "RepositoryConfig",
     "RepositoryResult",
     "default_out",
+    "eos_token_ids",
     "parse",
     "render",
     "write_repository",

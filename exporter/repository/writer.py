@@ -356,7 +356,7 @@ def _tokenizer_config(layout: artifacts.ModelLayout) -> dict:
     return {"generation": read("generation_config.json"), "model": read("config.json"), "tokenizer": read("tokenizer_config.json")}
 
 
-def _eos_ids(layout: artifacts.ModelLayout) -> list[int]:
+def eos_token_ids(layout: artifacts.ModelLayout) -> list[int]:
     cfgs = _tokenizer_config(layout)
     eos = cfgs["generation"].get("eos_token_id", cfgs["model"].get("eos_token_id"))
     if eos is None:
@@ -453,7 +453,7 @@ def _decoder_models(w: _Writer, cfg: RepositoryConfig, plan: _Plan) -> None:
         "engine_model": LLM,
         "engine_call": cfg.engine_call,
         "kv_cache": {"slots": slots, "dtype": TRITON_TO_NUMPY[kv_type], "logits": "logits"},
-        "eos_token_ids": _eos_ids(plan.layout),
+        "eos_token_ids": eos_token_ids(plan.layout),
         "scheduler": scheduler_params(cfg, plan.batching.max_batch_size, plan.capacity),
         "max_input_len": str(profile.max_input_len),
         "max_output_len": str(profile.max_output_len),
