@@ -207,3 +207,34 @@ def test_langchain_openai_embeddings(gateway, reference):
     for v, text in zip(vectors, TEXTS[:3], strict=True):
         _close(v, run(text))
     _close(emb.embed_query(TEXTS[3]), run(TEXTS[3]))
+
+
+@pytest.mark.triton
+def test_serve_starts_the_gateway_for_an_embedding_only_repository(repos, reference):
+    """`r1deploy serve` of a repository with only the embed ensemble: the gateway comes up beside Triton (it used to
+    start only for LLMs) and answers /v1/embeddings with the served encoder's vectors; there is no chat model."""
+    import json
+    import signal
+    import subprocess
+
+    import openai
+    from conftest import R1DEPLOY
+
+    from exporter.serve import free_port
+
+    proc = subprocess.Popen([str(R1DEPLOY), "--json", "serve", "--repository", str(repos["minilm"]),
+                             "--openai-port", str(free_port())], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()
+        info = json.loads(line)
+        client = openai.OpenAI(base_url=info["openai"] + "/v1", api_key="unused", max_retries=0)
+        assert [m.id for m in client.models.list().data] == ["embed"]
+        r = client.embeddings.create(model="embed", input=TEXTS[0], encoding_format="float")
+        _close(r.data[0].embedding, reference[1](TEXTS[0]))
+        with pytest.raises(openai.NotFoundError):
+            client.chat.completions.create(model="embed", messages=[{"role": "user", "content": "hi"}])
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=90)
+    assert proc.returncode == 0 and "Traceback" not in err, err[-2000:]

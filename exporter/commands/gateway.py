@@ -75,17 +75,15 @@ def command(app: App, triton, repositories, host, port, api_key_file, served_mod
 
 
 def start_beside_triton(app: App, grpc_endpoint: str, repositories, port: int, api_key_file):
-    """For `r1deploy serve`: the gateway on 127.0.0.1:`port` in front of the Triton just started, or None when
-    the repositories hold no LLM (an embedding-only repository has nothing to chat with)."""
+    """For `r1deploy serve`: the gateway on 127.0.0.1:`port` in front of the Triton just started — chat and
+    completions for the LLMs, /v1/embeddings for the embedding ensembles — or None when the repositories hold
+    neither."""
     from ..gateway import GatewayServer
+    from ..gateway.embeddings import read_embedding_models
     from ..gateway.models import read_repositories
 
-    try:
-        read_repositories(list(repositories))
-    except BadInput as exc:
-        if str(exc).startswith("no LLM"):
-            return None
-        raise
+    if not read_repositories(list(repositories), require=False) and not read_embedding_models(list(repositories)):
+        return None
     cfg = gateway_config(app, grpc_endpoint, repositories, "127.0.0.1", port, api_key_file, (), None)
     try:
         return GatewayServer(cfg).start()

@@ -37,7 +37,7 @@ from .common import App, pass_app
 def command(app: App, repositories, http_port, grpc_port, metrics_port, cache_mib, log_file, log_verbose,
             startup_timeout, max_restarts, openai_port, no_openai, api_key_file):
     """Serve a model repository with a real Triton server on 127.0.0.1 until Ctrl-C or SIGTERM, and the
-    OpenAI-compatible gateway in front of it when the repository holds an LLM; a server that dies is started
+    OpenAI-compatible gateway in front of it when the repository holds an LLM or an embedding model; a server that dies is started
     again on the same ports (saying so), up to --max-restarts times."""
     if cache_mib < 0:
         raise BadInput(f"--cache-mib must be ≥ 0, got {cache_mib}")
