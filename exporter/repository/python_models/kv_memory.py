@@ -78,7 +78,18 @@ class HostArray(np.ndarray):
         return self[lo:hi]
 
 
-class HostMemory:
+class _Memory:
+    """What both backends do the same way on top of their own `copy2d`."""
+
+    def download(self, t) -> np.ndarray:
+        """A host copy of a whole [rows, heads, length, dim] tensor."""
+        out = np.empty(t.shape, t.dtype)
+        rows = (0, t.shape[0])
+        self.copy2d(positions(out, rows, (0, t.shape[2])), positions(t, rows, (0, t.shape[2])), "d2h")
+        return out
+
+
+class HostMemory(_Memory):
     device = "cpu"
     ort_device = ("cpu", 0)  # ONNX Runtime IOBinding's device type and id
     is_host = True
@@ -117,13 +128,6 @@ class HostMemory:
         self.copies["zero"] += 1
         if dst.width and dst.height:
             _lines(dst)[...] = 0
-
-    def download(self, t) -> np.ndarray:
-        """A host copy of a whole [rows, heads, length, dim] tensor."""
-        out = np.empty(t.shape, t.dtype)
-        rows = (0, t.shape[0])
-        self.copy2d(positions(out, rows, (0, t.shape[2])), positions(t, rows, (0, t.shape[2])), "d2h")
-        return out
 
     def sync(self) -> None:
         pass
@@ -181,7 +185,7 @@ class DeviceArray:
         return DeviceArray(self.ptr + lo * row, (hi - lo,) + self.shape[1:], self.dtype, self if self.owner is None else self.owner)
 
 
-class CudaMemory:
+class CudaMemory(_Memory):
     """Allocations and copies on one stream of GPU `device_id`. Copies are asynchronous: `sync()` before another
     stream (ONNX Runtime's) reads what they wrote; a TensorRT runner executes on `stream` itself."""
 
@@ -233,12 +237,6 @@ class CudaMemory:
         if dst.width and dst.height:
             self._pending = True
             check(self.cudart.cudaMemset2DAsync(dst.ptr, dst.pitch, 0, dst.width, dst.height, self.stream))
-
-    def download(self, t) -> np.ndarray:
-        out = np.empty(t.shape, t.dtype)
-        rows = (0, t.shape[0])
-        self.copy2d(positions(out, rows, (0, t.shape[2])), positions(t, rows, (0, t.shape[2])), "d2h")
-        return out
 
     def sync(self) -> None:
         if self._pending:
