@@ -74,8 +74,13 @@ def cpu_seconds(pid: int) -> float:
 
 
 # -- clients -----------------------------------------------------------------------------------------------------
+# Sampling every request asks for (--temperature, --top-p): empty = greedy, the generate model's and this script's
+# default. Sampled requests measure the scheduler's sampler too (at a 151 936 vocabulary it is most of a step).
+SAMPLING: dict[str, float] = {}
+
+
 async def triton_request(session, base: str, prompt: str, max_tokens: int, stream: bool) -> dict:
-    body = {"text_input": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": stream}
+    body = {"text_input": prompt, "max_tokens": max_tokens, "ignore_eos": True, "stream": stream, **SAMPLING}
     start = time.perf_counter()
     stamps, tokens = [], 0
     url = f"{base}/v2/models/generate/generate{'_stream' if stream else ''}"
@@ -121,7 +126,8 @@ class GrpcStreams:
         raw = []
         for name, dtype, data in (("text_input", "BYTES", struct.pack("<I", len(prompt.encode())) + prompt.encode()),
                                   ("max_tokens", "INT32", struct.pack("<i", max_tokens)),
-                                  ("ignore_eos", "BOOL", b"\x01"), ("stream", "BOOL", b"\x01")):
+                                  ("ignore_eos", "BOOL", b"\x01"), ("stream", "BOOL", b"\x01"),
+                                  *((k, "FP32", struct.pack("<f", v)) for k, v in SAMPLING.items())):
             req.inputs.add(name=name, datatype=dtype, shape=[1, 1])
             raw.append(data)
         req.raw_input_contents.extend(raw)
@@ -155,7 +161,7 @@ class GrpcStreams:
 
 async def vllm_request(session, base: str, model: str, prompt: str, max_tokens: int, stream: bool) -> dict:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
-            "stream": stream}
+            "stream": stream, **SAMPLING}
     if stream:
         body["stream_options"] = {"include_usage": True}
     start = time.perf_counter()
@@ -335,6 +341,10 @@ def main() -> None:
     ap.add_argument("--model", default="r1-distill-tiny")
     ap.add_argument("--random-qwen2-layers", type=int, default=0, help="serve a random Qwen2 of this depth instead")
     ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--vocab", type=int, default=32000, help="the random Qwen2's vocabulary (151936: R1-Distill-Qwen's)")
+    ap.add_argument("--temperature", type=float, default=None, help="sample every request at this temperature "
+                    "(default: greedy; the in-process baseline stays greedy)")
+    ap.add_argument("--top-p", type=float, default=None, help="with --temperature: nucleus sampling")
     ap.add_argument("--levels", default="1,4,16,32,64")
     ap.add_argument("--modes", default="whole,stream")
     ap.add_argument("--prompt-tokens", type=int, default=128)
@@ -356,10 +366,17 @@ def main() -> None:
     modes = args.modes.split(",")
     wd = args.workdir
     model = args.model
+    if args.temperature is not None:
+        SAMPLING["temperature"] = args.temperature
+        if args.top_p is not None:
+            SAMPLING["top_p"] = args.top_p
+    elif args.top_p is not None:
+        raise SystemExit("--top-p needs --temperature")
     if args.random_qwen2_layers:
-        ckpt = wd / f"qwen2-{args.random_qwen2_layers}x{args.hidden}"
+        vocab = "" if args.vocab == 32000 else f"-v{args.vocab}"  # the 32 000 default keeps its old name
+        ckpt = wd / f"qwen2-{args.random_qwen2_layers}x{args.hidden}{vocab}"
         if not (ckpt / "config.json").exists():
-            random_qwen2(ckpt, args.random_qwen2_layers, args.hidden)
+            random_qwen2(ckpt, args.random_qwen2_layers, args.hidden, args.vocab)
         model = str(ckpt)
     export = export_model(ExportConfig(model=model, workdir=wd, exporter="legacy"))
     if args.graph == "fused":
@@ -378,7 +395,7 @@ def main() -> None:
     checkpoint = Path(model) if Path(model).is_dir() else wd / "models" / model
     texts_all = prompts(4 * max(levels) + 64, args.prompt_tokens, 0, tokenizer)
     print(f"# {platform.node()} {os.cpu_count()} cores, load {os.getloadavg()[0]:.1f}; {args.graph} graph; intra-op threads {threads or 'every core'}; model {model} "
-          f"({export.parameters / 1e6:.1f} M parameters); prompts of ~"
+          f"({export.parameters / 1e6:.1f} M parameters); sampling {SAMPLING or 'greedy'}; prompts of ~"
           f"{np.mean([len(tokenizer.encode(t).ids) for t in texts_all[:16]]):.0f} tokens, {args.max_tokens} new", flush=True)
 
     results: dict = {"machine": {"cores": os.cpu_count(), "load_at_start": os.getloadavg()[0]}, "model": model,
