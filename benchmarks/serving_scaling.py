@@ -318,7 +318,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def random_qwen2(path: Path, layers: int, hidden: int, vocab: int = 32000) -> None:
+def random_qwen2(path: Path, layers: int, hidden: int, vocab: int = 32000, lm_head_std: float = 0.0) -> None:
+    """A random Qwen2 checkpoint (+ the tiny tokenizer). `lm_head_std` > 0 redraws the LM head's weights with that
+    standard deviation: HF's init (0.02) gives near-uniform next-token distributions, the worst case of a nucleus
+    sampler (top-p keeps most of the vocabulary); a larger one gives peaked ones, as a trained LM's are."""
     code = f"""
 import pathlib, shutil, torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
@@ -328,7 +331,10 @@ cfg = Qwen2Config(vocab_size={vocab}, hidden_size={hidden}, intermediate_size={h
     num_hidden_layers={layers}, num_attention_heads={hidden // 64}, num_key_value_heads=2,
     max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
 torch.manual_seed(0)
-Qwen2ForCausalLM(cfg).save_pretrained({str(path)!r}, safe_serialization=True)
+model = Qwen2ForCausalLM(cfg)
+if {lm_head_std!r} > 0:
+    torch.nn.init.normal_(model.lm_head.weight, std={lm_head_std!r})
+model.save_pretrained({str(path)!r}, safe_serialization=True)
 for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
     if (tok / f).exists() and not (pathlib.Path({str(path)!r}) / f).exists():
         shutil.copy(tok / f, {str(path)!r})
@@ -345,6 +351,9 @@ def main() -> None:
     ap.add_argument("--temperature", type=float, default=None, help="sample every request at this temperature "
                     "(default: greedy; the in-process baseline stays greedy)")
     ap.add_argument("--top-p", type=float, default=None, help="with --temperature: nucleus sampling")
+    ap.add_argument("--lm-head-std", type=float, default=0.0,
+                    help="redraw the random Qwen2's LM head with this std (0: HF's init, near-uniform logits; 0.1: "
+                         "peaked, closer to a trained LM's — what a sampled run should be measured on)")
     ap.add_argument("--levels", default="1,4,16,32,64")
     ap.add_argument("--modes", default="whole,stream")
     ap.add_argument("--prompt-tokens", type=int, default=128)
@@ -374,9 +383,10 @@ def main() -> None:
         raise SystemExit("--top-p needs --temperature")
     if args.random_qwen2_layers:
         vocab = "" if args.vocab == 32000 else f"-v{args.vocab}"  # the 32 000 default keeps its old name
-        ckpt = wd / f"qwen2-{args.random_qwen2_layers}x{args.hidden}{vocab}"
+        head = f"-head{args.lm_head_std:g}" if args.lm_head_std else ""
+        ckpt = wd / f"qwen2-{args.random_qwen2_layers}x{args.hidden}{vocab}{head}"
         if not (ckpt / "config.json").exists():
-            random_qwen2(ckpt, args.random_qwen2_layers, args.hidden, args.vocab)
+            random_qwen2(ckpt, args.random_qwen2_layers, args.hidden, args.vocab, args.lm_head_std)
         model = str(ckpt)
     export = export_model(ExportConfig(model=model, workdir=wd, exporter="legacy"))
     if args.graph == "fused":

@@ -461,6 +461,42 @@ def test_batched_sampling_draws_what_the_whole_vocabulary_sampler_draws():
     assert picks == {1, 3}  # top_k 2: only the two most likely tokens, both drawn
 
 
+def test_bucketed_nucleus_is_the_sorted_one():
+    """A top-p cut over many candidates is found by bucketing their probabilities (near-flat rows of a 152 k
+    vocabulary kept most of it, and a full sort per row was most of a decode step): the same positions as sorting
+    them all, over flat, peaked, tied (values repeated across the crossing) and zero-holding rows and cuts from a
+    sliver to everything; a top_k cut from a partition is the sort's; and sample_rows draws the same tokens through
+    either path."""
+    rng = np.random.default_rng(11)
+    rows = [np.exp(rng.standard_normal(20000) * sigma).astype(np.float32) for sigma in (0.1, 0.5, 2.0, 4.0)]
+    rows.append(np.repeat(rng.random(500).astype(np.float32), 40))  # ties everywhere
+    rows.append(np.where(rng.random(30000) < 0.5, 0.0, rng.random(30000)).astype(np.float32))  # half zeros
+    checked = 0
+    for p in rows:
+        total = float(p.sum(dtype=np.float64))
+        for top_p in (0.001, 0.3, 0.9, 0.95, 0.999, 1.0):
+            need = total * top_p
+            order = np.argsort(-p, kind="stable")
+            c = np.cumsum(p[order], dtype=np.float64)
+            want = np.sort(order[: int(np.searchsorted(c, need)) + 1])
+            np.testing.assert_array_equal(ls._nucleus_bucketed(p, need), want)
+            checked += 1
+    assert checked == 36
+    for p in rows:  # top_k from a partition: the first k of the stable sort, ties included
+        for k in (1, 50, 4097, p.size):
+            np.testing.assert_array_equal(ls._top_k(p, k), np.argsort(-p, kind="stable")[:k])
+    logits = (rng.standard_normal((6, 151936)) * 0.45).astype(np.float32)  # near-flat: every row takes the bucket path
+    draws = {}
+    for bucketed_from in (4096, 10**9):
+        batch = [ls.Sampler(0.6, 0.95, seed, 50 if seed % 2 else 0) for seed in range(6)]
+        old, ls._BUCKETED_FROM = ls._BUCKETED_FROM, bucketed_from
+        try:
+            draws[bucketed_from] = [ls.sample_rows(batch, logits).tolist() for _ in range(3)]
+        finally:
+            ls._BUCKETED_FROM = old
+    assert draws[4096] == draws[10**9]
+
+
 # ---- structured output -----------------------------------------------------------------------------------------
 SCHEMA = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}, "n": {"type": "integer",
           "minimum": 0, "maximum": 99}, "tags": {"type": "array", "items": {"type": "string", "maxLength": 8},
