@@ -173,7 +173,9 @@ def test_int4_activations_fp32_serve_what_the_quantize_stage_measured(session_wo
     from quantize.evaluate import fused_feeds, session
 
     exported = exported_fused("r1-distill-tiny")
-    q = quantize_model(QuantizeConfig(model="r1-distill-tiny", workdir=session_workdir, graph="fused", profile="edge"))
+    # not the edge profile's variant: repositories written from the session's workdir would pick that one up
+    q = quantize_model(QuantizeConfig(model="r1-distill-tiny", workdir=session_workdir, graph="fused", precision="int4",
+                                      method="rtn", block_size=32, format="qdq"))
     report = json.loads(exported.report_path.read_text())
     prompt = _prompts(7, [23])[0]
     mask = np.ones((1, len(prompt)), np.int64)

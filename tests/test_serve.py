@@ -597,7 +597,7 @@ def test_fused_graph_served_by_the_scheduler(exported, session_workdir, tmp_path
     export_model(ExportConfig(model="r1-distill-tiny", workdir=session_workdir, graph="fused"))
     repo = write_repository(RepositoryConfig(
         model="r1-distill-tiny", profile="edge", variant="python_ort", workdir=session_workdir, out=tmp_path / "fused",
-        graph="fused", max_rows=4,
+        graph="fused", max_rows=4, onnx_variant="fp32-fused",  # the FP32 reference's graph, whatever else is exported
     ))
     gen = parse((repo.out / "generate/config.pbtxt").read_text(), "generate")
     assert gen.parameters["kv_layout"].string_value == "shared" and not (repo.out / "llm").exists()

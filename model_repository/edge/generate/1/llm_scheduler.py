@@ -124,8 +124,11 @@ class Sampler:
 
 # Candidate thresholds of `sample_rows`, relative to a row's most likely token: the cut is searched among the
 # tokens at least this likely, from the first threshold whose tokens hold it (almost always the first).
-_CANDIDATE_FLOORS = (1e-3, 1e-6, 1e-12, 0.0)
+_CANDIDATE_FLOORS = (1e-3, 1e-4, 1e-5, 1e-6, 1e-8, 1e-12, 0.0)
 _BLOCK = 2048  # tokens per block of the two-level inverse CDF
+# From this many candidates a top-p cut (without top_k) is found by bucketing their probabilities instead of sorting
+# them all (a near-flat row keeps most of a 152 k vocabulary: a full sort per row was most of a step)
+_BUCKETED_FROM = 4096
 _PARALLEL_FROM = 1 << 20  # logits elements from which the numerators are computed by several threads
 
 
@@ -168,17 +171,57 @@ def sample_rows(samplers: list[Sampler], logits: np.ndarray, scratch: dict | Non
             if (k and ids.size >= k) or (not k and row[ids].sum(dtype=np.float64) >= need[j]):
                 break
         p = row[ids]
-        order = np.argsort(-p, kind="stable")  # ids ascend: ties keep the lower id first
-        if k:
-            order = order[:k]
-        if top_p[j] < 1.0:
-            c = np.cumsum(p[order], dtype=np.float64)
-            # top_p of the whole distribution, or of the top_k tokens' when cut to them
-            order = order[: int(np.searchsorted(c, c[-1] * top_p[j] if k else need[j])) + 1]
-        keep = np.sort(order)  # back to vocabulary order for the draw
+        if not k and ids.size >= _BUCKETED_FROM:
+            keep = _nucleus_bucketed(p, need[j])
+        else:
+            if k and ids.size >= _BUCKETED_FROM:
+                order = _top_k(p, k)
+            else:
+                order = np.argsort(-p, kind="stable")  # ids ascend: ties keep the lower id first
+                if k:
+                    order = order[:k]
+            if top_p[j] < 1.0:
+                c = np.cumsum(p[order], dtype=np.float64)
+                # top_p of the whole distribution, or of the top_k tokens' when cut to them
+                order = order[: int(np.searchsorted(c, c[-1] * top_p[j] if k else need[j])) + 1]
+            keep = np.sort(order)  # back to vocabulary order for the draw
         c = np.cumsum(p[keep], dtype=np.float64)
         tokens[drawn[j]] = ids[keep[min(int(np.searchsorted(c, u[j] * c[-1], side="right")), keep.size - 1)]]
     return tokens
+
+
+def _nucleus_bucketed(p: np.ndarray, need: float) -> np.ndarray:
+    """The positions (ascending) of the top-p nucleus of the non-negative `p` — the shortest run of the largest
+    values, ties by lower position, whose sum reaches `need`, the value that crosses it included — without sorting
+    them all: the values are bucketed by the top 16 bits of their float32 pattern (for non-negative floats an
+    order-preserving key: a value in a higher bucket is larger than every value in a lower one), the bucket where
+    the running sum from the top crosses `need` is found from the buckets' sums, and only that bucket is sorted.
+    The same nucleus as sorting every value (tests/test_scheduler.py), O(len(p)) but for one bucket."""
+    key = p.view(np.int32) >> 16
+    mass = np.bincount(key, weights=p, minlength=int(key.max()) + 1)[::-1]  # highest bucket first
+    above = np.cumsum(mass)
+    top = int(np.searchsorted(above, need))  # buckets (from the top) before the crossing one hold less than need
+    top = min(top, mass.size - 1)
+    crossing = mass.size - 1 - top
+    inside = np.flatnonzero(key == crossing)
+    order = inside[np.argsort(-p[inside], kind="stable")]  # positions ascend: ties keep the lower one first
+    before = above[top - 1] if top else 0.0
+    c = before + np.cumsum(p[order], dtype=np.float64)
+    cut = min(int(np.searchsorted(c, need)) + 1, order.size)
+    keep = key > crossing
+    keep[order[:cut]] = True
+    return np.flatnonzero(keep)
+
+
+def _top_k(p: np.ndarray, k: int) -> np.ndarray:
+    """The positions of the k largest values of `p`, largest first, ties by lower position — what a stable sort of
+    them all gives in its first k — from a partition and a sort of k."""
+    if k >= p.size:
+        return np.argsort(-p, kind="stable")
+    kth = np.partition(p, p.size - k)[p.size - k]  # the k-th largest value
+    greater = np.flatnonzero(p > kth)
+    chosen = np.concatenate([greater, np.flatnonzero(p == kth)[: k - greater.size]])
+    return chosen[np.argsort(-p[chosen], kind="stable")]  # chosen ascends within each part: ties keep lower first
 
 
 def _numerators(logits: np.ndarray, drawn: np.ndarray, inv_t: np.ndarray, scratch: dict):
