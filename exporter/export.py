@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .core import artifacts
+from .core import artifacts, memory
 from .core.errors import BadInput, StageFailed, first_line
 from .core.stage import StageOutput
 from .core.typed import to_data
@@ -53,6 +53,7 @@ class ExportConfig:
     allow_pickle: bool = False
     trust_remote_code: bool = False
     allow_weight_mismatch: bool = False  # export even if checkpoint tensor names do not match the architecture
+    memory_check: bool = True  # refuse before loading when the estimated peak exceeds available memory (core.memory)
 
     def __post_init__(self):
         self.workdir = Path(self.workdir)
@@ -232,6 +233,10 @@ def export_model(cfg: ExportConfig, source: ModelSource | None = None) -> Export
     )
     layout_dirs = artifacts.ModelLayout(cfg.workdir, source.name)
     final = layout_dirs.onnx_dir(cfg.variant)
+    report_path = final / artifacts.EXPORT_REPORT
+    if not report_path.is_file():
+        # Nothing to reuse: refuse before hashing a checkpoint this machine cannot export (minutes at 7B).
+        _check_memory(cfg, source)
     inputs = artifacts.sha256_files(
         [p for p in source.path.iterdir() if p.is_file() and not p.name.startswith("r1deploy-")], root=source.path
     )
@@ -239,7 +244,6 @@ def export_model(cfg: ExportConfig, source: ModelSource | None = None) -> Export
         "export", final, inputs, cfg.fingerprint_config(), artifacts.tool_versions(),
         key={"export": cfg.fingerprint_config(), "architecture": source.architecture},
     )
-    report_path = final / artifacts.EXPORT_REPORT
     if output.up_to_date(cfg.force) and layout_dirs.tokenizer_dir.is_dir():
         report = artifacts.read_export_report(layout_dirs, cfg.variant)
         return ExportResult(
@@ -250,6 +254,8 @@ def export_model(cfg: ExportConfig, source: ModelSource | None = None) -> Export
             max_abs_diff=report.get("max_abs_diff", {}),
         )
 
+    if report_path.is_file():
+        _check_memory(cfg, source)
     if cfg.graph is GraphForm.FUSED:
         return _export_fused(cfg, source, layout_dirs, output, started)
     with status(f"loading {source.name} ({source.architecture})"):
@@ -385,6 +391,23 @@ def _export_fused(cfg: ExportConfig, source: ModelSource, layout_dirs: artifacts
         artifacts.write_json(tmp / artifacts.EXPORT_REPORT, report)
     _copy_tokenizer(source, layout_dirs.tokenizer_dir)
     return _result(source, output.directory, report, cases, started)
+
+
+def _check_memory(cfg: ExportConfig, source: ModelSource) -> None:
+    """Both graph forms hold the whole model in FP32 while they verify (the generic one also while it traces);
+    the fused graph written without verification reads the checkpoint one tensor at a time."""
+    if cfg.graph is GraphForm.FUSED and not cfg.verify:
+        return
+    if all(f.suffix == ".safetensors" for f in source.weight_files):
+        fp32_bytes = 4 * _checkpoint_parameters(source)
+    else:  # pickles: no header to count from; their size, as if FP32
+        fp32_bytes = sum(f.stat().st_size for f in source.weight_files)
+    alternative = (
+        "For ONNX Runtime, `r1deploy stream-build` writes the fused graph (FP32, FP16 or INT4) one layer at a time; "
+        "the generic graph TensorRT builds from needs a machine with more memory"
+    )
+    memory.require(memory.MemoryNeed.of(f"exporting {source.name} through PyTorch", fp32_bytes,
+                                        memory.EXPORT_PEAK_PER_FP32_BYTE), alternative, enabled=cfg.memory_check)
 
 
 def _checkpoint_parameters(source: ModelSource) -> int:

@@ -43,6 +43,7 @@ class QuantizeConfig:
     min_top1: Optional[float] = None
     mixed_precision: Optional[bool] = None  # None: on when min_cosine or min_top1 is given
     force: bool = False
+    memory_check: bool = True  # refuse before loading when the estimated peak exceeds available memory
     # Texts measured besides the held-out sentences (decoders), by name: an embedded preset with learned weights
     # brings its own (`exporter.tiny_models.quality_texts`). Reported, never gated, not part of the fingerprint.
     extra_texts: dict[str, tuple[str, ...]] = field(default_factory=dict)

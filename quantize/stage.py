@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from exporter.core import artifacts
+from exporter.core import artifacts, memory
 from exporter.core.errors import BadInput, StageFailed
 from exporter.core.profiles import (
     BLOCK_SIZES,
@@ -267,6 +267,15 @@ def quantize_model(cfg: QuantizeConfig) -> QuantizeResult:
     rejected = final.parent / f"{variant}.rejected.json"
     fp32_path = layout.onnx_path(base_variant)
     fp32_files = artifacts.onnx_files(fp32_path)
+    need = memory.MemoryNeed.of(
+        f"quantizing {layout.model} to {variant} (the whole FP32 graph in memory)", sum(f.stat().st_size for f in fp32_files),
+        memory.QUANTIZE_FP16_PEAK_PER_FP32_BYTE if s.precision is Precision.FP16 else memory.QUANTIZE_INT4_PEAK_PER_FP32_BYTE,
+    )
+    alternative = ("For ONNX Runtime, `quantize --graph fused` (or `stream-build`) converts one layer at a time; the "
+                   "generic graph TensorRT builds from needs a machine with more memory")
+    if not (final / REPORT).is_file():
+        # Nothing to reuse: refuse before hashing an export this machine cannot quantize (minutes at 7B).
+        memory.require(need, alternative, enabled=cfg.memory_check)
     inputs = artifacts.sha256_files(fp32_files, root=layout.root)
     inputs.update(artifacts.sha256_files([p for p in layout.tokenizer_dir.iterdir() if p.is_file()], root=layout.root))
     # Texts measured besides the held-out sentences (decoders only). The report holds their figures, so they are
@@ -285,6 +294,7 @@ def quantize_model(cfg: QuantizeConfig) -> QuantizeResult:
         if failure:
             raise StageFailed(f"{layout.model} {variant}: {failure}")
         return result_from_report(layout.model, s, final, report, skipped=True, seconds=time.perf_counter() - started)
+    memory.require(need, alternative, enabled=cfg.memory_check)
 
     with status(f"FP32 reference on {len(EVALUATION)} held-out sentences"):
         # From the file, before this process loads the model: ONNX Runtime reads the weights itself, and the

@@ -63,3 +63,11 @@ def model_options(f: Callable) -> Callable:
 
 def force_option(f: Callable) -> Callable:
     return click.option("--force", is_flag=True, help="Redo the stage even if its inputs are unchanged.")(f)
+
+
+def memory_check_option(f: Callable) -> Callable:
+    return click.option(
+        "--no-memory-check", is_flag=True,
+        help="Start even when the stage's estimated peak memory (it holds the whole model) exceeds what this machine "
+             "has available; by default it refuses before loading (exporter/core/memory.py).",
+    )(f)

@@ -4,7 +4,7 @@ import click
 
 from ..core.ui import out as console
 from ..export import ExportConfig, Exporter, ExportResult, GraphForm, export_model
-from .common import App, emit, force_option, model_options, pass_app
+from .common import App, emit, force_option, memory_check_option, model_options, pass_app
 
 
 def _human(r: ExportResult) -> None:
@@ -31,15 +31,16 @@ def _human(r: ExportResult) -> None:
 @click.option("--no-verify", is_flag=True, help="Skip the ONNX Runtime vs PyTorch comparison.")
 @click.option("--allow-weight-mismatch", is_flag=True,
               help="Export even when checkpoint tensors do not match the architecture (missing weights stay random).")
+@memory_check_option
 @force_option
 @pass_app
 def command(app: App, model, allow_pickle, trust_remote_code, opset, exporter_, graph, external_data_threshold_mib,
-            tolerance, no_verify, allow_weight_mismatch, force):
+            tolerance, no_verify, allow_weight_mismatch, no_memory_check, force):
     """Export a model to ONNX (decoders with KV cache) and verify it against PyTorch."""
     cfg = ExportConfig(
         model=model, workdir=app.workdir, opset=opset, exporter=Exporter(exporter_), graph=GraphForm(graph),
         external_data_threshold_mib=external_data_threshold_mib, verify=not no_verify, tolerance=tolerance,
         force=force, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code,
-        allow_weight_mismatch=allow_weight_mismatch,
+        allow_weight_mismatch=allow_weight_mismatch, memory_check=not no_memory_check,
     )
     emit(app, export_model(cfg), _human)

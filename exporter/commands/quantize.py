@@ -9,7 +9,7 @@ from ..core import artifacts
 from ..core.profiles import Precision
 from ..core.ui import out as console
 from ..quantize_fused import quantize_variant
-from .common import App, emit, force_option, model_options, pass_app, profile_option
+from .common import App, emit, force_option, memory_check_option, model_options, pass_app, profile_option
 
 _ACCURACY_ROWS = (
     ("logits_cosine", "logits cosine (mean)"),
@@ -90,18 +90,19 @@ def _human(r: QuantizeResult) -> None:
               help="--graph fused: stream the variant from the checkpoint one tensor at a time, measured layer by layer "
                    "(auto: wherever it applies — Qwen2/Llama safetensors, no mixed precision), or trace the whole "
                    "FP32 graph (docs/fused_graph.md).")
+@memory_check_option
 @force_option
 @pass_app
 def command(app: App, model, allow_pickle, trust_remote_code, profile_name, precision, method, block_size, fmt,
             symmetric, quantize_embeddings, quantize_lm_head, fp16_io, graph, min_cosine, min_top1, mixed_precision, builder,
-            force):
+            no_memory_check, force):
     """Quantize the exported FP32 ONNX model to FP16 or INT4, measure it against FP32 and apply the accuracy gate."""
     cfg = QuantizeConfig(
         model=model, workdir=app.workdir, profile=app.profile(profile_name) if profile_name else None,
         precision=precision, method=method, block_size=int(block_size) if block_size else None, format=fmt,
         symmetric=symmetric, quantize_embeddings=quantize_embeddings, quantize_lm_head=quantize_lm_head,
         keep_io_fp32=not fp16_io, graph=graph, min_cosine=min_cosine, min_top1=min_top1, mixed_precision=mixed_precision,
-        force=force, extra_texts=tiny_models.quality_texts(model),
+        force=force, extra_texts=tiny_models.quality_texts(model), memory_check=not no_memory_check,
     )
     # The FP32 export the stage reads, with default settings when there is none (found without loading the model).
     if not artifacts.ModelLayout.for_model(app.workdir, model).has_export(graph):
@@ -111,5 +112,5 @@ def command(app: App, model, allow_pickle, trust_remote_code, profile_name, prec
         )
 
         export_model(ExportConfig(model=model, workdir=app.workdir, graph=graph, allow_pickle=allow_pickle,
-                                  trust_remote_code=trust_remote_code))
+                                  trust_remote_code=trust_remote_code, memory_check=not no_memory_check))
     emit(app, quantize_variant(cfg, builder), _human)
