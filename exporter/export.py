@@ -234,7 +234,7 @@ def export_model(cfg: ExportConfig, source: ModelSource | None = None) -> Export
     layout_dirs = artifacts.ModelLayout(cfg.workdir, source.name)
     final = layout_dirs.onnx_dir(cfg.variant)
     report_path = final / artifacts.EXPORT_REPORT
-    if not report_path.is_file():
+    if cfg.force or not report_path.is_file():
         # Nothing to reuse: refuse before hashing a checkpoint this machine cannot export (minutes at 7B).
         _check_memory(cfg, source)
     inputs = artifacts.sha256_files(

@@ -273,7 +273,7 @@ def quantize_model(cfg: QuantizeConfig) -> QuantizeResult:
     )
     alternative = ("For ONNX Runtime, `quantize --graph fused` (or `stream-build`) converts one layer at a time; the "
                    "generic graph TensorRT builds from needs a machine with more memory")
-    if not (final / REPORT).is_file():
+    if cfg.force or not (final / REPORT).is_file():
         # Nothing to reuse: refuse before hashing an export this machine cannot quantize (minutes at 7B).
         memory.require(need, alternative, enabled=cfg.memory_check)
     inputs = artifacts.sha256_files(fp32_files, root=layout.root)
