@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -75,14 +76,40 @@ class Endpoints:
     metrics: str
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands out to outgoing connections (Linux; the IANA range elsewhere)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 49152, 65535
+
+
 def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """`count` distinct free ports. The sockets stay open until all are chosen: ports picked one at a time can
-    repeat (the OS may hand the just-closed port out again), and Triton refuses HTTP and metrics on one port."""
+    """`count` distinct free ports, chosen **below the kernel's ephemeral range**. A listening port taken from that
+    range (what binding port 0 gives) can be handed to any outgoing connection once its server dies, and a
+    restarted server then finds it in use: `serve` lost a restart so once, under load (its clients reconnecting
+    in the seconds between kill and start). The sockets stay open until all are chosen, so the ports are distinct
+    (Triton refuses HTTP and metrics on one port). Falls back to port 0 when no port below the range is free."""
+    low, _ = _ephemeral_range()
+    candidates = list(range(1024 + 1, low)) if low > 2048 else []
+    random.shuffle(candidates)
     with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) for _ in range(count)]
-        for sock in socks:
+        chosen: list[int] = []
+        for port in candidates:
+            if len(chosen) == count:
+                break
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            chosen.append(port)
+        while len(chosen) < count:
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
             sock.bind((host, 0))
-        return [sock.getsockname()[1] for sock in socks]
+            chosen.append(sock.getsockname()[1])
+        return chosen
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -374,6 +374,23 @@ def test_serve_refuses_a_port_in_use(repos):
     assert_one_line(proc, 2, f"http port {port} on 127.0.0.1 is already in use")
 
 
+def test_ports_chosen_for_a_server_are_outside_the_ephemeral_range():
+    """A port the kernel can hand to an outgoing connection is one a restarted server may find taken (a `serve`
+    restart was lost so under load): the ports serve picks lie below the ephemeral range, distinct, and free —
+    each one binds (a real socket on the real range this kernel uses)."""
+    import socket
+
+    from exporter.serve import _ephemeral_range, free_ports
+
+    low, high = _ephemeral_range()
+    ports = free_ports(3)
+    assert len(set(ports)) == 3
+    assert all(1024 < p < low for p in ports), (ports, low, high)
+    for port in ports:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", port))
+
+
 # What the CPU Triton says of the edge repository's generate model (one instance per GPU, running the TensorRT-RTX
 # plan in-process): the GPU it asks for is not there. On a GPU without the runtime, the model's own load error
 # names the package instead (engine_runtimes.MissingRuntime, tests/test_scheduler.py).
