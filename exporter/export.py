@@ -234,7 +234,8 @@ def export_model(cfg: ExportConfig, source: ModelSource | None = None) -> Export
     layout_dirs = artifacts.ModelLayout(cfg.workdir, source.name)
     final = layout_dirs.onnx_dir(cfg.variant)
     report_path = final / artifacts.EXPORT_REPORT
-    if cfg.force or not report_path.is_file():
+    reusable = not cfg.force and report_path.is_file()
+    if not reusable:
         # Nothing to reuse: refuse before hashing a checkpoint this machine cannot export (minutes at 7B).
         _check_memory(cfg, source)
     inputs = artifacts.sha256_files(
@@ -254,7 +255,7 @@ def export_model(cfg: ExportConfig, source: ModelSource | None = None) -> Export
             max_abs_diff=report.get("max_abs_diff", {}),
         )
 
-    if report_path.is_file():
+    if reusable:  # an earlier output that is stale after all: checked now, before the work
         _check_memory(cfg, source)
     if cfg.graph is GraphForm.FUSED:
         return _export_fused(cfg, source, layout_dirs, output, started)

@@ -273,7 +273,8 @@ def quantize_model(cfg: QuantizeConfig) -> QuantizeResult:
     )
     alternative = ("For ONNX Runtime, `quantize --graph fused` (or `stream-build`) converts one layer at a time; the "
                    "generic graph TensorRT builds from needs a machine with more memory")
-    if cfg.force or not (final / REPORT).is_file():
+    reusable = not cfg.force and (final / REPORT).is_file()
+    if not reusable:
         # Nothing to reuse: refuse before hashing an export this machine cannot quantize (minutes at 7B).
         memory.require(need, alternative, enabled=cfg.memory_check)
     inputs = artifacts.sha256_files(fp32_files, root=layout.root)
@@ -294,7 +295,8 @@ def quantize_model(cfg: QuantizeConfig) -> QuantizeResult:
         if failure:
             raise StageFailed(f"{layout.model} {variant}: {failure}")
         return result_from_report(layout.model, s, final, report, skipped=True, seconds=time.perf_counter() - started)
-    memory.require(need, alternative, enabled=cfg.memory_check)
+    if reusable:  # an earlier output that is stale after all: checked now, before the work
+        memory.require(need, alternative, enabled=cfg.memory_check)
 
     with status(f"FP32 reference on {len(EVALUATION)} held-out sentences"):
         # From the file, before this process loads the model: ONNX Runtime reads the weights itself, and the
