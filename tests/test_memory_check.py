@@ -1,7 +1,7 @@
 """The whole-model stages refuse, before loading, a model this machine cannot hold (exporter/core/memory.py).
 
 The big inputs here are real files of the real sizes — an R1-Distill-Qwen-7B-shaped BF16 safetensors checkpoint
-(its real tensor names and shapes, 15 GB) and a 30 GB FP32 export — written sparse, so they cost no disk: the
+(the tensor names and shapes transformers' model has, 15 GB) and a 30 GB FP32 export — written sparse, so they cost no disk: the
 stages read only their headers and sizes before refusing. Each test skips on a machine with enough memory to
 hold the model, where refusing would be wrong."""
 
@@ -18,22 +18,16 @@ from exporter.core import memory
 from exporter.plan import builtin_shapes
 
 
-def _qwen2_tensors(c: dict) -> dict[str, list[int]]:
-    h, inter, kv = c["hidden_size"], c["intermediate_size"], c["num_key_value_heads"] * (c["hidden_size"] // c["num_attention_heads"])
-    out = {"model.embed_tokens.weight": [c["vocab_size"], h], "model.norm.weight": [h],
-           "lm_head.weight": [c["vocab_size"], h]}
-    for i in range(c["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        out.update({
-            p + "input_layernorm.weight": [h], p + "post_attention_layernorm.weight": [h],
-            p + "self_attn.q_proj.weight": [h, h], p + "self_attn.q_proj.bias": [h],
-            p + "self_attn.k_proj.weight": [kv, h], p + "self_attn.k_proj.bias": [kv],
-            p + "self_attn.v_proj.weight": [kv, h], p + "self_attn.v_proj.bias": [kv],
-            p + "self_attn.o_proj.weight": [h, h],
-            p + "mlp.gate_proj.weight": [inter, h], p + "mlp.up_proj.weight": [inter, h],
-            p + "mlp.down_proj.weight": [h, inter],
-        })
-    return out
+def _tensors(config: dict) -> dict[str, list[int]]:
+    """The checkpoint tensors transformers' own model has for `config` (built on the meta device: no memory), as
+    benchmarks/real_size.py writes its checkpoints."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = {k: v for k, v in config.items() if k not in ("architectures", "model_type", "torch_dtype")}
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(config["model_type"], **cfg))
+    return {name: list(t.shape) for name, t in model.state_dict().items()}
 
 
 def _sparse_checkpoint(path, config: dict) -> int:
@@ -41,7 +35,7 @@ def _sparse_checkpoint(path, config: dict) -> int:
     path.mkdir()
     (path / "config.json").write_text(json.dumps(config))
     header, offset, params = {}, 0, 0
-    for name, shape in _qwen2_tensors(config).items():
+    for name, shape in _tensors(config).items():
         n = 1
         for d in shape:
             n *= d
